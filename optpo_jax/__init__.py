@@ -1,0 +1,21 @@
+"""optpo-jax: test-time RL of language models with optimal rollout allocation."""
+
+from optpo_jax.allocation import allocate_wave
+from optpo_jax.grpo import GRPOBatch, GRPOConfig, group_advantages, grpo_step, policy_loss
+from optpo_jax.posterior import posterior_mode_prob
+from optpo_jax.sprt import SPRTConfig, VoteState, consensus, init_vote_state, sprt_update
+
+__all__ = [
+    "GRPOBatch",
+    "GRPOConfig",
+    "SPRTConfig",
+    "VoteState",
+    "allocate_wave",
+    "consensus",
+    "group_advantages",
+    "grpo_step",
+    "init_vote_state",
+    "policy_loss",
+    "posterior_mode_prob",
+    "sprt_update",
+]

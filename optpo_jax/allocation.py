@@ -1,0 +1,98 @@
+"""Which prompt each row of the next fixed-size wave serves.
+
+The rule (``allocate_wave``), in two passes over the active prompts:
+
+1. Demand. Each prompt asks for the fewest further rollouts after which it would stop
+   if they all agreed with its current leader (ConSol, arXiv 2503.17587, sizes its
+   batches the same way), capped by its remaining budget. For a prompt that has not
+   started this is at least ``min_samples``; a unanimous prompt at threshold 0.95
+   asks for 4 at prior 1. Demands are granted in prompt order (lower index first), so
+   when rows are short the earliest prompts finish first.
+2. Spare rows. Rows left after every demand is met go to the prompts least likely to
+   be settled (lowest confidence first, prompt order on ties), each up to its
+   remaining budget. A spare row is never idle while some prompt has budget: every
+   rollout drawn is reused by the GRPO update.
+
+Rows that no prompt can use are returned with ``valid`` False and prompt id 0.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from optpo_jax.sprt import SPRTConfig, VoteState, rule_confidence, stop_condition
+
+
+def rollouts_to_stop(state: VoteState, config: SPRTConfig) -> jax.Array:
+    """Fewest further rollouts after which each prompt stops if all agree with its leader.
+
+    Binary search over n in [1, budget]; stopping is monotone in n because more
+    agreeing votes only raise every rule's confidence. Returns [P] int32, 0 for done
+    prompts. A prompt with budget left always stops at n = budget.
+    """
+    num_prompts, num_slots = state.counts.shape
+    budget = jnp.where(state.done, 0, jnp.maximum(config.max_samples - state.num_samples, 0))
+    leader = jnp.argmax(state.counts, axis=-1)
+    leader_onehot = jax.nn.one_hot(leader, num_slots, dtype=jnp.int32)
+    run_continues = state.run_slot == leader
+
+    def stops_after(num_more):
+        counts = state.counts + leader_onehot * num_more[:, None]
+        run_length = jnp.where(run_continues, state.run_length, 0) + num_more
+        confidence = rule_confidence(counts, run_length, config)
+        return stop_condition(confidence, state.num_samples + num_more, config)
+
+    low = jnp.zeros(num_prompts, jnp.int32)  # known not to stop (or done)
+    high = budget  # known to stop
+    for _ in range(math.ceil(math.log2(config.max_samples + 1))):
+        middle = (low + high) // 2
+        searching = high - low > 1
+        middle_stops = stops_after(middle)
+        high = jnp.where(searching & middle_stops, middle, high)
+        low = jnp.where(searching & ~middle_stops, middle, low)
+    return high
+
+
+def _fill_in_order(room: jax.Array, order: jax.Array, num_rows) -> jax.Array:
+    """Grants room[p] rows to prompts in ``order`` until num_rows run out. [P] -> [P]."""
+    room_sorted = room[order]
+    before = jnp.cumsum(room_sorted) - room_sorted
+    granted_sorted = jnp.clip(num_rows - before, 0, room_sorted)
+    return jnp.zeros_like(room).at[order].set(granted_sorted)
+
+
+def rows_to_prompts(rows_per_prompt: jax.Array, num_rows: int) -> tuple[jax.Array, jax.Array]:
+    """Lays out per-prompt row counts [P] as contiguous rows: ([num_rows], [num_rows])."""
+    ends = jnp.cumsum(rows_per_prompt)
+    row = jnp.arange(num_rows)
+    prompt_ids = jnp.searchsorted(ends, row, side="right").astype(jnp.int32)
+    valid = row < ends[-1]
+    return jnp.where(valid, prompt_ids, 0), valid
+
+
+def allocate_wave(state: VoteState, num_rows: int, config: SPRTConfig) -> tuple[jax.Array, jax.Array]:
+    """Gives each row of a wave of ``num_rows`` rows to an active prompt.
+
+    Args:
+      state: votes of P prompts.
+      num_rows: static wave size R.
+      config: the stopping rule, whose budget and thresholds size the demands.
+
+    Returns:
+      prompt_ids: [R] int32 prompt of each row, rows of one prompt contiguous.
+      valid: [R] bool, False for rows that no active prompt can use.
+    """
+    if num_rows < 1:
+        raise ValueError(f"num_rows must be >= 1, got {num_rows!r}")
+    num_prompts = state.counts.shape[0]
+    budget = jnp.where(state.done, 0, jnp.maximum(config.max_samples - state.num_samples, 0))
+    demand = rollouts_to_stop(state, config)
+    prompt_order = jnp.arange(num_prompts)
+    granted = _fill_in_order(demand, prompt_order, num_rows)
+    spare = num_rows - jnp.sum(granted)
+    least_settled_first = jnp.lexsort((prompt_order, state.confidence))
+    granted = granted + _fill_in_order(budget - granted, least_settled_first, spare)
+    return rows_to_prompts(granted, num_rows)

@@ -1,0 +1,258 @@
+"""Group-relative advantages, the clipped policy loss and a pure Optax GRPO step.
+
+References: GRPO (DeepSeekMath, arXiv 2402.03300), Dr.GRPO (arXiv 2503.20783) for
+the unnormalised advantage and the sequence-mean-token-scale aggregation, DAPO
+(arXiv 2503.14476) for the decoupled upper clip ``clip_eps_high``, and Schulman's
+k3 estimator of KL(pi || pi_ref) (http://joschu.net/blog/kl-approx.html).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+ADVANTAGE_MODES = ("grpo", "drgrpo")
+LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-scale")
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOConfig:
+    """Static configuration of the policy loss; validates itself on construction.
+
+    Attributes:
+      clip_eps: lower clip, the ratio is kept >= 1 - clip_eps.
+      clip_eps_high: upper clip, the ratio is kept <= 1 + clip_eps_high.
+      kl_coef: weight of the k3 KL penalty to the reference policy; 0 disables it and
+        then no reference log-probabilities are needed.
+      loss_aggregation: one of ``LOSS_AGGREGATIONS``.
+      temperature: sampling temperature; logits are divided by it so the recomputed
+        log-probabilities match those of the sampler.
+    """
+
+    clip_eps: float = 0.2
+    clip_eps_high: float = 0.2
+    kl_coef: float = 0.0
+    loss_aggregation: str = "token-mean"
+    temperature: float = 1.0
+
+    def __post_init__(self):
+        for name in ("clip_eps", "clip_eps_high", "temperature"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"GRPOConfig.{name} must be > 0, got {getattr(self, name)!r}")
+        if self.clip_eps >= 1:
+            raise ValueError(f"GRPOConfig.clip_eps must be < 1, got {self.clip_eps!r}")
+        if self.kl_coef < 0:
+            raise ValueError(f"GRPOConfig.kl_coef must be >= 0, got {self.kl_coef!r}")
+        if self.loss_aggregation not in LOSS_AGGREGATIONS:
+            raise ValueError(
+                f"GRPOConfig.loss_aggregation must be one of {LOSS_AGGREGATIONS}, "
+                f"got {self.loss_aggregation!r}"
+            )
+
+
+@struct.dataclass
+class GRPOBatch:
+    """R rollouts of T tokens, aligned so that logits[:, t] predict target_tokens[:, t].
+
+    Attributes:
+      input_tokens: [R, T] int32 fed to the model.
+      target_tokens: [R, T] int32 tokens whose log-probability is trained.
+      loss_mask: [R, T] bool, True on completion tokens (not prompt, not padding).
+      advantages: [R] float32 one advantage per rollout.
+      old_logprobs: [R, T] float32 log-probabilities under the sampling policy.
+      ref_logprobs: [R, T] float32 under the reference policy, or None if kl_coef = 0.
+      positions: [R, T] int32 positions for the model, or None for 0..T-1.
+    """
+
+    input_tokens: jax.Array
+    target_tokens: jax.Array
+    loss_mask: jax.Array
+    advantages: jax.Array
+    old_logprobs: jax.Array
+    ref_logprobs: Optional[jax.Array] = None
+    positions: Optional[jax.Array] = None
+
+
+def group_advantages(
+    rewards: jax.Array,
+    group_ids: jax.Array,
+    mask: jax.Array,
+    num_groups: int,
+    mode: str = "grpo",
+    eps: float = 1e-6,
+) -> jax.Array:
+    """Advantages relative to each rollout's group, for groups of different sizes.
+
+    ``grpo``: (r - mean) / (std + eps) with the unbiased (n - 1) standard deviation,
+    as in verl's GRPO. ``drgrpo``: r - mean (Dr.GRPO). A group of one rollout or one
+    whose rewards are all equal gives 0, and so do masked rows.
+
+    Args:
+      rewards: [R] rewards.
+      group_ids: [R] int32 group (prompt) of each rollout, in [0, num_groups).
+      mask: [R] bool, which rows are real rollouts.
+      num_groups: static number of groups G.
+      mode: one of ``ADVANTAGE_MODES``.
+      eps: added to the standard deviation.
+
+    Returns:
+      [R] float32 advantages.
+    """
+    if mode not in ADVANTAGE_MODES:
+        raise ValueError(f"mode must be one of {ADVANTAGE_MODES}, got {mode!r}")
+    if rewards.ndim != 1 or group_ids.shape != rewards.shape or mask.shape != rewards.shape:
+        raise ValueError(f"rewards, group_ids, mask must all be [R]; got {rewards.shape}, {group_ids.shape}, {mask.shape}")
+    rewards = rewards.astype(jnp.float32)
+    weight = mask.astype(jnp.float32)
+    group_sum = lambda values: jax.ops.segment_sum(values, group_ids, num_segments=num_groups)
+    size = group_sum(weight)
+    mean = group_sum(rewards * weight) / jnp.maximum(size, 1.0)
+    centered = rewards - mean[group_ids]
+    highest = jax.ops.segment_max(jnp.where(mask, rewards, -jnp.inf), group_ids, num_segments=num_groups)
+    lowest = jax.ops.segment_min(jnp.where(mask, rewards, jnp.inf), group_ids, num_segments=num_groups)
+    # Spread tested exactly, so equal rewards give exactly 0 whatever the rounding of the mean.
+    informative = mask & (size[group_ids] > 1) & (highest > lowest)[group_ids]
+    if mode == "grpo":
+        variance = group_sum(weight * centered**2) / jnp.maximum(size - 1.0, 1.0)
+        centered = centered / (jnp.sqrt(variance)[group_ids] + eps)
+    return jnp.where(informative, centered, 0.0)
+
+
+def token_logprobs(logits: jax.Array, targets: jax.Array, temperature: float = 1.0) -> jax.Array:
+    """log softmax(logits / temperature) at the targets, in float32. [R, T, V] -> [R, T]."""
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
+    return jnp.take_along_axis(log_probs, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+
+
+def aggregate_loss(per_token_loss: jax.Array, loss_mask: jax.Array, mode: str) -> tuple[jax.Array, jax.Array]:
+    """Sum and denominator of the loss, so micro-batches combine exactly.
+
+    The loss is sum / denominator; over micro-batches it is sum(sums) / sum(denominators).
+
+    - ``token-mean``: every completion token weighs the same.
+    - ``seq-mean-token-mean``: mean over rollouts (with at least one token) of each
+      rollout's token mean.
+    - ``seq-mean-token-scale`` (Dr.GRPO): token sum divided by rollouts x T, a
+      constant that does not favour short or long answers.
+
+    Args:
+      per_token_loss: [R, T] float32.
+      loss_mask: [R, T] bool.
+      mode: one of ``LOSS_AGGREGATIONS``.
+    """
+    weight = loss_mask.astype(jnp.float32)
+    token_sums = jnp.sum(per_token_loss * weight, axis=-1)
+    tokens = jnp.sum(weight, axis=-1)
+    has_tokens = (tokens > 0).astype(jnp.float32)
+    if mode == "token-mean":
+        return jnp.sum(token_sums), jnp.sum(tokens)
+    if mode == "seq-mean-token-mean":
+        return jnp.sum(token_sums / jnp.maximum(tokens, 1.0)), jnp.sum(has_tokens)
+    if mode == "seq-mean-token-scale":
+        return jnp.sum(token_sums), jnp.sum(has_tokens) * per_token_loss.shape[-1]
+    raise ValueError(f"loss aggregation must be one of {LOSS_AGGREGATIONS}, got {mode!r}")
+
+
+def policy_loss(
+    logprobs: jax.Array,
+    old_logprobs: jax.Array,
+    advantages: jax.Array,
+    loss_mask: jax.Array,
+    config: GRPOConfig,
+    ref_logprobs: Optional[jax.Array] = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Clipped-ratio policy loss with an optional k3 KL penalty.
+
+    per token: -min(ratio * A, clip(ratio, 1 - eps, 1 + eps_high) * A) + kl_coef * k3,
+    ratio = exp(logprobs - old_logprobs), k3 = exp(ref - logp) - (ref - logp) - 1.
+
+    Args:
+      logprobs: [R, T] under the policy being trained (differentiated).
+      old_logprobs: [R, T] under the sampling policy.
+      advantages: [R].
+      loss_mask: [R, T] bool.
+      config: clip range, KL weight and aggregation.
+      ref_logprobs: [R, T] under the reference policy; required when kl_coef > 0.
+
+    Returns:
+      The scalar loss and metrics: loss_sum, loss_denominator, clip_fraction, kl,
+      mean_advantage, mean_ratio (token means over the mask).
+    """
+    if logprobs.ndim != 2 or old_logprobs.shape != logprobs.shape or loss_mask.shape != logprobs.shape:
+        raise ValueError(f"logprobs, old_logprobs, loss_mask must be [R, T]; got {logprobs.shape}, {old_logprobs.shape}, {loss_mask.shape}")
+    if advantages.shape != logprobs.shape[:1]:
+        raise ValueError(f"advantages must be [R] = {logprobs.shape[:1]}, got {advantages.shape}")
+    if config.kl_coef > 0 and ref_logprobs is None:
+        raise ValueError(f"GRPOConfig.kl_coef = {config.kl_coef} needs ref_logprobs, got None")
+    advantage = advantages[:, None].astype(jnp.float32)
+    ratio = jnp.exp(logprobs - old_logprobs)
+    unclipped = ratio * advantage
+    clipped = jnp.clip(ratio, 1.0 - config.clip_eps, 1.0 + config.clip_eps_high) * advantage
+    per_token = -jnp.minimum(unclipped, clipped)
+    kl = jnp.zeros_like(per_token)
+    if ref_logprobs is not None:
+        log_ratio_ref = ref_logprobs - logprobs
+        kl = jnp.exp(log_ratio_ref) - log_ratio_ref - 1.0
+        per_token = per_token + config.kl_coef * kl
+    loss_sum, denominator = aggregate_loss(per_token, loss_mask, config.loss_aggregation)
+    weight = loss_mask.astype(jnp.float32)
+    num_tokens = jnp.maximum(jnp.sum(weight), 1.0)
+    token_mean = lambda values: jnp.sum(values * weight) / num_tokens
+    rows = jnp.any(loss_mask, axis=-1)
+    metrics = {
+        "loss_sum": loss_sum,
+        "loss_denominator": denominator,
+        "clip_fraction": token_mean((clipped < unclipped).astype(jnp.float32)),
+        "kl": token_mean(kl),
+        "mean_ratio": token_mean(ratio),
+        "mean_advantage": jnp.sum(jnp.where(rows, advantages, 0.0)) / jnp.maximum(jnp.sum(rows), 1),
+    }
+    return loss_sum / jnp.maximum(denominator, 1e-9), metrics
+
+
+def grpo_step(
+    params: Any,
+    opt_state: optax.OptState,
+    batch: GRPOBatch,
+    apply_fn: Callable[[Any, GRPOBatch], jax.Array],
+    optimizer: optax.GradientTransformation,
+    config: GRPOConfig,
+) -> tuple[Any, optax.OptState, dict[str, jax.Array]]:
+    """One pure GRPO update.
+
+    Args:
+      params: parameter pytree (for example a Flax NNX ``nnx.State``).
+      opt_state: ``optimizer.init(params)`` or a later state.
+      batch: the rollouts, advantages and old log-probabilities.
+      apply_fn: ``apply_fn(params, batch) -> logits [R, T, V]``.
+      optimizer: an Optax gradient transformation.
+      config: the loss configuration.
+
+    Returns:
+      (params, opt_state, metrics). When the loss or any gradient is not finite the
+      update is skipped, params and opt_state come back unchanged and
+      ``metrics["skipped"]`` is True.
+    """
+
+    def loss_fn(trained_params):
+        logits = apply_fn(trained_params, batch)
+        logprobs = token_logprobs(logits, batch.target_tokens, config.temperature)
+        return policy_loss(
+            logprobs, batch.old_logprobs, batch.advantages, batch.loss_mask, config, batch.ref_logprobs
+        )
+
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss)
+    for grad in jax.tree.leaves(grads):
+        finite = finite & jnp.all(jnp.isfinite(grad))
+    updates, new_opt_state = optimizer.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    keep_if_finite = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    metrics = dict(metrics, loss=loss, grad_norm=grad_norm, skipped=~finite)
+    return keep_if_finite(new_params, params), keep_if_finite(new_opt_state, opt_state), metrics

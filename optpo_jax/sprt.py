@@ -1,0 +1,223 @@
+"""Vote state, stopping rules and the pure sequential-test update.
+
+Each prompt accumulates votes (answer slots of its rollouts) wave after wave; after
+every wave a stopping rule turns the votes into a confidence and marks the prompt
+done. Rules (``SPRTConfig.rule``):
+
+- ``dirichlet`` (OptPO, arXiv 2512.02882): the posterior probability that the leading
+  answer is the policy's mode under a Dirichlet posterior with one extra slot for
+  unseen answers (``posterior_mode_prob``).
+- ``beta`` (Adaptive-Consistency, arXiv 2305.11860): P(p_1 > p_2) for leader and
+  runner-up under Beta(v1 + a, v2 + a), i.e. 1 - I_0.5(v1 + a, v2 + a).
+- ``esc`` (Early-Stopping Self-Consistency, arXiv 2401.10480): stop once the last
+  ``esc_window`` answers all agree. Confidence is 1 then, else 0.
+- ``fixed`` (TTRL, arXiv 2504.16084): draw exactly ``max_samples``; confidence is the
+  Dirichlet one, for reporting only.
+
+A prompt is done when (confidence >= threshold and num_samples >= min_samples) or
+num_samples >= max_samples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+from jax.scipy.special import betainc
+
+from optpo_jax.posterior import posterior_mode_prob
+
+RULES = ("dirichlet", "beta", "esc", "fixed")
+
+
+@dataclasses.dataclass(frozen=True)
+class SPRTConfig:
+    """Static configuration of the stopping rule; validates itself on construction.
+
+    Attributes:
+      rule: one of ``RULES``.
+      threshold: confidence in (0, 1) at which a prompt stops (dirichlet, beta).
+      prior: Dirichlet / Beta concentration a > 0.
+      min_samples: rollouts a prompt draws before it may stop, >= 1.
+      max_samples: budget per prompt; a prompt stops there whatever its confidence.
+      esc_window: number of trailing answers that must agree for ``esc``.
+    """
+
+    rule: str = "dirichlet"
+    threshold: float = 0.95
+    prior: float = 1.0
+    min_samples: int = 4
+    max_samples: int = 64
+    esc_window: int = 8
+
+    def __post_init__(self):
+        if self.rule not in RULES:
+            raise ValueError(f"SPRTConfig.rule must be one of {RULES}, got {self.rule!r}")
+        if not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"SPRTConfig.threshold must lie in (0, 1), got {self.threshold!r}")
+        if not self.prior > 0.0:
+            raise ValueError(f"SPRTConfig.prior must be > 0, got {self.prior!r}")
+        if self.min_samples < 1:
+            raise ValueError(f"SPRTConfig.min_samples must be >= 1, got {self.min_samples!r}")
+        if self.min_samples > self.max_samples:
+            raise ValueError(
+                f"SPRTConfig.min_samples ({self.min_samples}) must not exceed "
+                f"SPRTConfig.max_samples ({self.max_samples})"
+            )
+        if self.esc_window < 1:
+            raise ValueError(f"SPRTConfig.esc_window must be >= 1, got {self.esc_window!r}")
+
+
+@struct.dataclass
+class VoteState:
+    """Votes of P prompts over K answer slots.
+
+    Attributes:
+      counts: [P, K] int32 votes per answer slot.
+      num_samples: [P] int32 rollouts drawn, including those without an answer.
+      done: [P] bool, the prompt has stopped; later rows for it are ignored.
+      confidence: [P] float32, the rule's confidence after the last update.
+      run_slot: [P] int32 answer slot of the current run of identical answers (-1 none).
+      run_length: [P] int32 length of that run (used by the ``esc`` rule).
+    """
+
+    counts: jax.Array
+    num_samples: jax.Array
+    done: jax.Array
+    confidence: jax.Array
+    run_slot: jax.Array
+    run_length: jax.Array
+
+
+def init_vote_state(num_prompts: int, num_slots: int) -> VoteState:
+    """Empty votes for ``num_prompts`` prompts with ``num_slots`` answer slots each."""
+    if num_prompts < 1 or num_slots < 1:
+        raise ValueError(f"need num_prompts >= 1 and num_slots >= 1, got {num_prompts}, {num_slots}")
+    zeros = jnp.zeros((num_prompts,), jnp.int32)
+    return VoteState(
+        counts=jnp.zeros((num_prompts, num_slots), jnp.int32),
+        num_samples=zeros,
+        done=jnp.zeros((num_prompts,), bool),
+        confidence=jnp.zeros((num_prompts,), jnp.float32),
+        run_slot=zeros - 1,
+        run_length=zeros,
+    )
+
+
+def leader_and_runner_up(counts: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Vote counts of the leading and second answer. counts [..., K] -> ([...], [...])."""
+    if counts.shape[-1] == 1:
+        return counts[..., 0], jnp.zeros_like(counts[..., 0])
+    top_two = jax.lax.top_k(counts, 2)[0]
+    return top_two[..., 0], top_two[..., 1]
+
+
+def rule_confidence(counts: jax.Array, run_length: jax.Array, config: SPRTConfig) -> jax.Array:
+    """The rule's confidence for votes ``counts [..., K]`` and ``run_length [...]``."""
+    if config.rule in ("dirichlet", "fixed"):
+        return posterior_mode_prob(counts, config.prior, max_count=config.max_samples)
+    if config.rule == "beta":
+        leader, runner_up = leader_and_runner_up(counts)
+        alpha = leader.astype(jnp.float32) + config.prior
+        beta = runner_up.astype(jnp.float32) + config.prior
+        return jnp.where(leader > 0, 1.0 - betainc(alpha, beta, 0.5), 0.0)
+    return (run_length >= config.esc_window).astype(jnp.float32)
+
+
+def stop_condition(confidence, num_samples, config: SPRTConfig) -> jax.Array:
+    """Whether a prompt with this confidence and sample count stops. [...] -> [...] bool."""
+    confident = (confidence >= config.threshold) & (num_samples >= config.min_samples)
+    if config.rule == "fixed":
+        confident = jnp.zeros_like(confident)
+    return confident | (num_samples >= config.max_samples)
+
+
+def consensus(state: VoteState) -> jax.Array:
+    """Slot of each prompt's pseudo-label: the most-voted slot, lowest index on ties.
+
+    Returns [P] int32, -1 for prompts without any vote.
+    """
+    best = jnp.argmax(state.counts, axis=-1).astype(jnp.int32)
+    return jnp.where(jnp.max(state.counts, axis=-1) > 0, best, -1)
+
+
+def rank_within_prompt(prompt_ids: jax.Array, keep: jax.Array) -> jax.Array:
+    """For each row, how many earlier kept rows serve the same prompt. [R] -> [R] int32."""
+    num_rows = prompt_ids.shape[0]
+    # Sort kept rows by prompt, stable in row order; dropped rows go last.
+    sort_key = jnp.where(keep, prompt_ids, jnp.iinfo(jnp.int32).max)
+    order = jnp.argsort(sort_key, stable=True)
+    sorted_key = sort_key[order]
+    position = jnp.arange(num_rows)
+    starts = jnp.concatenate([jnp.array([True]), sorted_key[1:] != sorted_key[:-1]])
+    segment_start = jax.lax.cummax(jnp.where(starts, position, 0))
+    return jnp.zeros(num_rows, jnp.int32).at[order].set((position - segment_start).astype(jnp.int32))
+
+
+def _update_runs(state: VoteState, prompt_ids, answer_slots, keep):
+    """Run of identical trailing answers per prompt after this wave, in row order."""
+    num_prompts = state.counts.shape[0]
+    row = jnp.arange(prompt_ids.shape[0])
+    kept_row = jnp.where(keep, row, -1)
+    last_row = jax.ops.segment_max(kept_row, prompt_ids, num_segments=num_prompts)
+    touched = last_row >= 0
+    last_slot = jnp.where(touched, answer_slots[jnp.maximum(last_row, 0)], -1)
+    breaks = keep & ((answer_slots != last_slot[prompt_ids]) | (answer_slots < 0))
+    break_row = jax.ops.segment_max(jnp.where(breaks, row, -1), prompt_ids, num_segments=num_prompts)
+    trailing = jax.ops.segment_sum(
+        (keep & (row > break_row[prompt_ids])).astype(jnp.int32), prompt_ids, num_segments=num_prompts
+    )
+    continues = (break_row < 0) & (state.run_slot == last_slot)
+    new_length = jnp.where(continues, state.run_length + trailing, trailing)
+    new_length = jnp.where(last_slot >= 0, new_length, 0)
+    return (
+        jnp.where(touched, last_slot, state.run_slot),
+        jnp.where(touched, new_length, state.run_length),
+    )
+
+
+def sprt_update(
+    state: VoteState,
+    prompt_ids: jax.Array,
+    answer_slots: jax.Array,
+    valid: jax.Array,
+    config: SPRTConfig,
+) -> VoteState:
+    """Adds one wave of R rollouts to the votes and applies the stopping rule.
+
+    Rows whose prompt is already done, rows with ``valid`` False, and rows past a
+    prompt's ``max_samples`` budget (in row order) are ignored. A row with answer
+    slot -1 (no parseable answer) counts as a sample but not as a vote.
+
+    Args:
+      state: votes of P prompts over K slots.
+      prompt_ids: [R] int32 prompt served by each row, in [0, P).
+      answer_slots: [R] int32 answer slot of each row in [0, K), or -1.
+      valid: [R] bool, whether the row carries a rollout.
+      config: the stopping rule.
+
+    Returns:
+      The new VoteState. Pure, jittable and vmappable; no host synchronisation.
+    """
+    if prompt_ids.ndim != 1 or answer_slots.shape != prompt_ids.shape or valid.shape != prompt_ids.shape:
+        raise ValueError(
+            "prompt_ids, answer_slots and valid must all be [R]; got "
+            f"{prompt_ids.shape}, {answer_slots.shape}, {valid.shape}"
+        )
+    num_prompts, num_slots = state.counts.shape
+    prompt_ids = jnp.clip(prompt_ids.astype(jnp.int32), 0, num_prompts - 1)
+    answer_slots = answer_slots.astype(jnp.int32)
+    keep = valid & ~state.done[prompt_ids]
+    budget_left = config.max_samples - state.num_samples[prompt_ids]
+    keep = keep & (rank_within_prompt(prompt_ids, keep) < budget_left)
+    votes = keep & (answer_slots >= 0) & (answer_slots < num_slots)
+    counts = state.counts.at[prompt_ids, jnp.clip(answer_slots, 0, num_slots - 1)].add(votes.astype(jnp.int32))
+    num_samples = state.num_samples + jax.ops.segment_sum(
+        keep.astype(jnp.int32), prompt_ids, num_segments=num_prompts
+    )
+    run_slot, run_length = _update_runs(state, prompt_ids, answer_slots, keep)
+    confidence = rule_confidence(counts, run_length, config)
+    done = state.done | stop_condition(confidence, num_samples, config)
+    return VoteState(counts, num_samples, done, confidence, run_slot, run_length)
