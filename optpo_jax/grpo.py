@@ -247,7 +247,7 @@ def grpo_step(
         )
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss)
     for grad in jax.tree.leaves(grads):
         finite = finite & jnp.all(jnp.isfinite(grad))
