@@ -8,9 +8,9 @@ The rule (``allocate_wave``), in two passes over the active prompts:
    started this is at least ``min_samples``; a unanimous prompt at threshold 0.95
    asks for 4 at prior 1. Demands are granted in prompt order (lower index first), so
    when rows are short the earliest prompts finish first.
-2. Spare rows. Rows left after every demand is met go to the prompts least likely to
-   be settled (lowest confidence first, prompt order on ties), each up to its
-   remaining budget. A spare row is never idle while some prompt has budget: every
+2. Spare rows. Rows left after every demand is met are spread evenly over the
+   prompts with budget left; the remainder goes to the prompts least likely to be
+   settled (lowest confidence first, prompt order on ties), each up to its budget. A spare row is never idle while some prompt has budget: every
    rollout drawn is reused by the GRPO update.
 
 Rows that no prompt can use are returned with ``valid`` False and prompt id 0.
@@ -93,6 +93,11 @@ def allocate_wave(state: VoteState, num_rows: int, config: SPRTConfig) -> tuple[
     prompt_order = jnp.arange(num_prompts)
     granted = _fill_in_order(demand, prompt_order, num_rows)
     spare = num_rows - jnp.sum(granted)
+    room = budget - granted
+    # Spread spare rows evenly over prompts with room, the remainder least settled first.
+    even_share = jnp.minimum(room, spare // jnp.maximum(jnp.sum(room > 0), 1))
+    granted = granted + even_share
+    spare = spare - jnp.sum(even_share)
     least_settled_first = jnp.lexsort((prompt_order, state.confidence))
-    granted = granted + _fill_in_order(budget - granted, least_settled_first, spare)
+    granted = granted + _fill_in_order(room - even_share, least_settled_first, spare)
     return rows_to_prompts(granted, num_rows)

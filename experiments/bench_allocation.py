@@ -1,0 +1,92 @@
+"""Wave allocation against an equal split, replayed on real votes.
+
+Questions are taken in batches of ``P``; each wave has ``R`` rows. The n-th rollout
+of a question is its n-th recorded answer. ``allocate_wave`` (demand-sized, spare
+rows to the least settled) is compared with an equal split (every active prompt gets
+R // active rows, capped by its budget). Printed: waves until the whole batch stops,
+rollouts per question, the fraction of rows that carried a rollout, and agreement
+of the label with the full-vote majority.
+
+    python experiments/bench_allocation.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from optpo_jax import SPRTConfig, allocate_wave, consensus, init_vote_state, sprt_update
+from optpo_jax.allocation import rows_to_prompts
+from optpo_jax.sprt import rank_within_prompt
+from vote_replay import DATASETS, DEFAULT_DATA_DIR, load_vote_samples
+
+
+def equal_split(state, num_rows, config):
+    """Baseline: R // active rows to every active prompt, capped by budget."""
+    active = ~state.done
+    num_active = jnp.maximum(jnp.sum(active), 1)
+    budget = jnp.where(active, config.max_samples - state.num_samples, 0)
+    share = num_rows // num_active
+    # When rows are fewer than prompts, the first R active prompts get one each.
+    first_rows = active & (jnp.cumsum(active) <= num_rows)
+    rows = jnp.where(share > 0, jnp.minimum(budget, share), first_rows.astype(jnp.int32))
+    return rows_to_prompts(rows, num_rows)
+
+
+def wave(state, answers, allocate, num_rows, config):
+    """One wave for one batch: allocate rows, read the next recorded answers, update."""
+    prompt_ids, valid = allocate(state, num_rows, config)
+    index = state.num_samples[prompt_ids] + rank_within_prompt(prompt_ids, valid)
+    slots = answers[prompt_ids, jnp.minimum(index, answers.shape[1] - 1)]
+    new_state = sprt_update(state, prompt_ids, slots, valid, config)
+    return new_state, jnp.sum(valid & ~state.done[prompt_ids])
+
+
+def run(slots, full_majority, batch_size, num_rows, allocate, config):
+    num_batches = slots.shape[0] // batch_size
+    answers = jnp.asarray(slots[: num_batches * batch_size].reshape(num_batches, batch_size, -1))
+    step = jax.jit(jax.vmap(functools.partial(wave, allocate=allocate, num_rows=num_rows, config=config)))
+    state = jax.vmap(lambda _: init_vote_state(batch_size, slots.shape[1]))(jnp.arange(num_batches))
+    waves = np.zeros(num_batches)
+    used_rows = 0
+    for _ in range(4 * config.max_samples):
+        running = ~np.asarray(jnp.all(state.done, axis=-1))
+        if not running.any():
+            break
+        waves += running
+        state, used = step(state, answers)
+        used_rows += int(jnp.sum(used))
+    labels = np.asarray(consensus(jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), state)))
+    return {
+        "waves": waves.mean(),
+        "rollouts": float(jnp.mean(state.num_samples)),
+        "utilization": used_rows / (waves.sum() * num_rows),
+        "agreement": np.mean(labels == full_majority[: num_batches * batch_size]),
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
+    parser.add_argument("--threshold", type=float, default=0.95)
+    args = parser.parse_args()
+    print("| data | prompts P | rows R | allocator | waves per batch | rollouts/question | row utilization | agrees with full vote |")
+    print("|---|---:|---:|---|---:|---:|---:|---:|")
+    for name in DATASETS:
+        samples = load_vote_samples(name, args.data_dir)
+        config = SPRTConfig(threshold=args.threshold, min_samples=4, max_samples=samples.slots.shape[1])
+        for batch_size, num_rows in [(16, 64), (64, 64), (64, 512)]:
+            for label, allocate in [("allocate_wave", allocate_wave), ("equal split", equal_split)]:
+                r = run(samples.slots, samples.full_majority, batch_size, num_rows, allocate, config)
+                print(
+                    f"| {name} | {batch_size} | {num_rows} | {label} | {r['waves']:.2f} | {r['rollouts']:.2f} "
+                    f"| {r['utilization']:.1%} | {r['agreement']:.2%} |"
+                )
+
+
+if __name__ == "__main__":
+    main()
