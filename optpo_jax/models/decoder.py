@@ -1,0 +1,268 @@
+"""Flax NNX decoder of the Llama / Qwen2 / Qwen3 family and its functional forward.
+
+One code path serves training forwards, padded prefill and one-token decode: every
+token carries a position (-1 for padding), keys and values are written into a fixed
+size cache whose slots remember their positions, and a query at position p attends to
+the slots with 0 <= position <= p of its own row. Padding therefore never leaks into
+real tokens, whether prompts are padded on the left or on the right.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from optpo_jax.models.config import DTYPES, ModelConfig
+
+_MASKED = float(np.finfo(np.float32).min)
+
+
+@struct.dataclass
+class KVCache:
+    """Fixed-shape cache of S slots.
+
+    Attributes:
+      keys, values: per layer, [B, S, KV heads, head dim] in the compute dtype.
+      slot_positions: [B, S] int32 position of the token in each slot, -1 if empty.
+      lengths: [B] int32 real tokens cached per row (the next token's position).
+      write_index: [] int32 first free slot (shared by all rows).
+    """
+
+    keys: tuple
+    values: tuple
+    slot_positions: jax.Array
+    lengths: jax.Array
+    write_index: jax.Array
+
+
+def init_cache(config: ModelConfig, batch_size: int, num_slots: int) -> KVCache:
+    """An empty cache for ``batch_size`` rows and ``num_slots`` tokens."""
+    shape = (batch_size, num_slots, config.num_kv_heads, config.head_dim)
+    dtype = DTYPES[config.compute_dtype]
+    return KVCache(
+        keys=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
+        values=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
+        slot_positions=jnp.full((batch_size, num_slots), -1, jnp.int32),
+        lengths=jnp.zeros((batch_size,), jnp.int32),
+        write_index=jnp.zeros((), jnp.int32),
+    )
+
+
+def rope_inverse_frequencies(config: ModelConfig) -> np.ndarray:
+    """[head_dim / 2] inverse frequencies, with Llama 3 scaling when configured."""
+    exponents = np.arange(0, config.head_dim, 2, dtype=np.float64) / config.head_dim
+    inverse = 1.0 / (config.rope_theta**exponents)
+    if config.llama3_scaling is None:
+        return inverse.astype(np.float32)
+    factor, low_freq_factor, high_freq_factor, original_context = config.llama3_scaling
+    wavelength = 2 * np.pi / inverse
+    scaled = np.where(wavelength > original_context / low_freq_factor, inverse / factor, inverse)
+    smooth = (original_context / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelength >= original_context / high_freq_factor) & (wavelength <= original_context / low_freq_factor)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inverse_frequencies: np.ndarray) -> jax.Array:
+    """Rotary embedding in the rotate-half layout of transformers. x [B, T, N, D]."""
+    angles = positions[..., None].astype(jnp.float32) * inverse_frequencies
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    first, second = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([-second, first], axis=-1)
+    return (x.astype(jnp.float32) * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """x / rms(x) * weight, normalised in float32 as transformers does."""
+
+    def __init__(self, size: int, eps: float, param_dtype):
+        self.weight = nnx.Param(jnp.ones((size,), param_dtype))
+        self.eps = eps
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(x.dtype) * normed.astype(x.dtype)
+
+
+def _linear(config: ModelConfig, rngs, size_in: int, size_out: int, bias: bool) -> nnx.Linear:
+    return nnx.Linear(
+        size_in, size_out, use_bias=bias, dtype=DTYPES[config.compute_dtype],
+        param_dtype=DTYPES[config.param_dtype], rngs=rngs,
+        kernel_init=nnx.initializers.normal(0.02),
+    )
+
+
+def attend(queries, keys, values, query_positions, slot_positions) -> jax.Array:
+    """Grouped-query attention with position masks; softmax in float32.
+
+    queries [B, T, H, D], keys/values [B, S, KVH, D], query_positions [B, T],
+    slot_positions [B, S] -> [B, T, H, D].
+    """
+    batch, num_tokens, num_heads, head_dim = queries.shape
+    group = num_heads // keys.shape[2]
+    grouped = queries.reshape(batch, num_tokens, keys.shape[2], group, head_dim)
+    scores = jnp.einsum("btkgd,bskd->bkgts", grouped, keys, preferred_element_type=jnp.float32)
+    scores = scores / np.sqrt(head_dim).astype(np.float32)
+    visible = (slot_positions[:, None, :] >= 0) & (slot_positions[:, None, :] <= query_positions[:, :, None])
+    scores = jnp.where(visible[:, None, None], scores, _MASKED)
+    weights = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", weights, values)
+    return out.reshape(batch, num_tokens, num_heads, head_dim)
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+        self.config = config
+        hidden, head_dim = config.hidden_size, config.head_dim
+        self.q_proj = _linear(config, rngs, hidden, config.num_heads * head_dim, config.qkv_bias)
+        self.k_proj = _linear(config, rngs, hidden, config.num_kv_heads * head_dim, config.qkv_bias)
+        self.v_proj = _linear(config, rngs, hidden, config.num_kv_heads * head_dim, config.qkv_bias)
+        self.o_proj = _linear(config, rngs, config.num_heads * head_dim, hidden, config.o_bias)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(head_dim, config.rms_norm_eps, DTYPES[config.param_dtype])
+            self.k_norm = RMSNorm(head_dim, config.rms_norm_eps, DTYPES[config.param_dtype])
+
+    def __call__(self, x, positions, layer_keys, layer_values, slot_positions, write_index):
+        """x [B, T, hidden] -> (out [B, T, hidden], keys, values) with this step written."""
+        config = self.config
+        batch, num_tokens, _ = x.shape
+        queries = self.q_proj(x).reshape(batch, num_tokens, config.num_heads, config.head_dim)
+        keys = self.k_proj(x).reshape(batch, num_tokens, config.num_kv_heads, config.head_dim)
+        values = self.v_proj(x).reshape(batch, num_tokens, config.num_kv_heads, config.head_dim)
+        if config.qk_norm:
+            queries, keys = self.q_norm(queries), self.k_norm(keys)
+        frequencies = rope_inverse_frequencies(config)
+        queries = apply_rope(queries, positions, frequencies)
+        keys = apply_rope(keys, positions, frequencies)
+        if layer_keys is None:
+            all_keys, all_values = keys, values
+        else:
+            start = (0, write_index, 0, 0)
+            all_keys = jax.lax.dynamic_update_slice(layer_keys, keys.astype(layer_keys.dtype), start)
+            all_values = jax.lax.dynamic_update_slice(layer_values, values.astype(layer_values.dtype), start)
+        out = attend(queries, all_keys, all_values, positions, slot_positions)
+        return self.o_proj(out.reshape(batch, num_tokens, -1)), all_keys, all_values
+
+
+class MLP(nnx.Module):
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+        hidden, inner = config.hidden_size, config.intermediate_size
+        self.gate_proj = _linear(config, rngs, hidden, inner, config.mlp_bias)
+        self.up_proj = _linear(config, rngs, hidden, inner, config.mlp_bias)
+        self.down_proj = _linear(config, rngs, inner, hidden, config.mlp_bias)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nnx.Module):
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+        param_dtype = DTYPES[config.param_dtype]
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype)
+        self.self_attn = Attention(config, rngs)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype)
+        self.mlp = MLP(config, rngs)
+
+    def __call__(self, x, positions, layer_keys, layer_values, slot_positions, write_index):
+        attended, keys, values = self.self_attn(
+            self.input_layernorm(x), positions, layer_keys, layer_values, slot_positions, write_index
+        )
+        x = x + attended
+        return x + self.mlp(self.post_attention_layernorm(x)), keys, values
+
+
+class Decoder(nnx.Module):
+    """The causal language model. Attribute names follow transformers' checkpoint keys."""
+
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+        self.config = config
+        self.embed_tokens = nnx.Embed(
+            config.vocab_size, config.hidden_size, dtype=DTYPES[config.compute_dtype],
+            param_dtype=DTYPES[config.param_dtype], rngs=rngs, embedding_init=nnx.initializers.normal(0.02),
+        )
+        self.layers = nnx.List([Block(config, rngs) for _ in range(config.num_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, DTYPES[config.param_dtype])
+        if not config.tie_word_embeddings:
+            self.lm_head = _linear(config, rngs, config.hidden_size, config.vocab_size, False)
+
+    def __call__(self, tokens, positions, cache: Optional[KVCache] = None):
+        """tokens, positions [B, T] (position -1 = padding) -> (logits [B, T, V] float32, cache)."""
+        x = self.embed_tokens(tokens)
+        if cache is None:
+            slot_positions = positions
+        else:
+            slot_positions = jax.lax.dynamic_update_slice(cache.slot_positions, positions, (0, cache.write_index))
+        new_keys, new_values = [], []
+        for index, block in enumerate(self.layers):
+            layer_keys = None if cache is None else cache.keys[index]
+            layer_values = None if cache is None else cache.values[index]
+            write_index = None if cache is None else cache.write_index
+            x, keys, values = block(x, positions, layer_keys, layer_values, slot_positions, write_index)
+            new_keys.append(keys)
+            new_values.append(values)
+        x = self.norm(x)
+        if self.config.tie_word_embeddings:
+            logits = self.embed_tokens.attend(x)
+        else:
+            logits = self.lm_head(x)
+        if cache is not None:
+            cache = KVCache(
+                keys=tuple(new_keys), values=tuple(new_values), slot_positions=slot_positions,
+                lengths=cache.lengths + jnp.sum(positions >= 0, axis=-1).astype(jnp.int32),
+                write_index=cache.write_index + tokens.shape[1],
+            )
+        return logits.astype(jnp.float32), cache
+
+
+def init_decoder(config: ModelConfig, seed: int = 0) -> Decoder:
+    """A randomly initialised decoder (normal(0.02) weights, unit norms)."""
+    return Decoder(config, nnx.Rngs(seed))
+
+
+@functools.lru_cache(maxsize=16)
+def graphdef_for(config: ModelConfig) -> nnx.GraphDef:
+    """The static structure of the decoder for ``config``, without allocating weights."""
+    return nnx.split(nnx.eval_shape(lambda: init_decoder(config)))[0]
+
+
+def forward(
+    config: ModelConfig,
+    params: nnx.State,
+    tokens: jax.Array,
+    positions: jax.Array,
+    cache: Optional[KVCache] = None,
+) -> tuple[jax.Array, Optional[KVCache]]:
+    """Pure forward over a parameter state.
+
+    Args:
+      config: architecture (static).
+      params: the decoder's ``nnx.State`` (``nnx.split(model)[1]``).
+      tokens: [B, T] int32.
+      positions: [B, T] int32 position of each token, -1 for padding.
+      cache: an explicit KVCache with at least T free slots, or None for a plain
+        forward over ``tokens`` alone.
+
+    Returns:
+      logits [B, T, V] float32 and the updated cache (None without a cache).
+    """
+    if tokens.ndim != 2 or positions.shape != tokens.shape:
+        raise ValueError(f"tokens and positions must both be [B, T]; got {tokens.shape}, {positions.shape}")
+    model = nnx.merge(graphdef_for(config), params)
+    return model(tokens, positions, cache)
+
+
+def padded_positions(valid: jax.Array, start: Optional[jax.Array] = None) -> jax.Array:
+    """Positions for a [B, T] mask of real tokens: 0, 1, ... over real tokens, -1 on padding.
+
+    ``start`` [B] offsets the count, e.g. by the tokens already cached.
+    """
+    positions = jnp.cumsum(valid.astype(jnp.int32), axis=-1) - 1
+    if start is not None:
+        positions = positions + start[:, None]
+    return jnp.where(valid, positions, -1)

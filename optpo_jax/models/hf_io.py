@@ -1,0 +1,174 @@
+"""Hugging Face checkpoints in and out: config.json, safetensors (single or sharded), tokenizer."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import SafetensorError, safe_open
+from safetensors.flax import save_file
+
+from optpo_jax.models.config import DTYPES, ModelConfig, from_hf_config, to_hf_config
+from optpo_jax.models.decoder import forward, graphdef_for, init_decoder
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def hf_key(path: tuple) -> str:
+    """transformers' checkpoint key of a parameter path in our NNX state."""
+    *module, leaf = path
+    prefix = "" if module[0] == "lm_head" else "model."
+    return f"{prefix}{'.'.join(str(part) for part in module)}.{'bias' if leaf == 'bias' else 'weight'}"
+
+
+def _is_kernel(path: tuple) -> bool:
+    """Linear kernels are [in, out] here and [out, in] in transformers."""
+    return path[-1] == "kernel"
+
+
+@dataclasses.dataclass
+class HFModel:
+    """A loaded checkpoint: ``model(tokens [B, T]) -> logits [B, T, V]``.
+
+    Attributes:
+      config: our static architecture.
+      params: the decoder's ``nnx.State``.
+      hf_config: the transformers config it came from (written back by ``save_hf``).
+      tokenizer: the transformers tokenizer (chat template kept), or None.
+    """
+
+    config: ModelConfig
+    params: nnx.State
+    hf_config: Any = None
+    tokenizer: Any = None
+
+    def __call__(self, tokens) -> jax.Array:
+        tokens = jnp.asarray(tokens, jnp.int32)
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+        return _jitted_forward(self.config, self.params, tokens, positions)[0]
+
+    @property
+    def module(self):
+        """The NNX decoder module holding ``params``."""
+        return nnx.merge(graphdef_for(self.config), self.params)
+
+
+_jitted_forward = jax.jit(forward, static_argnums=0)
+
+
+def _weight_files(path: Path) -> dict[str, Path]:
+    """Map from checkpoint key to the safetensors file that holds it."""
+    if (path / INDEX_FILE).exists():
+        weight_map = json.loads((path / INDEX_FILE).read_text())["weight_map"]
+        return {key: path / name for key, name in weight_map.items()}
+    if (path / SINGLE_FILE).exists():
+        with _open(path / SINGLE_FILE) as handle:
+            return {key: path / SINGLE_FILE for key in handle.keys()}
+    raise FileNotFoundError(f"no weights in {path}: expected {SINGLE_FILE} or {INDEX_FILE}")
+
+
+def _open(file: Path):
+    if not file.exists():
+        raise FileNotFoundError(f"weight file {file} (named in {INDEX_FILE}) does not exist")
+    try:
+        return safe_open(str(file), framework="flax")
+    except SafetensorError as error:
+        raise ValueError(f"cannot read safetensors file {file}: {error}") from error
+
+
+def _read_tensors(files: dict[str, Path]) -> dict[str, jax.Array]:
+    tensors = {}
+    for file in sorted(set(files.values())):
+        with _open(file) as handle:
+            for key in handle.keys():
+                try:
+                    tensors[key] = handle.get_tensor(key)
+                except SafetensorError as error:
+                    raise ValueError(f"cannot read {key!r} from {file}: {error}") from error
+    missing = sorted(set(files) - set(tensors))
+    if missing:
+        raise ValueError(f"keys listed in {INDEX_FILE} but absent from their files: {missing[:5]}")
+    return tensors
+
+
+def _fill_params(config: ModelConfig, tensors: dict[str, jax.Array], source: Path) -> nnx.State:
+    """Checks every tensor against the architecture and places it; errors on any mismatch."""
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: init_decoder(config)))
+    by_key = {hf_key(path): path for path, _ in nnx.to_flat_state(abstract)}
+    expected = dict(nnx.to_flat_state(abstract))
+    dtype = DTYPES[config.param_dtype]
+    values = {}
+    for key, tensor in tensors.items():
+        if key == "lm_head.weight" and config.tie_word_embeddings:
+            embedding = tensors.get("model.embed_tokens.weight")
+            if embedding is None or not bool(jnp.array_equal(embedding, tensor)):
+                raise ValueError(f"{source}: lm_head.weight differs from the tied embedding")
+            continue
+        if key not in by_key:
+            raise ValueError(f"{source}: checkpoint weight {key!r} is not used by the {config.model_type} model")
+        path = by_key[key]
+        array = tensor.T if _is_kernel(path) else tensor
+        want = expected[path].get_value().shape
+        if array.shape != want:
+            hf_shape = want[::-1] if _is_kernel(path) else want
+            raise ValueError(f"{source}: {key!r} has shape {tuple(tensor.shape)}, the model expects {tuple(hf_shape)}")
+        values[path] = jnp.asarray(array, dtype)
+    unfilled = sorted(hf_key(path) for path in expected if path not in values)
+    if unfilled:
+        raise ValueError(f"{source}: parameters missing from the checkpoint: {unfilled}")
+    for path, variable in expected.items():
+        variable.set_value(values[path])
+    return nnx.from_flat_state(expected)
+
+
+def load_hf(
+    path: str | Path,
+    dtype: str = "float32",
+    compute_dtype: Optional[str] = None,
+    load_tokenizer: bool = True,
+) -> HFModel:
+    """Loads a Llama / Qwen2 / Qwen3 checkpoint directory into our decoder.
+
+    Args:
+      path: directory with config.json, model.safetensors or a sharded index, and
+        tokenizer files.
+      dtype: parameter dtype, "float32" or "bfloat16".
+      compute_dtype: activation dtype (default: ``dtype``).
+      load_tokenizer: whether to load the tokenizer with AutoTokenizer.
+
+    Raises:
+      FileNotFoundError naming the missing file; ValueError naming the key and both
+      shapes on a mismatch, an unused checkpoint weight, or an unfilled parameter.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path / 'config.json'} does not exist")
+    hf_config = AutoConfig.from_pretrained(path)
+    config = from_hf_config(hf_config, param_dtype=dtype, compute_dtype=compute_dtype)
+    params = _fill_params(config, _read_tensors(_weight_files(path)), path)
+    tokenizer = AutoTokenizer.from_pretrained(path) if load_tokenizer else None
+    return HFModel(config=config, params=params, hf_config=hf_config, tokenizer=tokenizer)
+
+
+def save_hf(model: HFModel, out_dir: str | Path) -> None:
+    """Writes config.json, model.safetensors and the tokenizer for transformers / vLLM."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    hf_config = model.hf_config if model.hf_config is not None else to_hf_config(model.config)
+    hf_config.save_pretrained(out_dir)
+    tensors = {}
+    for path, variable in nnx.to_flat_state(model.params):
+        value = variable.get_value() if hasattr(variable, "get_value") else variable
+        tensors[hf_key(path)] = jnp.asarray(value.T if _is_kernel(path) else value)
+    save_file(tensors, str(out_dir / SINGLE_FILE), metadata={"format": "pt"})
+    if model.tokenizer is not None:
+        model.tokenizer.save_pretrained(out_dir)

@@ -1,0 +1,186 @@
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from hf_checkpoints import FAMILIES, VOCAB, write_checkpoint
+from optpo_jax.models import (
+    forward, init_cache, load_hf, padded_positions, partition_specs, preset, save_hf,
+)
+
+FAMILY_NAMES = sorted(FAMILIES)
+
+
+@pytest.fixture(scope="module", params=FAMILY_NAMES)
+def checkpoint(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(request.param)
+    torch_model = write_checkpoint(request.param, folder)
+    return request.param, folder, torch_model
+
+
+def _torch_logits(torch_model, tokens):
+    with torch.no_grad():
+        return torch_model(torch.as_tensor(np.asarray(tokens), dtype=torch.long)).logits.numpy()
+
+
+def test_logits_match_transformers(checkpoint):
+    # Reference: transformers' PyTorch forward of the same checkpoint (eager attention, float32).
+    family, folder, torch_model = checkpoint
+    if family == "llama":
+        assert len(list(folder.glob("model-*.safetensors"))) > 1  # the sharded path is exercised
+    model = load_hf(folder)
+    tokens = np.random.default_rng(0).integers(0, VOCAB, (3, 17))
+    ours = np.asarray(model(tokens))
+    difference = np.max(np.abs(ours - _torch_logits(torch_model, tokens)))
+    print(f"{family}: max |logit difference| = {difference:.2e}")
+    assert difference <= 1e-4
+    assert model.tokenizer.chat_template is not None
+
+
+def greedy_continuations(model, prompts, num_new_tokens):
+    """Left-padded prefill into a cache, then one cached token at a time, argmax."""
+    width = max(len(p) for p in prompts)
+    tokens = np.zeros((len(prompts), width), np.int32)
+    valid = np.zeros_like(tokens, dtype=bool)
+    for row, prompt in enumerate(prompts):
+        tokens[row, width - len(prompt):] = prompt
+        valid[row, width - len(prompt):] = True
+    step = jax.jit(forward, static_argnums=0)
+    cache = init_cache(model.config, len(prompts), width + num_new_tokens)
+    logits, cache = step(model.config, model.params, jnp.asarray(tokens), padded_positions(jnp.asarray(valid)), cache)
+    generated = []
+    next_token = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+    for _ in range(num_new_tokens):
+        generated.append(next_token)
+        positions = cache.lengths[:, None]
+        logits, cache = step(model.config, model.params, next_token[:, None], positions, cache)
+        next_token = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+    return np.stack(generated, axis=1)
+
+
+def test_greedy_cached_decode_matches_transformers_generate(checkpoint):
+    # Reference: transformers' generate(do_sample=False) with left padding and an attention mask.
+    family, folder, torch_model = checkpoint
+    model = load_hf(folder)
+    rng = np.random.default_rng(1)
+    prompts = [list(rng.integers(3, VOCAB, n)) for n in (5, 11, 8)]
+    ours = greedy_continuations(model, prompts, 20)
+    width = max(len(p) for p in prompts)
+    input_ids = torch.zeros((3, width), dtype=torch.long)
+    attention_mask = torch.zeros((3, width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, width - len(prompt):] = torch.tensor(prompt)
+        attention_mask[row, width - len(prompt):] = 1
+    with torch.no_grad():
+        theirs = torch_model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, do_sample=False, max_new_tokens=20,
+            min_new_tokens=20, pad_token_id=0, eos_token_id=None,
+        )[:, width:].numpy()
+    np.testing.assert_array_equal(ours, theirs)
+
+
+def test_right_padding_and_cache_equal_each_prompt_alone(checkpoint):
+    _, folder, _ = checkpoint
+    model = load_hf(folder, load_tokenizer=False)
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13]]
+    tokens = np.zeros((2, 6), np.int32)
+    valid = np.zeros((2, 6), bool)
+    for row, prompt in enumerate(prompts):
+        tokens[row, : len(prompt)] = prompt
+        valid[row, : len(prompt)] = True
+    cache = init_cache(model.config, 2, 8)
+    logits, cache = forward(model.config, model.params, jnp.asarray(tokens), padded_positions(jnp.asarray(valid)), cache)
+    step_logits, _ = forward(model.config, model.params, jnp.array([[20], [21]]), cache.lengths[:, None], cache)
+    for row, prompt in enumerate(prompts):
+        alone = np.asarray(model(np.array([prompt + [20 + row]])))[0]
+        np.testing.assert_allclose(np.asarray(logits[row, : len(prompt)]), alone[:-1], atol=1e-4)
+        np.testing.assert_allclose(np.asarray(step_logits[row, 0]), alone[-1], atol=1e-4)
+
+
+def test_save_hf_round_trip_loads_in_transformers(checkpoint, tmp_path):
+    # Reference: transformers' AutoModelForCausalLM loading what save_hf wrote.
+    _, folder, torch_model = checkpoint
+    model = load_hf(folder)
+    save_hf(model, tmp_path / "out")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
+    tokens = np.random.default_rng(2).integers(0, VOCAB, (2, 9))
+    np.testing.assert_allclose(_torch_logits(reloaded, tokens), _torch_logits(torch_model, tokens), atol=1e-5)
+    assert (tmp_path / "out" / "tokenizer_config.json").exists()
+
+
+def _single_file_copy(folder, tmp_path):
+    target = tmp_path / "broken"
+    shutil.copytree(folder, target)
+    return target
+
+
+def test_truncated_file_renamed_key_and_wrong_shape_are_named(tmp_path):
+    folder = tmp_path / "qwen2"
+    write_checkpoint("qwen2", folder)
+    weights = folder / "model.safetensors"
+    tensors = load_file(weights)
+
+    truncated = _single_file_copy(folder, tmp_path / "t")
+    data = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="model.safetensors"):
+        load_hf(truncated)
+
+    renamed = _single_file_copy(folder, tmp_path / "r")
+    changed = dict(tensors)
+    changed["model.layers.0.mlp.gate_projection.weight"] = changed.pop("model.layers.0.mlp.gate_proj.weight")
+    save_file(changed, renamed / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="gate_projection.weight"):
+        load_hf(renamed)
+
+    reshaped = _single_file_copy(folder, tmp_path / "s")
+    changed = dict(tensors)
+    changed["model.layers.1.self_attn.k_proj.weight"] = torch.zeros(16, 32)
+    save_file(changed, reshaped / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"k_proj.weight.*\(16, 32\).*\(8, 32\)"):
+        load_hf(reshaped)
+
+    missing = _single_file_copy(folder, tmp_path / "m")
+    changed = dict(tensors)
+    del changed["model.norm.weight"]
+    save_file(changed, missing / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="model.norm.weight"):
+        load_hf(missing)
+
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_hf(tmp_path / "nowhere")
+    unsupported = _single_file_copy(folder, tmp_path / "u")
+    config = json.loads((unsupported / "config.json").read_text())
+    (unsupported / "config.json").write_text(json.dumps(dict(config, model_type="gpt2")))
+    with pytest.raises(ValueError, match="gpt2"):
+        load_hf(unsupported)
+
+
+def test_partition_specs_leave_results_unchanged_on_a_mesh(checkpoint):
+    _, folder, _ = checkpoint
+    model = load_hf(folder, load_tokenizer=False)
+    tokens = np.random.default_rng(3).integers(0, VOCAB, (4, 8))
+    want = np.asarray(model(tokens))
+    shape = (2, 2, 2) if jax.device_count() >= 8 else (1, 1, 1)
+    mesh = jax.make_mesh(shape, ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    specs = partition_specs(model.params)
+    sharded = jax.tree.map(
+        lambda value, spec: jax.device_put(value, jax.sharding.NamedSharding(mesh, spec)), model.params, specs
+    )
+    model.params = sharded
+    np.testing.assert_allclose(np.asarray(model(tokens)), want, atol=1e-5)
+
+
+def test_presets_match_published_sizes():
+    # Published parameter counts: Qwen2.5-Math-1.5B 1.54B, Qwen2.5-0.5B 0.49B, Llama-3.2-1B 1.24B.
+    assert preset("qwen2.5-math-1.5b").num_params() == pytest.approx(1.54e9, rel=0.01)
+    assert preset("qwen2.5-0.5b-instruct").num_params() == pytest.approx(0.494e9, rel=0.01)
+    assert preset("llama-3.2-1b").num_params() == pytest.approx(1.236e9, rel=0.01)
+    with pytest.raises(ValueError, match="'gpt-5'"):
+        preset("gpt-5")
