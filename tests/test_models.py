@@ -184,3 +184,15 @@ def test_presets_match_published_sizes():
     assert preset("llama-3.2-1b").num_params() == pytest.approx(1.236e9, rel=0.01)
     with pytest.raises(ValueError, match="'gpt-5'"):
         preset("gpt-5")
+
+
+def test_bfloat16_params_and_compute_stay_close_to_float32(checkpoint):
+    _, folder, _ = checkpoint
+    full = load_hf(folder, load_tokenizer=False)
+    half = load_hf(folder, dtype="bfloat16", load_tokenizer=False)
+    leaf = jax.tree.leaves(half.params)[0]
+    assert leaf.dtype == jnp.bfloat16
+    tokens = np.random.default_rng(4).integers(0, VOCAB, (2, 10))
+    want, got = np.asarray(full(tokens)), np.asarray(half(tokens))
+    assert got.dtype == np.float32  # logits are float32 whatever the compute dtype
+    assert np.max(np.abs(got - want)) < 0.05 * np.max(np.abs(want))
