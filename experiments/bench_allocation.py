@@ -18,11 +18,11 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from vote_replay import DATASETS, DEFAULT_DATA_DIR, load_vote_samples
 
 from optpo_jax import SPRTConfig, allocate_wave, consensus, init_vote_state, sprt_update
 from optpo_jax.allocation import rows_to_prompts
 from optpo_jax.sprt import rank_within_prompt
-from vote_replay import DATASETS, DEFAULT_DATA_DIR, load_vote_samples
 
 
 def equal_split(state, num_rows, config):

@@ -19,9 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
+from vote_replay import DATASETS, DEFAULT_DATA_DIR, VoteSamples, load_vote_samples
 
 from optpo_jax import SPRTConfig, consensus, init_vote_state, sprt_update
-from vote_replay import DATASETS, DEFAULT_DATA_DIR, VoteSamples, load_vote_samples
 
 RULES = [
     ("dirichlet", dict(threshold=0.90)),

@@ -9,7 +9,8 @@ k3 estimator of KL(pi || pi_ref) (http://joschu.net/blog/kl-approx.html).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -74,8 +75,8 @@ class GRPOBatch:
     loss_mask: jax.Array
     advantages: jax.Array
     old_logprobs: jax.Array
-    ref_logprobs: Optional[jax.Array] = None
-    positions: Optional[jax.Array] = None
+    ref_logprobs: jax.Array | None = None
+    positions: jax.Array | None = None
 
 
 def group_advantages(
@@ -164,7 +165,7 @@ def policy_loss(
     advantages: jax.Array,
     loss_mask: jax.Array,
     config: GRPOConfig,
-    ref_logprobs: Optional[jax.Array] = None,
+    ref_logprobs: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Clipped-ratio policy loss with an optional k3 KL penalty.
 

@@ -6,12 +6,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from hf_checkpoints import FAMILIES, VOCAB, write_checkpoint
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from hf_checkpoints import FAMILIES, VOCAB, write_checkpoint
 from optpo_jax.models import (
-    forward, init_cache, load_hf, padded_positions, partition_specs, preset, save_hf,
+    forward,
+    init_cache,
+    load_hf,
+    padded_positions,
+    partition_specs,
+    preset,
+    save_hf,
 )
 
 FAMILY_NAMES = sorted(FAMILIES)
@@ -66,7 +72,7 @@ def greedy_continuations(model, prompts, num_new_tokens):
 
 def test_greedy_cached_decode_matches_transformers_generate(checkpoint):
     # Reference: transformers' generate(do_sample=False) with left padding and an attention mask.
-    family, folder, torch_model = checkpoint
+    _, folder, torch_model = checkpoint
     model = load_hf(folder)
     rng = np.random.default_rng(1)
     prompts = [list(rng.integers(3, VOCAB, n)) for n in (5, 11, 8)]

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from scipy_reference import mode_prob_reference
 
 from optpo_jax import posterior_mode_prob
-from scipy_reference import mode_prob_reference
 
 NUM_SLOTS = 64
 

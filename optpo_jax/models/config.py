@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any
 
 import jax.numpy as jnp
 
@@ -30,7 +30,7 @@ class ModelConfig:
     head_dim: int
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
-    llama3_scaling: Optional[tuple[float, float, float, int]] = None
+    llama3_scaling: tuple[float, float, float, int] | None = None
     tie_word_embeddings: bool = False
     qkv_bias: bool = False
     o_bias: bool = False
@@ -62,7 +62,7 @@ class ModelConfig:
         return self.num_layers * per_layer + embeddings + self.hidden_size
 
 
-def _rope_settings(hf_config: Any) -> tuple[float, Optional[tuple[float, float, float, int]]]:
+def _rope_settings(hf_config: Any) -> tuple[float, tuple[float, float, float, int] | None]:
     """rope_theta and Llama 3 scaling from a transformers 4 or 5 config."""
     rope = dict(getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {})
     theta = float(rope.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0)))
@@ -80,7 +80,7 @@ def _rope_settings(hf_config: Any) -> tuple[float, Optional[tuple[float, float, 
     raise ValueError(f"unsupported rope_type {rope_type!r} (supported: default, llama3)")
 
 
-def from_hf_config(hf_config: Any, param_dtype: str = "float32", compute_dtype: Optional[str] = None) -> ModelConfig:
+def from_hf_config(hf_config: Any, param_dtype: str = "float32", compute_dtype: str | None = None) -> ModelConfig:
     """ModelConfig from a transformers PretrainedConfig of a Llama, Qwen2 or Qwen3 model."""
     model_type = getattr(hf_config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:

@@ -10,7 +10,6 @@ real tokens, whether prompts are padded on the left or on the right.
 from __future__ import annotations
 
 import functools
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -191,7 +190,7 @@ class Decoder(nnx.Module):
         if not config.tie_word_embeddings:
             self.lm_head = _linear(config, rngs, config.hidden_size, config.vocab_size, False)
 
-    def __call__(self, tokens, positions, cache: Optional[KVCache] = None):
+    def __call__(self, tokens, positions, cache: KVCache | None = None):
         """tokens, positions [B, T] (position -1 = padding) -> (logits [B, T, V] float32, cache)."""
         x = self.embed_tokens(tokens)
         if cache is None:
@@ -236,8 +235,8 @@ def forward(
     params: nnx.State,
     tokens: jax.Array,
     positions: jax.Array,
-    cache: Optional[KVCache] = None,
-) -> tuple[jax.Array, Optional[KVCache]]:
+    cache: KVCache | None = None,
+) -> tuple[jax.Array, KVCache | None]:
     """Pure forward over a parameter state.
 
     Args:
@@ -257,7 +256,7 @@ def forward(
     return model(tokens, positions, cache)
 
 
-def padded_positions(valid: jax.Array, start: Optional[jax.Array] = None) -> jax.Array:
+def padded_positions(valid: jax.Array, start: jax.Array | None = None) -> jax.Array:
     """Positions for a [B, T] mask of real tokens: 0, 1, ... over real tokens, -1 on padding.
 
     ``start`` [B] offsets the count, e.g. by the tokens already cached.

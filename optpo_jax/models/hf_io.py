@@ -5,11 +5,10 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from safetensors import SafetensorError, safe_open
 from safetensors.flax import save_file
@@ -100,7 +99,7 @@ def _read_tensors(files: dict[str, Path]) -> dict[str, jax.Array]:
 
 def _fill_params(config: ModelConfig, tensors: dict[str, jax.Array], source: Path) -> nnx.State:
     """Checks every tensor against the architecture and places it; errors on any mismatch."""
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: init_decoder(config)))
+    _, abstract = nnx.split(nnx.eval_shape(lambda: init_decoder(config)))
     by_key = {hf_key(path): path for path, _ in nnx.to_flat_state(abstract)}
     expected = dict(nnx.to_flat_state(abstract))
     dtype = DTYPES[config.param_dtype]
@@ -131,7 +130,7 @@ def _fill_params(config: ModelConfig, tensors: dict[str, jax.Array], source: Pat
 def load_hf(
     path: str | Path,
     dtype: str = "float32",
-    compute_dtype: Optional[str] = None,
+    compute_dtype: str | None = None,
     load_tokenizer: bool = True,
 ) -> HFModel:
     """Loads a Llama / Qwen2 / Qwen3 checkpoint directory into our decoder.
