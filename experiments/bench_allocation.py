@@ -22,14 +22,14 @@ from vote_replay import DATASETS, DEFAULT_DATA_DIR, load_vote_samples
 
 from optpo_jax import SPRTConfig, allocate_wave, consensus, init_vote_state, sprt_update
 from optpo_jax.allocation import rows_to_prompts
-from optpo_jax.sprt import rank_within_prompt
+from optpo_jax.sprt import rank_within_prompt, remaining_budget
 
 
 def equal_split(state, num_rows, config):
     """Baseline: R // active rows to every active prompt, capped by budget."""
     active = ~state.done
     num_active = jnp.maximum(jnp.sum(active), 1)
-    budget = jnp.where(active, config.max_samples - state.num_samples, 0)
+    budget = remaining_budget(state, config)
     share = num_rows // num_active
     # When rows are fewer than prompts, the first R active prompts get one each.
     first_rows = active & (jnp.cumsum(active) <= num_rows)

@@ -18,14 +18,13 @@ import numpy as np
 from jax.scipy.special import gammainc, gammaln
 
 from optpo_jax import posterior_mode_prob
-from optpo_jax.posterior import quadrature_tables
+from optpo_jax.posterior import quadrature_nodes
 
 
 def direct_quadrature(counts, prior=1.0, max_count=256):
     """Same grid, F from gammainc per (prompt, slot, node): [P, K] -> [P]."""
-    num_nodes = quadrature_tables(prior, max_count)[0].shape[1]
-    step = 0.2 * min(1.0, prior)
-    x = (step * jnp.arange(1, num_nodes + 1)) ** 2
+    y, step = quadrature_nodes(prior, max_count)
+    x = jnp.asarray(y * y, jnp.float32)
     leader = jnp.argmax(counts, -1)
     alpha_lead = jnp.max(counts, -1).astype(jnp.float32) + prior
     is_competitor = (counts > 0) & (jnp.arange(counts.shape[-1]) != leader[:, None])

@@ -23,7 +23,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from optpo_jax.sprt import SPRTConfig, VoteState, rule_confidence, stop_condition
+from optpo_jax.sprt import SPRTConfig, VoteState, remaining_budget, rule_confidence, stop_condition
 
 
 def rollouts_to_stop(state: VoteState, config: SPRTConfig) -> jax.Array:
@@ -34,7 +34,7 @@ def rollouts_to_stop(state: VoteState, config: SPRTConfig) -> jax.Array:
     prompts. A prompt with budget left always stops at n = budget.
     """
     num_prompts, num_slots = state.counts.shape
-    budget = jnp.where(state.done, 0, jnp.maximum(config.max_samples - state.num_samples, 0))
+    budget = remaining_budget(state, config)
     leader = jnp.argmax(state.counts, axis=-1)
     leader_onehot = jax.nn.one_hot(leader, num_slots, dtype=jnp.int32)
     run_continues = state.run_slot == leader
@@ -88,7 +88,7 @@ def allocate_wave(state: VoteState, num_rows: int, config: SPRTConfig) -> tuple[
     if num_rows < 1:
         raise ValueError(f"num_rows must be >= 1, got {num_rows!r}")
     num_prompts = state.counts.shape[0]
-    budget = jnp.where(state.done, 0, jnp.maximum(config.max_samples - state.num_samples, 0))
+    budget = remaining_budget(state, config)
     demand = rollouts_to_stop(state, config)
     prompt_order = jnp.arange(num_prompts)
     granted = _fill_in_order(demand, prompt_order, num_rows)

@@ -43,6 +43,20 @@ _BASE_STEP = 0.2
 _LOG_FLOOR = -1.0e4
 
 
+def quadrature_nodes(prior: float, max_count: int) -> tuple[np.ndarray, float]:
+    """Grid nodes y_l = step * l, l = 1..L, in y = sqrt(x), and the step. ([L] float64, step)."""
+    if not prior > 0:
+        raise ValueError(f"prior must be > 0, got {prior!r}")
+    if max_count < 1:
+        raise ValueError(f"max_count must be >= 1, got {max_count!r}")
+    step = _BASE_STEP * min(1.0, prior)
+    largest_shape = max_count + prior
+    # Upper end well past the right tail of the largest leader's Gamma law.
+    x_end = largest_shape + 10.0 * math.sqrt(largest_shape) + 10.0
+    num_nodes = int(math.ceil(math.sqrt(x_end) / step))
+    return step * np.arange(1, num_nodes + 1, dtype=np.float64), step  # y = 0 contributes 0
+
+
 @functools.lru_cache(maxsize=64)
 def quadrature_tables(prior: float, max_count: int) -> tuple[np.ndarray, np.ndarray]:
     """Tables of the Gamma log-CDF and the weighted log-density on the grid.
@@ -56,16 +70,7 @@ def quadrature_tables(prior: float, max_count: int) -> tuple[np.ndarray, np.ndar
       log_weighted_density: [C, L] float32, log of g_{a + c}(x_l) * dx/dy * step,
         so that sum_l exp(log_weighted_density[c] + ...) is the quadrature.
     """
-    if not prior > 0:
-        raise ValueError(f"prior must be > 0, got {prior!r}")
-    if max_count < 1:
-        raise ValueError(f"max_count must be >= 1, got {max_count!r}")
-    step = _BASE_STEP * min(1.0, prior)
-    largest_shape = max_count + prior
-    # Upper end well past the right tail of the largest leader's Gamma law.
-    x_end = largest_shape + 10.0 * math.sqrt(largest_shape) + 10.0
-    num_nodes = int(math.ceil(math.sqrt(x_end) / step))
-    y = step * np.arange(1, num_nodes + 1, dtype=np.float64)  # y = 0 contributes 0
+    y, step = quadrature_nodes(prior, max_count)
     x = y * y
     shapes = prior + np.arange(max_count + 1, dtype=np.float64)[:, None]
     with np.errstate(divide="ignore"):

@@ -128,10 +128,15 @@ def rule_confidence(counts: jax.Array, run_length: jax.Array, config: SPRTConfig
 
 def stop_condition(confidence, num_samples, config: SPRTConfig) -> jax.Array:
     """Whether a prompt with this confidence and sample count stops. [...] -> [...] bool."""
-    confident = (confidence >= config.threshold) & (num_samples >= config.min_samples)
+    at_budget = num_samples >= config.max_samples
     if config.rule == "fixed":
-        confident = jnp.zeros_like(confident)
-    return confident | (num_samples >= config.max_samples)
+        return at_budget
+    return (confidence >= config.threshold) & (num_samples >= config.min_samples) | at_budget
+
+
+def remaining_budget(state: VoteState, config: SPRTConfig) -> jax.Array:
+    """Rollouts each prompt may still draw: [P] int32, 0 once done."""
+    return jnp.where(state.done, 0, jnp.maximum(config.max_samples - state.num_samples, 0))
 
 
 def consensus(state: VoteState) -> jax.Array:
@@ -194,7 +199,8 @@ def sprt_update(
     Args:
       state: votes of P prompts over K slots.
       prompt_ids: [R] int32 prompt served by each row, in [0, P).
-      answer_slots: [R] int32 answer slot of each row in [0, K), or -1.
+      answer_slots: [R] int32 answer slot of each row in [0, K), or -1. A slot >= K
+        cannot be stored: such a row counts as a sample without a vote.
       valid: [R] bool, whether the row carries a rollout.
       config: the stopping rule.
 
@@ -210,8 +216,7 @@ def sprt_update(
     prompt_ids = jnp.clip(prompt_ids.astype(jnp.int32), 0, num_prompts - 1)
     answer_slots = answer_slots.astype(jnp.int32)
     keep = valid & ~state.done[prompt_ids]
-    budget_left = config.max_samples - state.num_samples[prompt_ids]
-    keep = keep & (rank_within_prompt(prompt_ids, keep) < budget_left)
+    keep = keep & (rank_within_prompt(prompt_ids, keep) < remaining_budget(state, config)[prompt_ids])
     votes = keep & (answer_slots >= 0) & (answer_slots < num_slots)
     counts = state.counts.at[prompt_ids, jnp.clip(answer_slots, 0, num_slots - 1)].add(votes.astype(jnp.int32))
     num_samples = state.num_samples + jax.ops.segment_sum(

@@ -120,8 +120,7 @@ def test_save_hf_round_trip_loads_in_transformers(checkpoint, tmp_path):
     assert (tmp_path / "out" / "tokenizer_config.json").exists()
 
 
-def _single_file_copy(folder, tmp_path):
-    target = tmp_path / "broken"
+def _copy_checkpoint(folder, target):
     shutil.copytree(folder, target)
     return target
 
@@ -132,27 +131,27 @@ def test_truncated_file_renamed_key_and_wrong_shape_are_named(tmp_path):
     weights = folder / "model.safetensors"
     tensors = load_file(weights)
 
-    truncated = _single_file_copy(folder, tmp_path / "t")
+    truncated = _copy_checkpoint(folder, tmp_path / "t")
     data = (truncated / "model.safetensors").read_bytes()
     (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="model.safetensors"):
         load_hf(truncated)
 
-    renamed = _single_file_copy(folder, tmp_path / "r")
+    renamed = _copy_checkpoint(folder, tmp_path / "r")
     changed = dict(tensors)
     changed["model.layers.0.mlp.gate_projection.weight"] = changed.pop("model.layers.0.mlp.gate_proj.weight")
     save_file(changed, renamed / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match="gate_projection.weight"):
         load_hf(renamed)
 
-    reshaped = _single_file_copy(folder, tmp_path / "s")
+    reshaped = _copy_checkpoint(folder, tmp_path / "s")
     changed = dict(tensors)
     changed["model.layers.1.self_attn.k_proj.weight"] = torch.zeros(16, 32)
     save_file(changed, reshaped / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"k_proj.weight.*\(16, 32\).*\(8, 32\)"):
         load_hf(reshaped)
 
-    missing = _single_file_copy(folder, tmp_path / "m")
+    missing = _copy_checkpoint(folder, tmp_path / "m")
     changed = dict(tensors)
     del changed["model.norm.weight"]
     save_file(changed, missing / "model.safetensors", metadata={"format": "pt"})
@@ -161,7 +160,7 @@ def test_truncated_file_renamed_key_and_wrong_shape_are_named(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_hf(tmp_path / "nowhere")
-    unsupported = _single_file_copy(folder, tmp_path / "u")
+    unsupported = _copy_checkpoint(folder, tmp_path / "u")
     config = json.loads((unsupported / "config.json").read_text())
     (unsupported / "config.json").write_text(json.dumps(dict(config, model_type="gpt2")))
     with pytest.raises(ValueError, match="gpt2"):

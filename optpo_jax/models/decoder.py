@@ -52,6 +52,7 @@ def init_cache(config: ModelConfig, batch_size: int, num_slots: int) -> KVCache:
     )
 
 
+@functools.lru_cache(maxsize=16)
 def rope_inverse_frequencies(config: ModelConfig) -> np.ndarray:
     """[head_dim / 2] inverse frequencies, with Llama 3 scaling when configured."""
     exponents = np.arange(0, config.head_dim, 2, dtype=np.float64) / config.head_dim
@@ -194,14 +195,13 @@ class Decoder(nnx.Module):
         """tokens, positions [B, T] (position -1 = padding) -> (logits [B, T, V] float32, cache)."""
         x = self.embed_tokens(tokens)
         if cache is None:
-            slot_positions = positions
+            slot_positions, write_index = positions, None
+            cached_keys = cached_values = (None,) * len(self.layers)
         else:
             slot_positions = jax.lax.dynamic_update_slice(cache.slot_positions, positions, (0, cache.write_index))
+            write_index, cached_keys, cached_values = cache.write_index, cache.keys, cache.values
         new_keys, new_values = [], []
-        for index, block in enumerate(self.layers):
-            layer_keys = None if cache is None else cache.keys[index]
-            layer_values = None if cache is None else cache.values[index]
-            write_index = None if cache is None else cache.write_index
+        for block, layer_keys, layer_values in zip(self.layers, cached_keys, cached_values, strict=True):
             x, keys, values = block(x, positions, layer_keys, layer_values, slot_positions, write_index)
             new_keys.append(keys)
             new_values.append(values)

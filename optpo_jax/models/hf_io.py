@@ -166,7 +166,7 @@ def save_hf(model: HFModel, out_dir: str | Path) -> None:
     hf_config.save_pretrained(out_dir)
     tensors = {}
     for path, variable in nnx.to_flat_state(model.params):
-        value = variable.get_value() if hasattr(variable, "get_value") else variable
+        value = variable.get_value()
         tensors[hf_key(path)] = jnp.asarray(value.T if _is_kernel(path) else value)
     save_file(tensors, str(out_dir / SINGLE_FILE), metadata={"format": "pt"})
     if model.tokenizer is not None:
