@@ -26,7 +26,8 @@ class KVCache:
     """Fixed-shape cache of S slots.
 
     Attributes:
-      keys, values: per layer, [B, S, KV heads, head dim] in the compute dtype.
+      keys, values: per layer, [B, KV heads, S, head dim] in the compute dtype (the layout
+        attention reads, so decoding never transposes the cache).
       slot_positions: [B, S] int32 position of the token in each slot, -1 if empty.
       lengths: [B] int32 real tokens cached per row (the next token's position).
       write_index: [] int32 first free slot (shared by all rows).
@@ -41,7 +42,7 @@ class KVCache:
 
 def init_cache(config: ModelConfig, batch_size: int, num_slots: int) -> KVCache:
     """An empty cache for ``batch_size`` rows and ``num_slots`` tokens."""
-    shape = (batch_size, num_slots, config.num_kv_heads, config.head_dim)
+    shape = (batch_size, config.num_kv_heads, num_slots, config.head_dim)
     dtype = DTYPES[config.compute_dtype]
     return KVCache(
         keys=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
@@ -101,19 +102,35 @@ def _linear(config: ModelConfig, rngs, size_in: int, size_out: int, bias: bool) 
 def attend(queries, keys, values, query_positions, slot_positions) -> jax.Array:
     """Grouped-query attention with position masks; softmax in float32.
 
-    queries [B, T, H, D], keys/values [B, S, KVH, D], query_positions [B, T],
+    queries [B, T, H, D], keys/values [B, KVH, S, D], query_positions [B, T],
     slot_positions [B, S] -> [B, T, H, D].
     """
     batch, num_tokens, num_heads, head_dim = queries.shape
-    group = num_heads // keys.shape[2]
-    grouped = queries.reshape(batch, num_tokens, keys.shape[2], group, head_dim)
-    scores = jnp.einsum("btkgd,bskd->bkgts", grouped, keys, preferred_element_type=jnp.float32)
+    num_kv_heads = keys.shape[1]
+    grouped = queries.reshape(batch, num_tokens, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    scores = jnp.einsum("btkgd,bksd->bkgts", grouped, keys, preferred_element_type=jnp.float32)
     scores = scores / np.sqrt(head_dim).astype(np.float32)
     visible = (slot_positions[:, None, :] >= 0) & (slot_positions[:, None, :] <= query_positions[:, :, None])
     scores = jnp.where(visible[:, None, None], scores, _MASKED)
     weights = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", weights, values)
-    return out.reshape(batch, num_tokens, num_heads, head_dim)
+    # Batch dimensions first and the result in the dot's natural order: a plain batched
+    # matmul on every backend; the transpose after it touches only [B, T, H, D].
+    out = jnp.einsum("bkgts,bksd->bkgtd", weights, values)
+    return out.transpose(0, 3, 1, 2, 4).reshape(batch, num_tokens, num_heads, head_dim)
+
+
+def _fused_projection(x: jax.Array, projections) -> list[jax.Array]:
+    """Applies several Linear layers of one input as one matmul.
+
+    Small-batch decoding is bound by per-matmul overheads; the concatenated kernel is
+    loop-invariant, so XLA builds it once outside a decode loop.
+    """
+    kernel = jnp.concatenate([p.kernel[...] for p in projections], axis=1).astype(x.dtype)
+    out = jnp.dot(x, kernel)
+    if projections[0].bias is not None:
+        out = out + jnp.concatenate([p.bias[...] for p in projections]).astype(x.dtype)
+    sizes = np.cumsum([p.kernel.shape[1] for p in projections])[:-1]
+    return jnp.split(out, sizes, axis=-1)
 
 
 class Attention(nnx.Module):
@@ -132,18 +149,20 @@ class Attention(nnx.Module):
         """x [B, T, hidden] -> (out [B, T, hidden], keys, values) with this step written."""
         config = self.config
         batch, num_tokens, _ = x.shape
-        queries = self.q_proj(x).reshape(batch, num_tokens, config.num_heads, config.head_dim)
-        keys = self.k_proj(x).reshape(batch, num_tokens, config.num_kv_heads, config.head_dim)
-        values = self.v_proj(x).reshape(batch, num_tokens, config.num_kv_heads, config.head_dim)
+        queries, keys, values = _fused_projection(x, (self.q_proj, self.k_proj, self.v_proj))
+        queries = queries.reshape(batch, num_tokens, config.num_heads, config.head_dim)
+        keys = keys.reshape(batch, num_tokens, config.num_kv_heads, config.head_dim)
+        values = values.reshape(batch, num_tokens, config.num_kv_heads, config.head_dim)
         if config.qk_norm:
             queries, keys = self.q_norm(queries), self.k_norm(keys)
         frequencies = rope_inverse_frequencies(config)
         queries = apply_rope(queries, positions, frequencies)
-        keys = apply_rope(keys, positions, frequencies)
+        keys = apply_rope(keys, positions, frequencies).transpose(0, 2, 1, 3)
+        values = values.transpose(0, 2, 1, 3)
         if layer_keys is None:
             all_keys, all_values = keys, values
         else:
-            start = (0, write_index, 0, 0)
+            start = (0, 0, write_index, 0)
             all_keys = jax.lax.dynamic_update_slice(layer_keys, keys.astype(layer_keys.dtype), start)
             all_values = jax.lax.dynamic_update_slice(layer_values, values.astype(layer_values.dtype), start)
         out = attend(queries, all_keys, all_values, positions, slot_positions)
@@ -191,8 +210,11 @@ class Decoder(nnx.Module):
         if not config.tie_word_embeddings:
             self.lm_head = _linear(config, rngs, config.hidden_size, config.vocab_size, False)
 
-    def __call__(self, tokens, positions, cache: KVCache | None = None):
-        """tokens, positions [B, T] (position -1 = padding) -> (logits [B, T, V] float32, cache)."""
+    def __call__(self, tokens, positions, cache: KVCache | None = None, logit_indices=None):
+        """tokens, positions [B, T] (position -1 = padding) -> (logits [B, T, V] float32, cache).
+
+        With ``logit_indices`` [B], logits are computed only at that token of each row: [B, 1, V].
+        """
         x = self.embed_tokens(tokens)
         if cache is None:
             slot_positions, write_index = positions, None
@@ -205,6 +227,8 @@ class Decoder(nnx.Module):
             x, keys, values = block(x, positions, layer_keys, layer_values, slot_positions, write_index)
             new_keys.append(keys)
             new_values.append(values)
+        if logit_indices is not None:
+            x = jnp.take_along_axis(x, logit_indices[:, None, None].astype(jnp.int32), axis=1)
         x = self.norm(x)
         if self.config.tie_word_embeddings:
             logits = self.embed_tokens.attend(x)
@@ -236,6 +260,7 @@ def forward(
     tokens: jax.Array,
     positions: jax.Array,
     cache: KVCache | None = None,
+    logit_indices: jax.Array | None = None,
 ) -> tuple[jax.Array, KVCache | None]:
     """Pure forward over a parameter state.
 
@@ -246,14 +271,17 @@ def forward(
       positions: [B, T] int32 position of each token, -1 for padding.
       cache: an explicit KVCache with at least T free slots, or None for a plain
         forward over ``tokens`` alone.
+      logit_indices: optional [B] int32 index of the one token per row whose logits are
+        needed (a prefill needs only the last prompt token's); saves the [B, T, V] head.
 
     Returns:
-      logits [B, T, V] float32 and the updated cache (None without a cache).
+      logits [B, T, V] float32 ([B, 1, V] with ``logit_indices``) and the updated cache
+      (None without a cache).
     """
     if tokens.ndim != 2 or positions.shape != tokens.shape:
         raise ValueError(f"tokens and positions must both be [B, T]; got {tokens.shape}, {positions.shape}")
     model = nnx.merge(graphdef_for(config), params)
-    return model(tokens, positions, cache)
+    return model(tokens, positions, cache, logit_indices)
 
 
 def padded_positions(valid: jax.Array, start: jax.Array | None = None) -> jax.Array:

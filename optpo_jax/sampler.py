@@ -1,0 +1,293 @@
+"""Batched rollout sampling with fixed shapes: one compilation serves every wave.
+
+A wave is R rows of right-padded prompts. The prompts are prefilled into a KV cache of
+``bucket + max_new_tokens`` slots, then a ``lax.while_loop`` decodes one token per row
+per step and leaves as soon as every valid row has finished. Each row has its own
+positions, so a row's continuation is the one its prompt would get alone. Rows with
+``valid=False`` and rows that have stopped are carried as padding (position -1: they
+write nothing the other rows can see). The cache lives in the loop carry, which XLA
+updates in place, and nothing leaves the device until the wave is done.
+
+Log-probabilities. Sampling draws from softmax(logits / temperature), restricted to
+the top-k tokens and then to the smallest top-p nucleus, renormalised. ``logprobs`` is
+the log-probability of each drawn token under that restricted distribution (what was
+actually sampled). ``policy_logprobs`` is log softmax(logits / temperature) over the
+full vocabulary, which is what ``grpo.token_logprobs`` recomputes during training; use
+it as GRPO's old log-probabilities. The two agree when top_k = 0 and top_p = 1.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from optpo_jax.models.config import ModelConfig
+from optpo_jax.models.decoder import forward, init_cache
+
+# Number of times the jitted sampler has been traced, per (rows, prompt width,
+# max_new_tokens); each trace is one compilation.
+TRACE_COUNTS: collections.Counter = collections.Counter()
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How a wave is sampled (hashable: static under jit).
+
+    Attributes:
+      max_new_tokens: generated tokens per row at most (Lg).
+      temperature: softmax temperature; 0 means greedy (argmax).
+      top_p: nucleus mass in (0, 1]; 1 disables it.
+      top_k: keep the k most likely tokens; 0 disables it.
+      stop_token_ids: a row finishes on the first of these it samples (kept in the output).
+      pad_token_id: written after a row finishes and on rows that are not valid.
+      prompt_buckets: allowed padded prompt widths, ascending; a wave's prompts are padded
+        to the smallest bucket that holds them, so waves share compilations. Empty: no
+        bucketing (the given width is used).
+    """
+
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+    pad_token_id: int = 0
+    prompt_buckets: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        object.__setattr__(self, "prompt_buckets", tuple(int(b) for b in self.prompt_buckets))
+        if self.max_new_tokens < 1:
+            raise ValueError(f"SamplingConfig.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not self.temperature >= 0:
+            raise ValueError(f"SamplingConfig.temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"SamplingConfig.top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"SamplingConfig.top_k must be >= 0, got {self.top_k}")
+        if any(t < 0 for t in self.stop_token_ids):
+            raise ValueError(f"SamplingConfig.stop_token_ids must be non-negative, got {self.stop_token_ids}")
+        buckets = self.prompt_buckets
+        if any(b < 1 for b in buckets) or list(buckets) != sorted(set(buckets)):
+            raise ValueError(f"SamplingConfig.prompt_buckets must be positive and strictly ascending, got {buckets}")
+
+
+@struct.dataclass
+class SampleOutput:
+    """One wave of rollouts.
+
+    Attributes:
+      tokens: [R, Lg] int32 generated tokens, pad_token_id after a row's end.
+      logprobs: [R, Lg] float32 log-probability under the sampling distribution (top-k /
+        top-p applied), 0 on padding; 0 for every token when greedy.
+      policy_logprobs: [R, Lg] float32 log softmax(logits / temperature) over the full
+        vocabulary (temperature 1 when greedy), 0 on padding.
+      lengths: [R] int32 generated tokens per row, stop token included.
+      stopped: [R] bool, True where the row ended on a stop token.
+    """
+
+    tokens: jax.Array
+    logprobs: jax.Array
+    policy_logprobs: jax.Array
+    lengths: jax.Array
+    stopped: jax.Array
+
+
+def _restrict(scaled_logits: jax.Array, config: SamplingConfig) -> jax.Array:
+    """Sets logits outside top-k, then outside the top-p nucleus, to -inf. [R, V] -> [R, V]."""
+    vocab_size = scaled_logits.shape[-1]
+    keep = min(config.top_k, vocab_size) if config.top_k > 0 else vocab_size
+    if keep < vocab_size:
+        kth_largest = jax.lax.top_k(scaled_logits, keep)[0][:, -1:]
+        scaled_logits = jnp.where(scaled_logits >= kth_largest, scaled_logits, -jnp.inf)
+    if config.top_p < 1.0:
+        descending = jax.lax.top_k(scaled_logits, keep)[0]
+        probs = jax.nn.softmax(descending, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        # The most likely token is always kept; then every token the nucleus still needs.
+        kept = (mass_before < config.top_p).at[:, 0].set(True)
+        smallest_kept = jnp.min(jnp.where(kept, descending, jnp.inf), axis=-1, keepdims=True)
+        scaled_logits = jnp.where(scaled_logits >= smallest_kept, scaled_logits, -jnp.inf)
+    return scaled_logits
+
+
+def _log_normalizer(scaled_logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(max [R, 1], log-sum-exp [R, 1]) of [R, V] logits; -inf entries have probability 0."""
+    row_max = jax.lax.stop_gradient(jnp.max(scaled_logits, axis=-1, keepdims=True))
+    total = jnp.sum(jnp.exp(scaled_logits - row_max), axis=-1, keepdims=True)
+    return row_max, row_max + jnp.log(total)
+
+
+def _draw(logits: jax.Array, key: jax.Array, config: SamplingConfig):
+    """One token per row. logits [R, V] -> (tokens [R], logprobs [R], policy_logprobs [R]).
+
+    Works on unnormalised probabilities and normalises only the drawn tokens' values:
+    each full-vocabulary pass costs as much as a small matmul on CPU.
+    """
+    pick = lambda table, tokens: jnp.take_along_axis(table, tokens[:, None], axis=-1)
+    if config.temperature == 0:
+        row_max, log_total = _log_normalizer(logits)
+        # First index of the maximum; a fused compare-and-min is much faster than argmax on CPU.
+        column = jnp.arange(logits.shape[-1], dtype=jnp.int32)
+        tokens = jnp.min(jnp.where(logits == row_max, column, logits.shape[-1]), axis=-1)
+        policy_logprobs = (pick(logits, tokens) - log_total)[:, 0]
+        return tokens, jnp.zeros_like(policy_logprobs), policy_logprobs
+    scaled = logits / config.temperature
+    row_max, policy_log_total = _log_normalizer(scaled)
+    if config.top_k > 0 or config.top_p < 1.0:
+        scaled_sampling = _restrict(scaled, config)
+        row_max, sampling_log_total = _log_normalizer(scaled_sampling)
+    else:
+        scaled_sampling, sampling_log_total = scaled, policy_log_total
+    tokens = _inverse_cdf_draw(jnp.exp(scaled_sampling - row_max), key)
+    chosen = pick(scaled, tokens)
+    return tokens, (chosen - sampling_log_total)[:, 0], (chosen - policy_log_total)[:, 0]
+
+
+def _inverse_cdf_draw(probs: jax.Array, key: jax.Array, block: int = 128) -> jax.Array:
+    """One index per row with probability proportional to ``probs`` [R, V] -> [R] int32.
+
+    One uniform per row instead of a Gumbel per vocabulary entry, and a two-level
+    cumulative sum (over blocks, then inside the chosen block): a full-length cumsum
+    lowers to a slow reduce-window on CPU and accumulates more rounding.
+    """
+    num_rows, vocab_size = probs.shape
+    padded = -vocab_size % block
+    blocks = jnp.pad(probs, ((0, 0), (0, padded))).reshape(num_rows, -1, block)
+    block_mass = jnp.sum(blocks, axis=-1)  # [R, V / block]
+    block_cumulative = jnp.cumsum(block_mass, axis=-1)
+    target = jax.random.uniform(key, (num_rows, 1)) * block_cumulative[:, -1:]
+    num_blocks = block_mass.shape[1]
+    # Rounding can put the target at the total; never land on a block without mass.
+    last_block = num_blocks - 1 - jnp.argmax(block_mass[:, ::-1] > 0, axis=-1)
+    chosen = jnp.minimum(jnp.sum(block_cumulative <= target, axis=-1), last_block)
+    mass_before = (block_cumulative - block_mass)[jnp.arange(num_rows), chosen][:, None]
+    inside = jnp.take_along_axis(blocks, chosen[:, None, None], axis=1)[:, 0]  # [R, block]
+    offset = jnp.sum(jnp.cumsum(inside, axis=-1) <= target - mass_before, axis=-1)
+    # Rounding can push the offset one past a block's last non-zero entry; step back onto it.
+    index = chosen * block + jnp.minimum(offset, block - 1)
+    last_nonzero = chosen * block + (block - 1) - jnp.argmax(inside[:, ::-1] > 0, axis=-1)
+    return jnp.minimum(index, last_nonzero).astype(jnp.int32)
+
+
+def _is_stop(tokens: jax.Array, config: SamplingConfig) -> jax.Array:
+    if not config.stop_token_ids:
+        return jnp.zeros(tokens.shape, bool)
+    return jnp.isin(tokens, jnp.asarray(config.stop_token_ids, jnp.int32))
+
+
+def _sample_padded(params, prompt_tokens, prompt_lengths, valid, key, model_config, config):
+    num_rows, width = prompt_tokens.shape
+    TRACE_COUNTS[(num_rows, width, config.max_new_tokens)] += 1
+    max_new = config.max_new_tokens
+    columns = jnp.arange(width, dtype=jnp.int32)[None, :]
+    in_prompt = (columns < prompt_lengths[:, None]) & valid[:, None]
+    cache = init_cache(model_config, num_rows, width + max_new)
+    logits, cache = forward(
+        model_config, params, prompt_tokens, jnp.where(in_prompt, columns, -1), cache,
+        logit_indices=jnp.maximum(prompt_lengths - 1, 0),
+    )
+
+    def emit(state, logits, step_key):
+        """Draws token ``step`` from ``logits`` [R, V] for the rows still running."""
+        step, cache, key, tokens, logprobs, policy_logprobs, finished, lengths = state
+        token, logprob, policy_logprob = _draw(logits, step_key, config)
+        running = ~finished
+        token = jnp.where(running, token, config.pad_token_id)
+        write = lambda buffer, value: jax.lax.dynamic_update_slice(buffer, value[:, None], (0, step))
+        tokens = write(tokens, token)
+        logprobs = write(logprobs, jnp.where(running, logprob, 0.0))
+        policy_logprobs = write(policy_logprobs, jnp.where(running, policy_logprob, 0.0))
+        finished = finished | (running & _is_stop(token, config))
+        return step + 1, cache, key, tokens, logprobs, policy_logprobs, finished, lengths + running
+
+    def keep_going(state):
+        step, finished = state[0], state[6]
+        return (step < max_new) & ~jnp.all(finished)
+
+    def decode_step(state):
+        step, cache, key, tokens = state[:4]
+        previous = jax.lax.dynamic_slice_in_dim(tokens, step - 1, 1, axis=1)
+        positions = jnp.where(state[6], -1, prompt_lengths + step - 1)[:, None]
+        logits, cache = forward(model_config, params, previous, positions, cache)
+        key, step_key = jax.random.split(key)
+        return emit((step, cache, key, *state[3:]), logits[:, 0], step_key)
+
+    key, first_key = jax.random.split(key)
+    zeros = jnp.zeros((num_rows, max_new), jnp.float32)
+    state = (
+        jnp.zeros((), jnp.int32), cache, key, jnp.full((num_rows, max_new), config.pad_token_id, jnp.int32),
+        zeros, zeros, ~valid, jnp.zeros((num_rows,), jnp.int32),
+    )
+    state = jax.lax.while_loop(keep_going, decode_step, emit(state, logits[:, 0], first_key))
+    _, _, _, tokens, logprobs, policy_logprobs, _, lengths = state
+    last_token = jnp.take_along_axis(tokens, jnp.maximum(lengths - 1, 0)[:, None], axis=1)[:, 0]
+    stopped = valid & (lengths > 0) & _is_stop(last_token, config)
+    return SampleOutput(tokens, logprobs, policy_logprobs, lengths, stopped)
+
+
+_sample_jit = jax.jit(_sample_padded, static_argnames=("model_config", "config"))
+
+
+def bucket_width(width: int, config: SamplingConfig) -> int:
+    """The padded prompt width a wave of ``width``-token prompts compiles for."""
+    if not config.prompt_buckets:
+        return width
+    for bucket in config.prompt_buckets:
+        if bucket >= width:
+            return bucket
+    raise ValueError(
+        f"prompts of {width} tokens exceed the largest of SamplingConfig.prompt_buckets={config.prompt_buckets}; "
+        "add a bucket or shorten the prompts"
+    )
+
+
+def sample(
+    params,
+    model_config: ModelConfig,
+    prompt_tokens,
+    prompt_lengths,
+    valid,
+    key: jax.Array,
+    config: SamplingConfig,
+) -> SampleOutput:
+    """Samples one wave of rollouts.
+
+    Args:
+      params: the decoder's parameter state (``nnx.State``), possibly sharded.
+      model_config: its architecture.
+      prompt_tokens: [R, Lp] int32 right-padded prompts.
+      prompt_lengths: [R] int32 real tokens of each prompt (>= 1 on valid rows).
+      valid: [R] bool; rows that are False are padding from the start.
+      key: a ``jax.random`` key; the same key gives the same wave.
+      config: the SamplingConfig.
+
+    Returns:
+      A SampleOutput with [R, max_new_tokens] tokens and log-probabilities (see the
+      module docstring for which distribution each log-probability is under).
+    """
+    prompt_tokens = np.asarray(prompt_tokens, np.int32)
+    prompt_lengths = np.asarray(prompt_lengths, np.int32)
+    valid = np.asarray(valid, bool)
+    if prompt_tokens.ndim != 2:
+        raise ValueError(f"prompt_tokens must be [R, Lp], got shape {prompt_tokens.shape}")
+    num_rows, width = prompt_tokens.shape
+    if prompt_lengths.shape != (num_rows,) or valid.shape != (num_rows,):
+        raise ValueError(
+            f"prompt_lengths and valid must be [{num_rows}], got {prompt_lengths.shape} and {valid.shape}"
+        )
+    bad = np.flatnonzero(valid & ((prompt_lengths < 1) | (prompt_lengths > width)))
+    if bad.size:
+        row = int(bad[0])
+        raise ValueError(f"prompt_lengths[{row}]={prompt_lengths[row]} must be in [1, {width}] on a valid row")
+    prompt_lengths = np.where(valid, prompt_lengths, 1).astype(np.int32)
+    padded_width = bucket_width(int(prompt_lengths[valid].max(initial=1)), config)
+    if padded_width >= width:
+        prompt_tokens = np.pad(prompt_tokens, ((0, 0), (0, padded_width - width)), constant_values=config.pad_token_id)
+    else:
+        prompt_tokens = prompt_tokens[:, :padded_width]
+    return _sample_jit(params, prompt_tokens, prompt_lengths, valid, key, model_config=model_config, config=config)
