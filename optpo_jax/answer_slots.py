@@ -1,0 +1,55 @@
+"""Per-prompt answer tables: which vote slot each extracted answer goes to."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+
+class AnswerSlots:
+    """Maps each prompt's answers to slot ids 0, 1, 2, ... in order of first appearance.
+
+    Slots stay stable across waves, so ``sprt_update`` can keep counting into them. With
+    ``equivalent`` (a predicate on two answers) an answer joins the first earlier slot it
+    is equivalent to; without it, answers are compared with ``==`` via a dict.
+    """
+
+    def __init__(self, num_prompts: int, num_slots: int, equivalent: Callable | None = None):
+        if num_slots < 1:
+            raise ValueError(f"num_slots must be >= 1, got {num_slots}")
+        self.num_slots = num_slots
+        self.equivalent = equivalent
+        self.tables: list[list] = [[] for _ in range(num_prompts)]
+        self.lookups: list[dict] = [{} for _ in range(num_prompts)]
+
+    def _slot(self, prompt: int, answer) -> int:
+        lookup, table = self.lookups[prompt], self.tables[prompt]
+        if answer in lookup:
+            return lookup[answer]
+        slot = next((i for i, known in enumerate(table) if self.equivalent and self.equivalent(known, answer)), None)
+        if slot is None:
+            if len(table) == self.num_slots:
+                raise ValueError(
+                    f"prompt {prompt} has more than num_slots={self.num_slots} distinct answers; "
+                    "num_slots must be at least SPRTConfig.max_samples"
+                )
+            table.append(answer)
+            slot = len(table) - 1
+        lookup[answer] = slot
+        return slot
+
+    def assign(self, prompt_ids: Sequence[int], answers: Sequence) -> np.ndarray:
+        """[R] int32 slot of each row's answer; -1 where the answer is None."""
+        return np.array(
+            [-1 if answer is None else self._slot(int(p), answer) for p, answer in zip(prompt_ids, answers, strict=True)],
+            np.int32,
+        )
+
+    def answer(self, prompt: int, slot: int):
+        """The answer stored in ``slot`` of ``prompt`` (the first form seen), or None for -1."""
+        return None if slot < 0 else self.tables[prompt][slot]
+
+    def reset(self, prompt: int) -> None:
+        """Empties a prompt's table (its row is reused for a new prompt)."""
+        self.tables[prompt], self.lookups[prompt] = [], {}

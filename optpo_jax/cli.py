@@ -1,0 +1,100 @@
+"""The `optpo-jax` command: train, eval and compare experiment configs.
+
+    optpo-jax train   --config configs/arith_optpo.py --workdir runs/optpo [--resume] [--config.sprt.threshold=0.99]
+    optpo-jax eval    --config configs/arith_optpo.py [--workdir runs/optpo]
+    optpo-jax compare [--config configs/arith_optpo.py] [--baseline_config configs/arith_ttrl.py] --workdir runs/compare
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from pathlib import Path
+
+from absl import app, flags
+from ml_collections import config_flags
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file (ml_collections)")
+_BASELINE = config_flags.DEFINE_config_file("baseline_config", None, "baseline config for compare")
+_WORKDIR = flags.DEFINE_string("workdir", "runs/default", "directory for metrics, checkpoints and the summary")
+_RESUME = flags.DEFINE_bool("resume", False, "continue from the latest checkpoint in --workdir")
+
+
+def _config_or_default(flag, name: str):
+    if flag.value is not None:
+        return flag.value
+    from optpo_jax.default_config import arithmetic_config
+
+    return arithmetic_config(name)
+
+
+def command_train(_):
+    from optpo_jax.experiment import train
+
+    summary = train(_config_or_default(_CONFIG, "optpo"), _WORKDIR.value, resume=_RESUME.value)
+    print(json.dumps(summary, indent=1))
+
+
+def command_eval(_):
+    from optpo_jax.checkpoints import Checkpointer
+    from optpo_jax.experiment import build_setup, run_eval
+
+    config = _config_or_default(_CONFIG, "optpo")
+    setup = build_setup(config)
+    params = setup.policy.params
+    checkpoints = Checkpointer(Path(_WORKDIR.value) / "checkpoints")
+    if checkpoints.latest_step() is not None:
+        state, _, _ = checkpoints.restore({"params": params, "opt_state": setup.optimizer.init(params)})
+        params = state["params"]
+        print(f"evaluating {_WORKDIR.value} at step {checkpoints.latest_step()}")
+    print(json.dumps(run_eval(setup, params, config.eval.final_samples, config.seed + 1).summary(), indent=1))
+
+
+def comparison_table(summaries: list[dict]) -> str:
+    """The markdown table `compare` prints."""
+    k = None
+    rows = []
+    for summary in summaries:
+        before, after = summary["before"], summary["after"]
+        k = next(name for name in before if name.startswith("maj@"))
+        rows.append(
+            f"| {summary['method']} | {100 * before['pass@1']:.1f} | {100 * after['pass@1']:.1f} "
+            f"± {100 * after['pass@1_stderr']:.1f} | {100 * before[k]:.1f} | {100 * after[k]:.1f} "
+            f"| {100 * summary['label_accuracy']:.1f} | {summary['total_rollouts']:,} "
+            f"| {summary['total_generated_tokens']:,} | {summary['train_seconds']:.0f} |"
+        )
+    header = (f"| method | pass@1 before | pass@1 after | {k} before | {k} after | label accuracy | rollouts "
+              "| generated tokens | train wall-clock (s) |\n|---|---|---|---|---|---|---|---|---|")
+    return "\n".join([header, *rows])
+
+
+def command_compare(_):
+    from optpo_jax.experiment import train
+
+    configs = [_config_or_default(_CONFIG, "optpo"), _config_or_default(_BASELINE, "ttrl")]
+    summaries = [train(config, Path(_WORKDIR.value) / config.method, resume=_RESUME.value) for config in configs]
+    table = comparison_table(summaries)
+    machine = f"{platform.machine()}, {__import__('os').cpu_count()} CPU cores, jax {__import__('jax').__version__}"
+    text = f"{table}\n\nmode: {configs[0].data.mode}; machine: {machine}"
+    print(text)
+    (Path(_WORKDIR.value) / "comparison.md").write_text(text + "\n")
+
+
+COMMANDS = {"train": command_train, "eval": command_eval, "compare": command_compare}
+
+
+def main():
+    from absl import logging
+
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
+        print(__doc__)
+        sys.exit(f"usage: optpo-jax {{{','.join(COMMANDS)}}} [flags]")
+    command = COMMANDS[sys.argv.pop(1)]
+    app.run(command)
+
+
+if __name__ == "__main__":
+    main()

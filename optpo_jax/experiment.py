@@ -1,0 +1,186 @@
+"""Runs an experiment config: the training loop with evaluation, metrics, checkpoints and resume."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from optpo_jax.checkpoints import Checkpointer
+from optpo_jax.evaluation import EvalResult, evaluate
+from optpo_jax.grpo import GRPOConfig
+from optpo_jax.loop import UpdateConfig, make_update_step, training_step
+from optpo_jax.metrics_log import MetricsLog
+from optpo_jax.sampler import SamplingConfig
+from optpo_jax.sprt import SPRTConfig
+from optpo_jax.tasks.arithmetic import SHIFTED, ArithmeticTask, generate_problems, load_policy
+
+DATA_MODES = ("transductive", "held_out")
+
+
+def _build(kind, fields, name: str):
+    """``kind(**fields)`` with errors that name the config section."""
+    try:
+        return kind(**(fields.to_dict() if hasattr(fields, "to_dict") else dict(fields)))
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"config.{name}: {error}") from error
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything a run needs, built and validated from a config before any work starts."""
+
+    config: object
+    task: object
+    policy: object
+    model_config: object
+    sprt: SPRTConfig
+    sampling: SamplingConfig
+    eval_sampling: SamplingConfig
+    grpo: GRPOConfig
+    update: UpdateConfig
+    optimizer: optax.GradientTransformation
+    rows_per_wave: int
+    train_problems: list
+    eval_problems: list
+    update_step: object = None
+    ref_params: object = None
+
+
+def build_setup(config) -> Setup:
+    """Validates ``config`` (errors name the field and value) and loads the task and policy."""
+    if config.task != "arithmetic":
+        raise ValueError(f"config.task must be 'arithmetic', got {config.task!r}")
+    if config.data.mode not in DATA_MODES:
+        raise ValueError(f"config.data.mode must be one of {DATA_MODES}, got {config.data.mode!r}")
+    for name in ("steps", "prompts_per_step", "rows_per_wave"):
+        if int(config[name]) < 1:
+            raise ValueError(f"config.{name} must be >= 1, got {config[name]!r}")
+    if config.prompts_per_step > config.data.num_prompts:
+        raise ValueError(f"config.prompts_per_step={config.prompts_per_step} exceeds "
+                         f"config.data.num_prompts={config.data.num_prompts}")
+    if config.optimizer.learning_rate <= 0:
+        raise ValueError(f"config.optimizer.learning_rate must be > 0, got {config.optimizer.learning_rate!r}")
+    task = ArithmeticTask()
+    policy = load_policy(config.model_path) if config.model_path else load_policy()
+    common = {"stop_token_ids": task.stop_token_ids, "pad_token_id": task.pad_token_id}
+    sampling = _build(SamplingConfig, dict(config.sampling, **common), "sampling")
+    eval_sampling = dataclasses.replace(sampling, temperature=config.eval.temperature)
+    grpo = _build(GRPOConfig, dict(config.grpo, temperature=sampling.temperature), "grpo")
+    train_problems = generate_problems(config.data.num_prompts, SHIFTED, seed=config.data.seed)
+    if config.data.mode == "transductive":
+        eval_problems = train_problems
+    else:
+        eval_problems = generate_problems(config.data.num_prompts, SHIFTED, seed=config.data.held_out_seed)
+    schedule = optax.warmup_constant_schedule(0.0, config.optimizer.learning_rate, config.optimizer.warmup_steps) \
+        if config.optimizer.warmup_steps else config.optimizer.learning_rate
+    optimizer = optax.chain(optax.clip_by_global_norm(config.optimizer.max_grad_norm),
+                            optax.adamw(schedule, weight_decay=config.optimizer.weight_decay))
+    setup = Setup(
+        config=config, task=task, policy=policy, model_config=policy.config,
+        sprt=_build(SPRTConfig, config.sprt, "sprt"), sampling=sampling, eval_sampling=eval_sampling, grpo=grpo,
+        update=_build(UpdateConfig, config.policy_update, "policy_update"), optimizer=optimizer,
+        rows_per_wave=int(config.rows_per_wave), train_problems=train_problems, eval_problems=eval_problems,
+    )
+    setup.update_step = make_update_step(policy.config, optimizer, grpo)
+    # A copy: the update step donates the params it is given.
+    setup.ref_params = jax.tree.map(jnp.copy, policy.params)
+    return setup
+
+
+def batch_problems(problems: list, step: int, prompts_per_step: int, seed: int) -> list:
+    """The prompts of ``step``: epochs of seeded permutations of ``problems`` (a pure function of step)."""
+    per_epoch = len(problems) // prompts_per_step
+    epoch, index = divmod(step, per_epoch)
+    order = np.random.default_rng([seed, epoch]).permutation(len(problems))
+    return [problems[i] for i in order[index * prompts_per_step : (index + 1) * prompts_per_step]]
+
+
+def run_eval(setup: Setup, params, num_samples: int, seed: int) -> EvalResult:
+    policy = dataclasses.replace(setup.policy, params=params)
+    return evaluate(policy, setup.task, setup.eval_problems, num_samples, jax.random.key(seed), setup.eval_sampling,
+                    rows_per_wave=setup.rows_per_wave)
+
+
+def step_metrics(rollouts, rewards, leader, problems, task, update_metrics) -> dict:
+    """Per-step metrics; the only place ground truth is read during training."""
+    per_prompt = np.bincount(rollouts.prompt_index, minlength=len(problems))
+    labels = [rollouts.answer_slots.answer(p, int(leader[p])) for p in range(len(problems))]
+    label_right = np.array([task.is_correct(label, problem) for label, problem in zip(labels, problems, strict=True)])
+    answer_right = np.array([task.is_correct(rollouts.answer_slots.answer(p, int(s)), problems[p])
+                             for p, s in zip(rollouts.prompt_index, rollouts.slots, strict=True)])
+    counts = np.asarray(rollouts.votes.counts)
+    return {
+        "rollouts": int(len(rollouts.prompt_index)), "rollouts_per_prompt": float(per_prompt.mean()),
+        "rollouts_per_prompt_histogram": np.bincount(per_prompt).tolist(),
+        "generated_tokens": int(rollouts.completion_lengths.sum()), "waves": rollouts.waves,
+        "wave_utilization": rollouts.utilization, "label_accuracy": float(label_right.mean()),
+        "reward_accuracy": float(np.mean(rewards == answer_right)),
+        "majority_share": float(np.mean(counts.max(axis=1) / np.maximum(per_prompt, 1))),
+        "entropy": float(-np.sum(rollouts.policy_logprobs) / max(rollouts.completion_lengths.sum(), 1)),
+        "sampling_seconds": rollouts.sampling_seconds, **update_metrics,
+    }
+
+
+def train(config, workdir: str | Path, resume: bool = False, progress: bool = True) -> dict:
+    """Runs ``config`` in ``workdir``; returns the summary (also written to summary.json)."""
+    setup = build_setup(config)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
+    params = setup.policy.params
+    state = {"params": params, "opt_state": setup.optimizer.init(params)}
+    totals = {"step": 0, "rollouts": 0, "generated_tokens": 0, "seconds": 0.0, "label_accuracy_sum": 0.0}
+    checkpointer = Checkpointer(workdir / "checkpoints", keep=2)
+    resumed = resume and checkpointer.latest_step() is not None
+    carry = None
+    if resumed:
+        state, totals, carry = checkpointer.restore(state)
+    log = MetricsLog(workdir, truncate_after=totals["step"] if resumed else -1)
+    if totals["step"] == 0:
+        before = run_eval(setup, state["params"], config.eval.final_samples, config.seed + 1)
+        totals["before"] = before.summary()
+        log.write(0, {f"eval/{k}": v for k, v in totals["before"].items()})
+    steps = tqdm(range(totals["step"], config.steps), desc=f"train {config.method}", disable=not progress,
+                 initial=totals["step"], total=config.steps)
+    for step in steps:
+        start = time.perf_counter()
+        problems = batch_problems(setup.train_problems, step, config.prompts_per_step, config.seed)
+        lookahead = []
+        if config.lookahead and step + 1 < config.steps:
+            lookahead = batch_problems(setup.train_problems, step + 1, config.prompts_per_step, config.seed)
+        state, rollouts, rewards, leader, update_metrics, carry = training_step(
+            state, problems, setup.task, setup, jax.random.fold_in(jax.random.key(config.seed), step),
+            np.random.default_rng([config.seed, step, 1]), lookahead, carry,
+        )
+        metrics = step_metrics(rollouts, rewards, leader, problems, setup.task, update_metrics)
+        totals.update(step=step + 1, rollouts=totals["rollouts"] + metrics["rollouts"],
+                      generated_tokens=totals["generated_tokens"] + metrics["generated_tokens"],
+                      seconds=totals["seconds"] + time.perf_counter() - start,
+                      label_accuracy_sum=totals["label_accuracy_sum"] + metrics["label_accuracy"])
+        if config.eval.every_steps and (step + 1) % config.eval.every_steps == 0 and step + 1 < config.steps:
+            result = run_eval(setup, state["params"], config.eval.samples, config.seed + 2 + step)
+            metrics.update({f"eval/{k}": v for k, v in result.summary().items()})
+        log.write(step + 1, metrics)
+        steps.set_postfix(rollouts=f"{metrics['rollouts_per_prompt']:.1f}", label=f"{metrics['label_accuracy']:.2f}")
+        if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
+            checkpointer.save(step + 1, state, totals, carry)
+    checkpointer.wait()
+    after = run_eval(setup, state["params"], config.eval.final_samples, config.seed + 1)
+    log.write(config.steps, {f"final/{k}": v for k, v in after.summary().items()})
+    log.close()
+    summary = {
+        "method": config.method, "steps": config.steps, "before": totals.get("before"),
+        "after": after.summary(), "total_rollouts": totals["rollouts"],
+        "total_generated_tokens": totals["generated_tokens"], "train_seconds": totals["seconds"],
+        "label_accuracy": totals["label_accuracy_sum"] / max(config.steps, 1),
+    }
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary

@@ -1,0 +1,168 @@
+"""One OptPO / TTRL training step: collect rollouts, reward agreement with the consensus, GRPO.
+
+The step is the same for both methods; only the stopping rule differs (OptPO: the
+Dirichlet posterior test; TTRL: the ``fixed`` rule with 64 votes, GRPO on 32 of them).
+Ground truth is never read here; ``step_metrics`` in experiment.py reads it for metrics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from optpo_jax.grpo import GRPOBatch, GRPOConfig, group_advantages, grpo_step, token_logprobs
+from optpo_jax.models.decoder import forward
+from optpo_jax.rollouts import Rollouts, collect_rollouts
+from optpo_jax.sprt import consensus
+
+
+@dataclasses.dataclass(frozen=True)
+class UpdateConfig:
+    """How retained rollouts become optimizer steps.
+
+    Attributes:
+      train_samples_per_prompt: rollouts of each prompt used for the update, chosen at
+        random after labelling with all of them (TTRL: 32 of 64); 0 uses every one.
+      micro_batch_rows: rows per optimizer step (fixed shape; the last is padded).
+      epochs: passes over the rollouts per training step.
+      advantage_mode: "grpo" or "drgrpo".
+    """
+
+    train_samples_per_prompt: int = 0
+    micro_batch_rows: int = 256
+    epochs: int = 1
+    advantage_mode: str = "grpo"
+
+    def __post_init__(self):
+        if self.train_samples_per_prompt < 0:
+            raise ValueError(f"train_samples_per_prompt must be >= 0, got {self.train_samples_per_prompt}")
+        if self.micro_batch_rows < 1:
+            raise ValueError(f"micro_batch_rows must be >= 1, got {self.micro_batch_rows}")
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+
+
+def consensus_rewards(rollouts: Rollouts) -> tuple[np.ndarray, np.ndarray]:
+    """(rewards [N] float32, consensus slot per prompt [P]): 1 where a rollout's answer is its prompt's consensus."""
+    leader = np.asarray(consensus(rollouts.votes))
+    rewards = (rollouts.slots >= 0) & (rollouts.slots == leader[rollouts.prompt_index])
+    return rewards.astype(np.float32), leader
+
+
+def training_rows(rollouts: Rollouts, advantages: np.ndarray, config: UpdateConfig, rng: np.random.Generator):
+    """Indices of the rollouts the update uses: a per-prompt subsample, minus zero-advantage groups.
+
+    A group whose rewards are all equal has advantage 0 everywhere and no policy gradient,
+    so it costs compute without moving the policy.
+    """
+    rows = np.arange(len(rollouts.prompt_index))
+    if config.train_samples_per_prompt:
+        chosen = []
+        for prompt in np.unique(rollouts.prompt_index):
+            members = rows[rollouts.prompt_index == prompt]
+            take = min(config.train_samples_per_prompt, len(members))
+            chosen.append(np.sort(rng.choice(members, size=take, replace=False)))
+        rows = np.concatenate(chosen)
+    return rows[advantages[rows] != 0]
+
+
+def grpo_arrays(rollouts: Rollouts, rows: np.ndarray, advantages: np.ndarray) -> dict[str, np.ndarray]:
+    """Teacher-forcing arrays [n, W - 1] for prompt + completion sequences of ``rows``."""
+    prompt_width, completion_width = rollouts.prompt_tokens.shape[1], rollouts.completion_tokens.shape[1]
+    width = prompt_width + completion_width
+    tokens = np.zeros((len(rows), width), np.int32)
+    old_logprobs = np.zeros((len(rows), width - 1), np.float32)
+    columns = np.arange(width - 1)[None]
+    prompt_lengths = rollouts.prompt_lengths[rows]
+    completion_lengths = rollouts.completion_lengths[rows]
+    for out_row, row in enumerate(rows):
+        start, length = prompt_lengths[out_row], completion_lengths[out_row]
+        tokens[out_row, :start] = rollouts.prompt_tokens[row, :start]
+        tokens[out_row, start : start + length] = rollouts.completion_tokens[row, :length]
+        old_logprobs[out_row, start - 1 : start - 1 + length] = rollouts.policy_logprobs[row, :length]
+    total = (prompt_lengths + completion_lengths)[:, None]
+    return {
+        "input_tokens": tokens[:, :-1], "target_tokens": tokens[:, 1:],
+        "positions": np.where(columns < total - 1, columns, -1).astype(np.int32),
+        "loss_mask": (columns >= prompt_lengths[:, None] - 1) & (columns < total - 1),
+        "old_logprobs": old_logprobs, "advantages": advantages[rows].astype(np.float32),
+    }
+
+
+def _pad_rows(arrays: dict, num_rows: int) -> dict:
+    """Pads every [n, ...] array to ``num_rows`` rows of zeros (zero loss mask: no effect)."""
+    return {name: np.pad(a, [(0, num_rows - len(a))] + [(0, 0)] * (a.ndim - 1)) for name, a in arrays.items()}
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _reference_logprobs(model_config, ref_params, temperature, input_tokens, target_tokens, positions):
+    logits, _ = forward(model_config, ref_params, input_tokens, positions)
+    return token_logprobs(logits, target_tokens, temperature)
+
+
+def make_update_step(model_config, optimizer, grpo_config: GRPOConfig):
+    """A jitted ``(params, opt_state, batch) -> (params, opt_state, metrics)`` GRPO step."""
+
+    def apply_fn(params, batch: GRPOBatch):
+        return forward(model_config, params, batch.input_tokens, batch.positions)[0]
+
+    step = functools.partial(grpo_step, apply_fn=apply_fn, optimizer=optimizer, config=grpo_config)
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def update_policy(params, opt_state, arrays: dict, update_step, config: UpdateConfig, grpo_config: GRPOConfig,
+                  model_config, ref_params, rng: np.random.Generator):
+    """Runs ``epochs`` passes of micro-batched GRPO steps over ``arrays``; returns params, opt_state, metrics."""
+    num_rows = len(arrays["advantages"])
+    metrics = []
+    for _ in range(config.epochs if num_rows else 0):
+        order = rng.permutation(num_rows)
+        for start in range(0, num_rows, config.micro_batch_rows):
+            chunk = _pad_rows({k: v[order[start : start + config.micro_batch_rows]] for k, v in arrays.items()},
+                              config.micro_batch_rows)
+            ref = None
+            if grpo_config.kl_coef > 0:
+                ref = _reference_logprobs(model_config, ref_params, grpo_config.temperature, chunk["input_tokens"],
+                                          chunk["target_tokens"], chunk["positions"])
+            batch = GRPOBatch(ref_logprobs=ref, **{k: jnp.asarray(v) for k, v in chunk.items()})
+            params, opt_state, step_metrics = update_step(params, opt_state, batch)
+            metrics.append(step_metrics)
+    if not metrics:
+        return params, opt_state, {"optimizer_steps": 0}
+    summary = {name: float(np.mean([float(m[name]) for m in metrics]))
+               for name in ("loss", "kl", "clip_fraction", "grad_norm", "mean_ratio")}
+    summary["skipped_steps"] = int(sum(bool(m["skipped"]) for m in metrics))
+    summary["optimizer_steps"] = len(metrics)
+    return params, opt_state, summary
+
+
+def training_step(state: dict, problems: list, task, setup, key: jax.Array, rng: np.random.Generator,
+                  lookahead: list = (), carry: dict | None = None):
+    """One step on a batch of unlabeled ``problems``.
+
+    ``state`` holds params and opt_state; ``setup`` (experiment.Setup) the configs, the
+    jitted update step and the reference params; ``lookahead`` / ``carry`` as in
+    collect_rollouts. Returns (state, rollouts, rewards, consensus slots, update metrics, carry).
+    """
+    rollouts, next_carry = collect_rollouts(state["params"], setup.model_config, task, problems, setup.sprt,
+                                            setup.sampling, setup.rows_per_wave, key, lookahead, carry)
+    start = time.perf_counter()
+    rewards, leader = consensus_rewards(rollouts)
+    advantages = np.asarray(group_advantages(
+        jnp.asarray(rewards), jnp.asarray(rollouts.prompt_index), jnp.ones(len(rewards), bool), len(problems),
+        setup.update.advantage_mode,
+    ))
+    rows = training_rows(rollouts, advantages, setup.update, rng)
+    arrays = grpo_arrays(rollouts, rows, advantages)
+    params, opt_state, update_metrics = update_policy(
+        state["params"], state["opt_state"], arrays, setup.update_step, setup.update, setup.grpo,
+        setup.model_config, setup.ref_params, rng,
+    )
+    update_metrics["update_seconds"] = time.perf_counter() - start
+    update_metrics["trained_rollouts"] = len(rows)
+    return dict(state, params=params, opt_state=opt_state), rollouts, rewards, leader, update_metrics, next_carry

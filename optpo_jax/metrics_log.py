@@ -1,0 +1,38 @@
+"""Per-step metrics as JSON lines and TensorBoard event files in the workdir."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tensorboardX import SummaryWriter
+
+
+class MetricsLog:
+    """Appends ``{"step": s, ...}`` lines to metrics.jsonl and scalars to TensorBoard (workdir/tb).
+
+    On resume, lines of steps after ``truncate_after`` (written after the checkpoint the
+    run restarts from) are dropped, so the file reads like one uninterrupted run.
+    """
+
+    def __init__(self, workdir: str | Path, truncate_after: int | None = None):
+        self.path = Path(workdir) / "metrics.jsonl"
+        if truncate_after is not None and self.path.exists():
+            lines = [line for line in self.path.read_text().splitlines()
+                     if line and json.loads(line)["step"] <= truncate_after]
+            self.path.write_text("".join(line + "\n" for line in lines))
+        self.writer = SummaryWriter(str(Path(workdir) / "tb"))
+
+    def write(self, step: int, metrics: dict) -> None:
+        with self.path.open("a") as handle:
+            handle.write(json.dumps({"step": step, **metrics}) + "\n")
+        for name, value in metrics.items():
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                self.writer.add_scalar(name.replace("@", "_at_"), value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+    def read(self) -> list[dict]:
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line]

@@ -1,0 +1,1 @@
+"""Tasks: prompts, tokenization, answer extraction and grading for the training loop."""

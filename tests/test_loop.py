@@ -1,0 +1,177 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from optpo_jax.default_config import arithmetic_config
+from optpo_jax.experiment import batch_problems, build_setup, train
+from optpo_jax.grpo import token_logprobs
+from optpo_jax.loop import UpdateConfig, consensus_rewards, grpo_arrays, training_rows
+from optpo_jax.models import forward
+from optpo_jax.rollouts import collect_rollouts
+
+
+def tiny_config(method="optpo", **overrides):
+    config = arithmetic_config(method)
+    config.data.num_prompts = 8
+    config.prompts_per_step = 4
+    config.steps = 3
+    config.rows_per_wave = 32
+    config.sprt.max_samples = 8
+    config.sprt.min_samples = 2
+    config.policy_update.micro_batch_rows = 32
+    config.policy_update.train_samples_per_prompt = 0 if method == "optpo" else 4
+    config.eval.final_samples = 4
+    config.eval.samples = 2
+    config.eval.every_steps = 2
+    config.checkpoint_every = 1
+    for key, value in overrides.items():
+        section, _, field = key.rpartition(".")
+        (config[section] if section else config)[field] = value
+    return config
+
+
+@pytest.fixture(scope="module")
+def setup():
+    return build_setup(tiny_config())
+
+
+@pytest.mark.parametrize("rule", ["dirichlet", "fixed"])
+def test_collected_rollouts_match_the_votes(setup, rule):
+    sprt = setup.sprt if rule == "dirichlet" else type(setup.sprt)(rule="fixed", max_samples=8)
+    problems = setup.train_problems[:5]
+    rollouts, carry = collect_rollouts(setup.policy.params, setup.model_config, setup.task, problems, sprt,
+                                       setup.sampling, 32, jax.random.key(0))
+    assert carry is None
+    votes = rollouts.votes
+    assert np.asarray(votes.done).all()
+    per_prompt = np.bincount(rollouts.prompt_index, minlength=5)
+    np.testing.assert_array_equal(per_prompt, np.asarray(votes.num_samples))
+    assert rollouts.rows_used == len(rollouts.prompt_index) <= rollouts.rows_total == 32 * rollouts.waves
+    if rule == "fixed":
+        assert (per_prompt == 8).all()
+    else:
+        assert (per_prompt >= 2).all() and (per_prompt <= 8).all()
+    # Vote counts are exactly the slots of the kept rollouts.
+    for prompt in range(5):
+        slots = rollouts.slots[rollouts.prompt_index == prompt]
+        np.testing.assert_array_equal(np.bincount(slots[slots >= 0], minlength=8), np.asarray(votes.counts[prompt]))
+        for slot, row in zip(slots, np.flatnonzero(rollouts.prompt_index == prompt), strict=True):
+            completion = rollouts.completion_tokens[row, : rollouts.completion_lengths[row]]
+            assert rollouts.answer_slots.answer(prompt, int(slot)) == setup.task.extract(completion)
+
+
+def test_lookahead_prompts_use_spare_rows_and_carry_their_votes(setup):
+    first, second = setup.train_problems[:3], setup.train_problems[3:6]
+    args = (setup.policy.params, setup.model_config, setup.task)
+    alone, _ = collect_rollouts(*args, first, setup.sprt, setup.sampling, 32, jax.random.key(2))
+    batch, carry = collect_rollouts(*args, first, setup.sprt, setup.sampling, 32, jax.random.key(2), lookahead=second)
+    # The batch gets the rows it would get alone (it is served first); spare rows went to `second`.
+    np.testing.assert_array_equal(batch.prompt_index, alone.prompt_index)
+    np.testing.assert_array_equal(batch.slots, alone.slots)
+    assert batch.rows_used > alone.rows_used and batch.utilization > alone.utilization
+    early = np.bincount(carry["kept"]["prompt_index"], minlength=3)
+    np.testing.assert_array_equal(early, np.asarray(carry["votes"].num_samples))
+    assert early.sum() == batch.rows_used - len(batch.prompt_index) > 0
+    later, none = collect_rollouts(*args, second, setup.sprt, setup.sampling, 32, jax.random.key(3), carry=carry)
+    assert none is None and np.asarray(later.votes.done).all()
+    per_prompt = np.bincount(later.prompt_index, minlength=3)
+    np.testing.assert_array_equal(per_prompt, np.asarray(later.votes.num_samples))
+    assert (per_prompt >= early).all()
+    for prompt in range(3):  # carried slots keep their meaning
+        slots = later.slots[later.prompt_index == prompt]
+        np.testing.assert_array_equal(np.bincount(slots[slots >= 0], minlength=8), np.asarray(later.votes.counts[prompt]))
+
+
+def test_rewards_rows_and_old_logprobs_line_up(setup):
+    problems = setup.train_problems[:4]
+    rollouts, _ = collect_rollouts(setup.policy.params, setup.model_config, setup.task, problems, setup.sprt,
+                                   setup.sampling, 32, jax.random.key(1))
+    rewards, leader = consensus_rewards(rollouts)
+    for row in range(len(rewards)):
+        assert rewards[row] == (rollouts.slots[row] >= 0 and rollouts.slots[row] == leader[rollouts.prompt_index[row]])
+    advantages = np.where(rewards > 0, 1.0, -1.0).astype(np.float32)
+    advantages[rollouts.prompt_index == 0] = 0.0  # a unanimous prompt: dropped from the update
+    rows = training_rows(rollouts, advantages, UpdateConfig(), np.random.default_rng(0))
+    assert 0 not in set(rollouts.prompt_index[rows])
+    arrays = grpo_arrays(rollouts, rows, advantages)
+    # The sampler's policy log-probabilities are what the trainer recomputes at the loss-mask positions.
+    logits, _ = forward(setup.model_config, setup.policy.params, jnp.asarray(arrays["input_tokens"]),
+                        jnp.asarray(arrays["positions"]))
+    recomputed = np.asarray(token_logprobs(logits, jnp.asarray(arrays["target_tokens"])))
+    mask = arrays["loss_mask"]
+    np.testing.assert_array_equal(mask.sum(axis=1), rollouts.completion_lengths[rows])
+    np.testing.assert_allclose(recomputed[mask], arrays["old_logprobs"][mask], atol=2e-4)
+    subsample = training_rows(rollouts, np.ones_like(advantages), UpdateConfig(train_samples_per_prompt=2),
+                              np.random.default_rng(0))
+    assert (np.bincount(rollouts.prompt_index[subsample]) <= 2).all()
+
+
+def test_batches_cover_every_prompt_once_per_epoch():
+    problems = list(range(12))
+    epoch = [p for step in range(3) for p in batch_problems(problems, step, 4, seed=0)]
+    assert sorted(epoch) == problems
+    assert batch_problems(problems, 3, 4, seed=0) != batch_problems(problems, 0, 4, seed=0)
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [("sprt.threshold", 1.5, "threshold"), ("data.mode", "mixed", "data.mode"), ("steps", 0, "config.steps"),
+     ("sampling.top_p", 0.0, "top_p"), ("optimizer.learning_rate", -1.0, "learning_rate"),
+     ("policy_update.epochs", 0, "epochs")],
+)
+def test_invalid_config_values_are_named(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        build_setup(tiny_config(**{field: value}))
+
+
+def _cli(*args, **kwargs):
+    return subprocess.Popen([sys.executable, "-m", "optpo_jax.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def test_cli_overrides_and_rejects_bad_values(tmp_path):
+    process = _cli("train", "--config", "configs/arith_optpo.py", "--config.sprt.threshold=1.5",
+                   f"--workdir={tmp_path}")
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode != 0 and "threshold" in output
+
+
+def _final_metrics(workdir):
+    lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return lines, json.loads((workdir / "summary.json").read_text())
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
+    config = tiny_config(steps=4)
+    full = tmp_path / "full"
+    train(config, full, progress=False)
+    config_file = tmp_path / "tiny.py"
+    config_file.write_text(
+        "from tests.test_loop import tiny_config\n\ndef get_config():\n    return tiny_config(steps=4)\n"
+    )
+    args = ("train", f"--config={config_file}", f"--workdir={tmp_path / 'killed'}")
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    process = _cli(*args, env=env)
+    deadline = time.time() + 240
+    while not (tmp_path / "killed" / "checkpoints" / "2").exists():
+        assert process.poll() is None and time.time() < deadline, "the run ended before its second checkpoint"
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    resumed = _cli(*args, "--resume", env=env)
+    output, _ = resumed.communicate(timeout=240)
+    assert resumed.returncode == 0, output
+    full_lines, full_summary = _final_metrics(full)
+    resumed_lines, resumed_summary = _final_metrics(tmp_path / "killed")
+    drop_times = lambda line: {k: v for k, v in line.items() if "seconds" not in k}
+    assert [drop_times(line) for line in resumed_lines] == [drop_times(line) for line in full_lines]
+    for name in ("after", "before", "total_rollouts", "total_generated_tokens", "label_accuracy"):
+        assert resumed_summary[name] == full_summary[name]
