@@ -158,7 +158,7 @@ def train(config, workdir: str | Path, resume: bool = False, progress: bool = Tr
             lookahead = batch_problems(setup.train_problems, step + 1, config.prompts_per_step, config.seed)
         state, rollouts, rewards, leader, update_metrics, carry = training_step(
             state, problems, setup.task, setup, jax.random.fold_in(jax.random.key(config.seed), step),
-            np.random.default_rng([config.seed, step, 1]), lookahead, carry,
+            np.random.default_rng([config.seed, step, 1]), lookahead, carry, progress,
         )
         metrics = step_metrics(rollouts, rewards, leader, problems, setup.task, update_metrics)
         totals.update(step=step + 1, rollouts=totals["rollouts"] + metrics["rollouts"],

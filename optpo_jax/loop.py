@@ -142,7 +142,7 @@ def update_policy(params, opt_state, arrays: dict, update_step, config: UpdateCo
 
 
 def training_step(state: dict, problems: list, task, setup, key: jax.Array, rng: np.random.Generator,
-                  lookahead: list = (), carry: dict | None = None):
+                  lookahead: list = (), carry: dict | None = None, progress: bool = False):
     """One step on a batch of unlabeled ``problems``.
 
     ``state`` holds params and opt_state; ``setup`` (experiment.Setup) the configs, the
@@ -150,7 +150,8 @@ def training_step(state: dict, problems: list, task, setup, key: jax.Array, rng:
     collect_rollouts. Returns (state, rollouts, rewards, consensus slots, update metrics, carry).
     """
     rollouts, next_carry = collect_rollouts(state["params"], setup.model_config, task, problems, setup.sprt,
-                                            setup.sampling, setup.rows_per_wave, key, lookahead, carry)
+                                            setup.sampling, setup.rows_per_wave, key, lookahead, carry,
+                                            progress=progress)
     start = time.perf_counter()
     rewards, leader = consensus_rewards(rollouts)
     advantages = np.asarray(group_advantages(

@@ -12,6 +12,7 @@ import time
 
 import jax
 import numpy as np
+from tqdm.auto import tqdm
 
 from optpo_jax.allocation import allocate_wave
 from optpo_jax.answer_slots import AnswerSlots
@@ -77,6 +78,7 @@ def collect_rollouts(
     lookahead: list = (),
     carry: dict | None = None,
     max_waves: int = 10_000,
+    progress: bool = False,
 ) -> tuple[Rollouts, dict | None]:
     """Samples waves for ``problems`` until the stopping rule has finished every one.
 
@@ -95,6 +97,7 @@ def collect_rollouts(
       key: jax.random key; wave w uses fold_in(key, w).
       lookahead: prompts that may use spare rows.
       carry: what the previous call returned for these ``problems`` (their early votes).
+      progress: show a progress bar over waves (undecided prompts in its postfix).
 
     Returns:
       The batch's Rollouts (including rollouts carried in) and the carry for ``lookahead``
@@ -115,6 +118,7 @@ def collect_rollouts(
             kept[name].append(np.asarray(carry["kept"][name]))
     rows_used = waves = 0
     sampling_seconds = 0.0
+    bar = tqdm(desc="waves", unit="wave", leave=False, disable=not progress)
     while not bool(np.all(np.asarray(votes.done)[:num_prompts])):
         if waves == max_waves:
             raise RuntimeError(f"prompts still undecided after max_waves={max_waves} waves")
@@ -136,6 +140,9 @@ def collect_rollouts(
             kept[name].append(values[rows])
         rows_used += len(rows)
         waves += 1
+        bar.update(1)
+        bar.set_postfix(undecided=int(np.sum(~np.asarray(votes.done)[:num_prompts])))
+    bar.close()
     kept = {name: np.concatenate(parts) for name, parts in kept.items()}
     mine = kept["prompt_index"] < num_prompts
     next_carry = None
