@@ -47,8 +47,7 @@ def main():
         summary = train(configured(overrides), workdir, progress=False)
         steps = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
         steps = [s for s in steps if "rollouts" in s]
-        mean = lambda key: float(np.mean([s[key] for s in steps]))  # noqa: E731
-        total = lambda key: float(np.sum([s[key] for s in steps]))  # noqa: E731
+        mean, total = (lambda key, f=f, steps=steps: float(f([s[key] for s in steps])) for f in (np.mean, np.sum))
         print(f"| {name} | {100 * summary['before']['pass@1']:.1f} | {100 * summary['after']['pass@1']:.1f} ± "
               f"{100 * summary['after']['pass@1_stderr']:.1f} | {100 * summary['after']['maj@64']:.1f} "
               f"| {summary['total_rollouts']:,} | {mean('wave_utilization'):.2f} | {total('sampling_seconds'):.0f} "

@@ -10,23 +10,27 @@ import numpy as np
 class AnswerSlots:
     """Maps each prompt's answers to slot ids 0, 1, 2, ... in order of first appearance.
 
-    Slots stay stable across waves, so ``sprt_update`` can keep counting into them. With
-    ``equivalent`` (a predicate on two answers) an answer joins the first earlier slot it
-    is equivalent to; without it, answers are compared with ``==`` via a dict.
+    Slots stay stable across waves, so ``sprt_update`` can keep counting into them. Answers
+    with the same ``canonical(answer)`` (default: the answer itself) share a slot at dict
+    cost; with ``equivalent`` (a predicate on two answers) a new answer also joins the
+    first earlier slot it is equivalent to (e.g. ``0.5`` and ``\\frac{1}{2}``).
     """
 
-    def __init__(self, num_prompts: int, num_slots: int, equivalent: Callable | None = None):
+    def __init__(self, num_prompts: int, num_slots: int, equivalent: Callable | None = None,
+                 canonical: Callable | None = None):
         if num_slots < 1:
             raise ValueError(f"num_slots must be >= 1, got {num_slots}")
         self.num_slots = num_slots
         self.equivalent = equivalent
+        self.canonical = canonical
         self.tables: list[list] = [[] for _ in range(num_prompts)]
         self.lookups: list[dict] = [{} for _ in range(num_prompts)]
 
     def _slot(self, prompt: int, answer) -> int:
         lookup, table = self.lookups[prompt], self.tables[prompt]
-        if answer in lookup:
-            return lookup[answer]
+        key = self.canonical(answer) if self.canonical else answer
+        if key in lookup:
+            return lookup[key]
         slot = next((i for i, known in enumerate(table) if self.equivalent and self.equivalent(known, answer)), None)
         if slot is None:
             if len(table) == self.num_slots:
@@ -36,7 +40,7 @@ class AnswerSlots:
                 )
             table.append(answer)
             slot = len(table) - 1
-        lookup[answer] = slot
+        lookup[key] = slot
         return slot
 
     def assign(self, prompt_ids: Sequence[int], answers: Sequence) -> np.ndarray:

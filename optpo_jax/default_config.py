@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from optpo_jax.tasks.math import CHOICE_INSTRUCTION, TTRL_INSTRUCTION
+
 METHODS = ("optpo", "ttrl")
 
 
@@ -45,9 +47,48 @@ def arithmetic_config(method: str = "optpo") -> ml_collections.ConfigDict:
         "advantage_mode": "grpo",
     })
     config.optimizer = ml_collections.ConfigDict({
-        "learning_rate": 1e-4, "warmup_steps": 0, "weight_decay": 0.0, "max_grad_norm": 1.0,
+        "learning_rate": 1e-4, "schedule": "constant", "warmup_fraction": 0.0, "weight_decay": 0.0,
+        "max_grad_norm": 1.0,
     })
     config.eval = ml_collections.ConfigDict({
-        "every_steps": 8, "samples": 16, "final_samples": 64, "temperature": 1.0,
+        "every_steps": 8, "samples": 16, "final_samples": 64, "temperature": 1.0, "top_p": 1.0,
     })
+    return config
+
+
+def math_config(benchmark: str, method: str = "optpo") -> ml_collections.ConfigDict:
+    """TTRL's recipe (arXiv 2504.16084) for Qwen2.5-Math-1.5B on a benchmark file in ../shared/data.
+
+    Rollouts at temperature 1.0 with up to 3072 new tokens; AdamW 5e-7, cosine with 3%
+    warmup; k3 KL 0.001 to the initial policy; clip 0.2; evaluation avg@16 at temperature
+    0.6, top-p 0.95. ``method`` picks the OptPO rule or the fixed 64/32 TTRL baseline.
+    """
+    files = {"aime": "aime_ttt.json", "amc": "amc_ttt.json", "math500": "math_ttt.json", "gpqa": "gpqa_ttt.json"}
+    if benchmark not in files:
+        raise ValueError(f"benchmark must be one of {tuple(files)}, got {benchmark!r}")
+    config = arithmetic_config(method)
+    config.task = "math"
+    config.model_path = "Qwen/Qwen2.5-Math-1.5B"  # or a local checkpoint directory
+    config.model_dtype = "bfloat16"
+    config.data = ml_collections.ConfigDict({
+        "mode": "transductive", "path": f"../shared/data/{files[benchmark]}", "held_out_path": "",
+        "prompt_field": "prompt", "answer_field": "answer", "num_prompts": 0, "seed": 0, "held_out_seed": 1,
+    })
+    config.math = ml_collections.ConfigDict({
+        "instruction": TTRL_INSTRUCTION if benchmark != "gpqa" else CHOICE_INSTRUCTION,
+        "max_prompt_tokens": 1024, "multiple_choice": benchmark == "gpqa", "timeout_seconds": 2,
+    })
+    epochs = {"aime": 80, "amc": 30, "math500": 10, "gpqa": 10}[benchmark]
+    num_prompts = {"aime": 30, "amc": 83, "math500": 500, "gpqa": 198}[benchmark]
+    config.prompts_per_step = min(32, num_prompts)
+    config.steps = epochs * max(num_prompts // config.prompts_per_step, 1)
+    config.rows_per_wave = 256
+    config.checkpoint_every = 20
+    config.sampling = ml_collections.ConfigDict({
+        "max_new_tokens": 3072, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "prompt_buckets": (256, 512, 1024),
+    })
+    config.grpo.kl_coef = 0.001
+    config.policy_update.micro_batch_rows = 64
+    config.optimizer.update({"learning_rate": 5e-7, "schedule": "cosine", "warmup_fraction": 0.03})
+    config.eval.update({"every_steps": 50, "samples": 16, "final_samples": 16, "temperature": 0.6, "top_p": 0.95})
     return config

@@ -54,35 +54,76 @@ class Setup:
     ref_params: object = None
 
 
+def resolve_model_path(name: str) -> str:
+    """A local checkpoint directory as is; otherwise a hub name, downloaded (config, safetensors, tokenizer)."""
+    if Path(name).is_dir():
+        return name
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"])
+
+
+def make_task(config):
+    """(task, policy, train problems, eval problems) for ``config.task``."""
+    if config.task == "arithmetic":
+        task = ArithmeticTask()
+        policy = load_policy(config.model_path) if config.model_path else load_policy()
+        train_problems = generate_problems(config.data.num_prompts, SHIFTED, seed=config.data.seed)
+        held_out = generate_problems(config.data.num_prompts, SHIFTED, seed=config.data.held_out_seed)
+    elif config.task == "math":
+        from optpo_jax.data import load_problems
+        from optpo_jax.models import load_hf
+        from optpo_jax.tasks.math import MathTask
+
+        if not config.model_path:
+            raise ValueError("config.model_path must name a checkpoint directory or hub model for task 'math'")
+        policy = load_hf(resolve_model_path(config.model_path), dtype=config.model_dtype)
+        task = MathTask(policy.tokenizer, config.math.instruction, config.math.max_prompt_tokens,
+                        config.math.multiple_choice, config.math.timeout_seconds)
+        fields = {"prompt_field": config.data.prompt_field, "answer_field": config.data.answer_field,
+                  "limit": config.data.num_prompts}
+        train_problems = load_problems(config.data.path, **fields)
+        held_out = load_problems(config.data.held_out_path, **fields) if config.data.mode == "held_out" else None
+    else:
+        raise ValueError(f"config.task must be 'arithmetic' or 'math', got {config.task!r}")
+    eval_problems = train_problems if config.data.mode == "transductive" else held_out
+    return task, policy, train_problems, eval_problems
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+    """AdamW with a constant or cosine schedule and linear warmup (``warmup_fraction`` of the steps)."""
+    settings = config.optimizer
+    if settings.schedule not in ("constant", "cosine"):
+        raise ValueError(f"config.optimizer.schedule must be 'constant' or 'cosine', got {settings.schedule!r}")
+    warmup = round(settings.warmup_fraction * config.steps)
+    if settings.schedule == "cosine":
+        schedule = optax.warmup_cosine_decay_schedule(0.0, settings.learning_rate, warmup, max(config.steps, warmup + 1))
+    elif warmup:
+        schedule = optax.warmup_constant_schedule(0.0, settings.learning_rate, warmup)
+    else:
+        schedule = settings.learning_rate
+    return optax.chain(optax.clip_by_global_norm(settings.max_grad_norm),
+                       optax.adamw(schedule, weight_decay=settings.weight_decay))
+
+
 def build_setup(config) -> Setup:
     """Validates ``config`` (errors name the field and value) and loads the task and policy."""
-    if config.task != "arithmetic":
-        raise ValueError(f"config.task must be 'arithmetic', got {config.task!r}")
     if config.data.mode not in DATA_MODES:
         raise ValueError(f"config.data.mode must be one of {DATA_MODES}, got {config.data.mode!r}")
     for name in ("steps", "prompts_per_step", "rows_per_wave"):
         if int(config[name]) < 1:
             raise ValueError(f"config.{name} must be >= 1, got {config[name]!r}")
-    if config.prompts_per_step > config.data.num_prompts:
-        raise ValueError(f"config.prompts_per_step={config.prompts_per_step} exceeds "
-                         f"config.data.num_prompts={config.data.num_prompts}")
     if config.optimizer.learning_rate <= 0:
         raise ValueError(f"config.optimizer.learning_rate must be > 0, got {config.optimizer.learning_rate!r}")
-    task = ArithmeticTask()
-    policy = load_policy(config.model_path) if config.model_path else load_policy()
+    task, policy, train_problems, eval_problems = make_task(config)
+    if config.prompts_per_step > len(train_problems):
+        raise ValueError(f"config.prompts_per_step={config.prompts_per_step} exceeds the "
+                         f"{len(train_problems)} training prompts")
     common = {"stop_token_ids": task.stop_token_ids, "pad_token_id": task.pad_token_id}
     sampling = _build(SamplingConfig, dict(config.sampling, **common), "sampling")
-    eval_sampling = dataclasses.replace(sampling, temperature=config.eval.temperature)
+    eval_sampling = dataclasses.replace(sampling, temperature=config.eval.temperature, top_p=config.eval.top_p)
     grpo = _build(GRPOConfig, dict(config.grpo, temperature=sampling.temperature), "grpo")
-    train_problems = generate_problems(config.data.num_prompts, SHIFTED, seed=config.data.seed)
-    if config.data.mode == "transductive":
-        eval_problems = train_problems
-    else:
-        eval_problems = generate_problems(config.data.num_prompts, SHIFTED, seed=config.data.held_out_seed)
-    schedule = optax.warmup_constant_schedule(0.0, config.optimizer.learning_rate, config.optimizer.warmup_steps) \
-        if config.optimizer.warmup_steps else config.optimizer.learning_rate
-    optimizer = optax.chain(optax.clip_by_global_norm(config.optimizer.max_grad_norm),
-                            optax.adamw(schedule, weight_decay=config.optimizer.weight_decay))
+    optimizer = make_optimizer(config)
     setup = Setup(
         config=config, task=task, policy=policy, model_config=policy.config,
         sprt=_build(SPRTConfig, config.sprt, "sprt"), sampling=sampling, eval_sampling=eval_sampling, grpo=grpo,
@@ -118,15 +159,25 @@ def step_metrics(rollouts, rewards, leader, problems, task, update_metrics) -> d
                              for p, s in zip(rollouts.prompt_index, rollouts.slots, strict=True)])
     counts = np.asarray(rollouts.votes.counts)
     return {
-        "rollouts": int(len(rollouts.prompt_index)), "rollouts_per_prompt": float(per_prompt.mean()),
+        "rollouts": len(rollouts.prompt_index), "rollouts_per_prompt": float(per_prompt.mean()),
         "rollouts_per_prompt_histogram": np.bincount(per_prompt).tolist(),
         "generated_tokens": int(rollouts.completion_lengths.sum()), "waves": rollouts.waves,
         "wave_utilization": rollouts.utilization, "label_accuracy": float(label_right.mean()),
         "reward_accuracy": float(np.mean(rewards == answer_right)),
         "majority_share": float(np.mean(counts.max(axis=1) / np.maximum(per_prompt, 1))),
         "entropy": float(-np.sum(rollouts.policy_logprobs) / max(rollouts.completion_lengths.sum(), 1)),
-        "sampling_seconds": rollouts.sampling_seconds, **update_metrics,
+        "sampling_seconds": rollouts.sampling_seconds, **task_counters(task), **update_metrics,
     }
+
+
+def task_counters(task) -> dict:
+    """Running counts a task keeps: prompts truncated to fit, equivalence checks that timed out."""
+    counters = {}
+    if hasattr(task, "truncated_prompts"):
+        counters["truncated_prompts"] = task.truncated_prompts
+    if hasattr(getattr(task, "equivalent", None), "timeouts"):
+        counters["equivalence_timeouts"] = task.equivalent.timeouts
+    return counters
 
 
 def train(config, workdir: str | Path, resume: bool = False, progress: bool = True) -> dict:

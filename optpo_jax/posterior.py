@@ -53,7 +53,7 @@ def quadrature_nodes(prior: float, max_count: int) -> tuple[np.ndarray, float]:
     largest_shape = max_count + prior
     # Upper end well past the right tail of the largest leader's Gamma law.
     x_end = largest_shape + 10.0 * math.sqrt(largest_shape) + 10.0
-    num_nodes = int(math.ceil(math.sqrt(x_end) / step))
+    num_nodes = math.ceil(math.sqrt(x_end) / step)
     return step * np.arange(1, num_nodes + 1, dtype=np.float64), step  # y = 0 contributes 0
 
 

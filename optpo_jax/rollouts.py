@@ -108,7 +108,8 @@ def collect_rollouts(
     width = bucket_width(max(len(p) for p in prompt_list), sampling)
     prompt_array, prompt_lengths = padded_prompts(prompt_list, task.pad_token_id, width)
     votes = init_vote_state(len(all_problems), sprt_config.max_samples)
-    answer_slots = AnswerSlots(len(all_problems), sprt_config.max_samples)
+    answer_slots = AnswerSlots(len(all_problems), sprt_config.max_samples, getattr(task, "equivalent", None),
+                               getattr(task, "canonical", None))
     kept = {name: [] for name in _FIELDS}
     if carry is not None:
         votes = _concat_votes(carry["votes"], jax.tree.map(lambda x: x[num_prompts:], votes))
@@ -184,6 +185,6 @@ def _allocate_with_lookahead(votes: VoteState, num_prompts: int, num_rows: int, 
 
 def _first(answer_slots: AnswerSlots, num_prompts: int) -> AnswerSlots:
     """The tables of the first ``num_prompts`` prompts."""
-    first = AnswerSlots(num_prompts, answer_slots.num_slots, answer_slots.equivalent)
+    first = AnswerSlots(num_prompts, answer_slots.num_slots, answer_slots.equivalent, answer_slots.canonical)
     first.tables, first.lookups = answer_slots.tables[:num_prompts], answer_slots.lookups[:num_prompts]
     return first

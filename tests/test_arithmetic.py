@@ -8,7 +8,15 @@ from optpo_jax.answer_slots import AnswerSlots
 from optpo_jax.evaluation import evaluate, majority_answer
 from optpo_jax.sampler import SamplingConfig, sample
 from optpo_jax.tasks.arithmetic import (
-    ALPHABET, SHIFTED, SOURCE, ArithmeticTask, CharTokenizer, Problem, extract_answer, generate_problems, load_policy,
+    ALPHABET,
+    SHIFTED,
+    SOURCE,
+    ArithmeticTask,
+    CharTokenizer,
+    Problem,
+    extract_answer,
+    generate_problems,
+    load_policy,
 )
 
 

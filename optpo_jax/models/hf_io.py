@@ -69,7 +69,7 @@ def _weight_files(path: Path) -> dict[str, Path]:
         return {key: path / name for key, name in weight_map.items()}
     if (path / SINGLE_FILE).exists():
         with _open(path / SINGLE_FILE) as handle:
-            return {key: path / SINGLE_FILE for key in handle.keys()}
+            return {key: path / SINGLE_FILE for key in handle.keys()}  # noqa: SIM118 - safe_open has no __iter__
     raise FileNotFoundError(f"no weights in {path}: expected {SINGLE_FILE} or {INDEX_FILE}")
 
 
@@ -86,7 +86,7 @@ def _read_tensors(files: dict[str, Path]) -> dict[str, jax.Array]:
     tensors = {}
     for file in sorted(set(files.values())):
         with _open(file) as handle:
-            for key in handle.keys():
+            for key in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
                 try:
                     tensors[key] = handle.get_tensor(key)
                 except SafetensorError as error:
