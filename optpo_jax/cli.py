@@ -16,8 +16,16 @@ from absl import app, flags
 from ml_collections import config_flags
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file (ml_collections)")
-_BASELINE = config_flags.DEFINE_config_file("baseline_config", None, "baseline config for compare")
+
+
+def _default(name: str) -> str | None:
+    """The repository's config file when running from a checkout (so overrides work without --config)."""
+    path = CONFIG_DIR / name
+    return str(path) if path.exists() else None
+
+
+_CONFIG = config_flags.DEFINE_config_file("config", _default("arith_optpo.py"), "experiment config file (ml_collections)")
+_BASELINE = config_flags.DEFINE_config_file("baseline_config", _default("arith_ttrl.py"), "baseline config for compare")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "directory for metrics, checkpoints and the summary")
 _RESUME = flags.DEFINE_bool("resume", False, "continue from the latest checkpoint in --workdir")
 
