@@ -9,26 +9,13 @@ in one process. Prints the best-of-N wall time of each and the ratio.
 from __future__ import annotations
 
 import argparse
-import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, Qwen2Config
-
-from optpo_jax.models import load_hf
-
-
-def best_of(fn, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+from bench_common import best_time, random_twins
+from transformers import Qwen2Config
 
 
 def main():
@@ -41,19 +28,15 @@ def main():
         vocab_size=8192, hidden_size=384, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=6,
         num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=1024,
     )
-    torch.manual_seed(0)
-    torch_model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32).eval()
-    with tempfile.TemporaryDirectory() as folder:
-        torch_model.save_pretrained(folder)
-        model = load_hf(folder, load_tokenizer=False)
+    torch_model, model = random_twins(hf_config)
     print(f"parameters: {model.config.num_params() / 1e6:.1f}M, batch {args.batch} x {args.length} tokens, "
           f"torch threads {torch.get_num_threads()}, jax devices {jax.devices()}")
     tokens = np.random.default_rng(0).integers(0, hf_config.vocab_size, (args.batch, args.length))
     jax_tokens = jnp.asarray(tokens, jnp.int32)
     torch_tokens = torch.as_tensor(tokens)
-    ours = best_of(lambda: model(jax_tokens).block_until_ready(), args.repeats)
+    ours = best_time(lambda: model(jax_tokens).block_until_ready(), args.repeats)
     with torch.no_grad():
-        theirs = best_of(lambda: torch_model(torch_tokens).logits, args.repeats)
+        theirs = best_time(lambda: torch_model(torch_tokens).logits, args.repeats)
         difference = np.max(np.abs(np.asarray(model(jax_tokens)) - torch_model(torch_tokens).logits.numpy()))
     print(f"optpo-jax forward (jit):       {ours * 1e3:8.1f} ms")
     print(f"transformers forward (torch):  {theirs * 1e3:8.1f} ms  (attention: {torch_model.config._attn_implementation})")

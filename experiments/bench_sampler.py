@@ -14,26 +14,15 @@ rate for the decode's batch. Everything runs in this one process.
 from __future__ import annotations
 
 import argparse
-import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, Qwen2Config
+from bench_common import best_time, random_twins
+from transformers import Qwen2Config
 
-from optpo_jax.models import load_hf
 from optpo_jax.sampler import SamplingConfig, sample
-
-
-def best_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def matmul_limit(rows: int, hidden: int, num_params: int, repeats: int) -> float:
@@ -57,11 +46,7 @@ def main():
         vocab_size=8192, hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
         num_key_value_heads=2, tie_word_embeddings=False, max_position_embeddings=1024,
     )
-    torch.manual_seed(0)
-    torch_model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32).eval()
-    with tempfile.TemporaryDirectory() as folder:
-        torch_model.save_pretrained(folder)
-        model = load_hf(folder, load_tokenizer=False)
+    torch_model, model = random_twins(hf_config)
     num_params = model.config.num_params()
     generated = args.rows * args.new
     print(f"Qwen2-style model, {num_params / 1e6:.1f}M parameters; {args.rows} rows x {args.prompt} prompt tokens "
