@@ -45,6 +45,8 @@ def load_problems(source: str, prompt_field: str = "prompt", answer_field: str =
     an object or lacks a non-empty prompt or answer field.
     """
     path = Path(source)
+    if not path.exists() and (path.suffix in (".json", ".jsonl") or source.startswith((".", "/"))):
+        raise FileNotFoundError(f"problem file {source} does not exist")
     rows = _rows_from_file(path) if path.exists() else _rows_from_hub(source, split)
     problems = []
     for index, row in enumerate(rows):

@@ -32,6 +32,9 @@ def arithmetic_config(method: str = "optpo") -> ml_collections.ConfigDict:
     # Spare wave rows start the next batch's prompts (their early rollouts are one update stale).
     config.lookahead = True
     config.checkpoint_every = 4
+    # Devices: (data, fsdp, tensor) sizes, one may be -1 for "the rest"; (1, 1, 1) = one device.
+    config.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1})
+    config.remat = False  # recompute each block's activations in the backward pass
     config.sprt = ml_collections.ConfigDict({
         "rule": "dirichlet" if method == "optpo" else "fixed", "threshold": 0.95, "prior": 1.0,
         "min_samples": 4, "max_samples": 64, "esc_window": 8,
@@ -43,7 +46,8 @@ def arithmetic_config(method: str = "optpo") -> ml_collections.ConfigDict:
         "clip_eps": 0.2, "clip_eps_high": 0.2, "kl_coef": 0.0, "loss_aggregation": "token-mean",
     })
     config.policy_update = ml_collections.ConfigDict({
-        "train_samples_per_prompt": 0 if method == "optpo" else 32, "micro_batch_rows": 256, "epochs": 1,
+        "train_samples_per_prompt": 0 if method == "optpo" else 32, "micro_batch_rows": 256,
+        "grad_accumulation": 1, "epochs": 1,
         "advantage_mode": "grpo",
     })
     config.optimizer = ml_collections.ConfigDict({

@@ -90,6 +90,22 @@ def make_task(config):
     return task, policy, train_problems, eval_problems
 
 
+def place_policy(policy, config):
+    """The policy with ``config.remat`` applied and its params sharded over ``config.mesh`` (if > 1 device)."""
+    from optpo_jax.distributed import make_mesh, shard_params
+
+    model_config = dataclasses.replace(policy.config, remat=bool(config.get("remat", False)))
+    params = policy.params
+    mesh_sizes = dict(config.get("mesh", {}))
+    if mesh_sizes and mesh_sizes != {"data": 1, "fsdp": 1, "tensor": 1}:
+        try:
+            mesh = make_mesh(**mesh_sizes)
+        except ValueError as error:
+            raise ValueError(f"config.mesh: {error}") from error
+        params = shard_params(params, mesh)
+    return dataclasses.replace(policy, config=model_config, params=params)
+
+
 def make_optimizer(config) -> optax.GradientTransformation:
     """AdamW with a constant or cosine schedule and linear warmup (``warmup_fraction`` of the steps)."""
     settings = config.optimizer
@@ -116,6 +132,7 @@ def build_setup(config) -> Setup:
     if config.optimizer.learning_rate <= 0:
         raise ValueError(f"config.optimizer.learning_rate must be > 0, got {config.optimizer.learning_rate!r}")
     task, policy, train_problems, eval_problems = make_task(config)
+    policy = place_policy(policy, config)
     if config.prompts_per_step > len(train_problems):
         raise ValueError(f"config.prompts_per_step={config.prompts_per_step} exceeds the "
                          f"{len(train_problems)} training prompts")
@@ -130,7 +147,7 @@ def build_setup(config) -> Setup:
         update=_build(UpdateConfig, config.policy_update, "policy_update"), optimizer=optimizer,
         rows_per_wave=int(config.rows_per_wave), train_problems=train_problems, eval_problems=eval_problems,
     )
-    setup.update_step = make_update_step(policy.config, optimizer, grpo)
+    setup.update_step = make_update_step(policy.config, optimizer, grpo, setup.update.grad_accumulation)
     # A copy: the update step donates the params it is given.
     setup.ref_params = jax.tree.map(jnp.copy, policy.params)
     return setup

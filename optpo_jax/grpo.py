@@ -223,6 +223,7 @@ def grpo_step(
     apply_fn: Callable[[Any, GRPOBatch], jax.Array],
     optimizer: optax.GradientTransformation,
     config: GRPOConfig,
+    num_micro_batches: int = 1,
 ) -> tuple[Any, optax.OptState, dict[str, jax.Array]]:
     """One pure GRPO update.
 
@@ -233,21 +234,44 @@ def grpo_step(
       apply_fn: ``apply_fn(params, batch) -> logits [R, T, V]``.
       optimizer: an Optax gradient transformation.
       config: the loss configuration.
+      num_micro_batches: static M dividing R; gradients are accumulated over M
+        micro-batches (a ``lax.scan``, so activations of one micro-batch at a time)
+        as sums of the loss numerator, then divided by the summed denominator: the
+        same update as the full batch, not a mean of means.
 
     Returns:
       (params, opt_state, metrics). When the loss or any gradient is not finite the
       update is skipped, params and opt_state come back unchanged and
-      ``metrics["skipped"]`` is True.
+      ``metrics["skipped"]`` is True. With micro-batches, the token-mean metrics
+      (clip_fraction, kl, mean_ratio, mean_advantage) are means over micro-batches.
     """
+    num_rows = batch.input_tokens.shape[0]
+    if num_micro_batches < 1 or num_rows % num_micro_batches:
+        raise ValueError(f"num_micro_batches={num_micro_batches} must be >= 1 and divide the {num_rows} rows")
 
-    def loss_fn(trained_params):
-        logits = apply_fn(trained_params, batch)
-        logprobs = token_logprobs(logits, batch.target_tokens, config.temperature)
-        return policy_loss(
-            logprobs, batch.old_logprobs, batch.advantages, batch.loss_mask, config, batch.ref_logprobs
-        )
+    def summed_loss(trained_params, micro_batch):
+        logits = apply_fn(trained_params, micro_batch)
+        logprobs = token_logprobs(logits, micro_batch.target_tokens, config.temperature)
+        _, metrics = policy_loss(logprobs, micro_batch.old_logprobs, micro_batch.advantages, micro_batch.loss_mask,
+                                 config, micro_batch.ref_logprobs)
+        return metrics["loss_sum"], metrics
 
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    split = lambda x: x.reshape(num_micro_batches, num_rows // num_micro_batches, *x.shape[1:])
+
+    def accumulate(carry, micro_batch):
+        grads_sum, metric_sums = carry
+        (_, metrics), grads = jax.value_and_grad(summed_loss, has_aux=True)(params, micro_batch)
+        return (jax.tree.map(jnp.add, grads_sum, grads), jax.tree.map(jnp.add, metric_sums, metrics)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    metric_zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: summed_loss(params, jax.tree.map(
+        lambda x: x[: num_rows // num_micro_batches], batch))[1]))
+    (grads_sum, sums), _ = jax.lax.scan(accumulate, (zeros, metric_zeros), jax.tree.map(split, batch))
+    denominator = jnp.maximum(sums["loss_denominator"], 1e-9)
+    grads = jax.tree.map(lambda g: g / denominator, grads_sum)
+    loss = sums["loss_sum"] / denominator
+    metrics = {name: value / num_micro_batches for name, value in sums.items()}
+    metrics.update(loss_sum=sums["loss_sum"], loss_denominator=sums["loss_denominator"])
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss)
     for grad in jax.tree.leaves(grads):

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from optpo_jax.distributed import mesh_of, shard_rows
 from optpo_jax.grpo import GRPOBatch, GRPOConfig, group_advantages, grpo_step, token_logprobs
 from optpo_jax.models.decoder import forward
 from optpo_jax.rollouts import Rollouts, collect_rollouts
@@ -29,12 +30,15 @@ class UpdateConfig:
       train_samples_per_prompt: rollouts of each prompt used for the update, chosen at
         random after labelling with all of them (TTRL: 32 of 64); 0 uses every one.
       micro_batch_rows: rows per optimizer step (fixed shape; the last is padded).
+      grad_accumulation: splits each optimizer step's rows into this many micro-batches
+        whose gradients are summed exactly (memory: one micro-batch of activations).
       epochs: passes over the rollouts per training step.
       advantage_mode: "grpo" or "drgrpo".
     """
 
     train_samples_per_prompt: int = 0
     micro_batch_rows: int = 256
+    grad_accumulation: int = 1
     epochs: int = 1
     advantage_mode: str = "grpo"
 
@@ -43,6 +47,9 @@ class UpdateConfig:
             raise ValueError(f"train_samples_per_prompt must be >= 0, got {self.train_samples_per_prompt}")
         if self.micro_batch_rows < 1:
             raise ValueError(f"micro_batch_rows must be >= 1, got {self.micro_batch_rows}")
+        if self.grad_accumulation < 1 or self.micro_batch_rows % self.grad_accumulation:
+            raise ValueError(f"grad_accumulation={self.grad_accumulation} must be >= 1 and divide "
+                             f"micro_batch_rows={self.micro_batch_rows}")
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
 
@@ -105,13 +112,14 @@ def _reference_logprobs(model_config, ref_params, temperature, input_tokens, tar
     return token_logprobs(logits, target_tokens, temperature)
 
 
-def make_update_step(model_config, optimizer, grpo_config: GRPOConfig):
+def make_update_step(model_config, optimizer, grpo_config: GRPOConfig, num_micro_batches: int = 1):
     """A jitted ``(params, opt_state, batch) -> (params, opt_state, metrics)`` GRPO step."""
 
     def apply_fn(params, batch: GRPOBatch):
         return forward(model_config, params, batch.input_tokens, batch.positions)[0]
 
-    step = functools.partial(grpo_step, apply_fn=apply_fn, optimizer=optimizer, config=grpo_config)
+    step = functools.partial(grpo_step, apply_fn=apply_fn, optimizer=optimizer, config=grpo_config,
+                             num_micro_batches=num_micro_batches)
     return jax.jit(step, donate_argnums=(0, 1))
 
 
@@ -126,10 +134,11 @@ def update_policy(params, opt_state, arrays: dict, update_step, config: UpdateCo
             chunk = _pad_rows({k: v[order[start : start + config.micro_batch_rows]] for k, v in arrays.items()},
                               config.micro_batch_rows)
             ref = None
+            chunk = shard_rows(chunk, mesh_of(params))
             if grpo_config.kl_coef > 0:
                 ref = _reference_logprobs(model_config, ref_params, grpo_config.temperature, chunk["input_tokens"],
                                           chunk["target_tokens"], chunk["positions"])
-            batch = GRPOBatch(ref_logprobs=ref, **{k: jnp.asarray(v) for k, v in chunk.items()})
+            batch = GRPOBatch(ref_logprobs=ref, **chunk)
             params, opt_state, step_metrics = update_step(params, opt_state, batch)
             metrics.append(step_metrics)
     if not metrics:

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from optpo_jax.distributed import mesh_of, shard_rows
 from optpo_jax.models.config import ModelConfig
 from optpo_jax.models.decoder import forward, init_cache
 
@@ -258,7 +259,8 @@ def sample(
     """Samples one wave of rollouts.
 
     Args:
-      params: the decoder's parameter state (``nnx.State``), possibly sharded.
+      params: the decoder's parameter state (``nnx.State``); when it is sharded over a
+        (data, fsdp, tensor) mesh, the rows are sharded over (data, fsdp) of that mesh.
       model_config: its architecture.
       prompt_tokens: [R, Lp] int32 right-padded prompts.
       prompt_lengths: [R] int32 real tokens of each prompt (>= 1 on valid rows).
@@ -290,4 +292,6 @@ def sample(
         prompt_tokens = np.pad(prompt_tokens, ((0, 0), (0, padded_width - width)), constant_values=config.pad_token_id)
     else:
         prompt_tokens = prompt_tokens[:, :padded_width]
+    # On a mesh, rows are split over (data, fsdp) like the params' mesh; the code is the same.
+    prompt_tokens, prompt_lengths, valid = shard_rows((prompt_tokens, prompt_lengths, valid), mesh_of(params))
     return _sample_jit(params, prompt_tokens, prompt_lengths, valid, key, model_config=model_config, config=config)

@@ -18,6 +18,8 @@ class ModelConfig:
     ``llama3_scaling`` is None or (factor, low_freq_factor, high_freq_factor,
     original_max_position_embeddings) of Llama 3's rope scaling. ``param_dtype`` and
     ``compute_dtype`` are "float32" or "bfloat16"; softmax and logits are float32.
+    ``remat`` recomputes each block's activations in the backward pass (memory for time);
+    it is a run option, not part of the checkpoint.
     """
 
     model_type: str
@@ -39,6 +41,7 @@ class ModelConfig:
     max_position_embeddings: int = 32768
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
+    remat: bool = False
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:

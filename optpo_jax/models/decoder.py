@@ -196,6 +196,12 @@ class Block(nnx.Module):
         return x + self.mlp(self.post_attention_layernorm(x)), keys, values
 
 
+@nnx.remat
+def _remat_block(block, x, positions, layer_keys, layer_values, slot_positions, write_index):
+    """A block whose activations are recomputed in the backward pass (ModelConfig.remat)."""
+    return block(x, positions, layer_keys, layer_values, slot_positions, write_index)
+
+
 class Decoder(nnx.Module):
     """The causal language model. Attribute names follow transformers' checkpoint keys."""
 
@@ -223,8 +229,9 @@ class Decoder(nnx.Module):
             slot_positions = jax.lax.dynamic_update_slice(cache.slot_positions, positions, (0, cache.write_index))
             write_index, cached_keys, cached_values = cache.write_index, cache.keys, cache.values
         new_keys, new_values = [], []
+        apply_block = _remat_block if self.config.remat else Block.__call__
         for block, layer_keys, layer_values in zip(self.layers, cached_keys, cached_values, strict=True):
-            x, keys, values = block(x, positions, layer_keys, layer_values, slot_positions, write_index)
+            x, keys, values = apply_block(block, x, positions, layer_keys, layer_values, slot_positions, write_index)
             new_keys.append(keys)
             new_values.append(values)
         if logit_indices is not None:

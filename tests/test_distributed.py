@@ -1,0 +1,142 @@
+"""Sharded runs against one device (CPU with XLA_FLAGS=--xla_force_host_platform_device_count=8)."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding
+from test_sampler import CONFIG, right_padded
+
+from optpo_jax.checkpoints import Checkpointer
+from optpo_jax.distributed import make_mesh, mesh_of, shard_params, shard_rows
+from optpo_jax.grpo import GRPOBatch, GRPOConfig, grpo_step
+from optpo_jax.models import forward, init_decoder
+from optpo_jax.sampler import SamplingConfig, sample
+
+MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2)]
+needs_8 = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (XLA_FLAGS host device count)")
+
+
+@pytest.fixture(scope="module")
+def params():
+    state = nnx.split(init_decoder(CONFIG, seed=3))[1]
+    return jax.tree.map(lambda x: x * 12.0 if x.ndim == 2 else x, state)
+
+
+def test_make_mesh_sizes_and_errors():
+    devices = jax.devices()[:8] if jax.device_count() >= 8 else jax.devices()
+    mesh = make_mesh(data=-1, devices=devices)
+    assert mesh.shape["data"] == len(devices) and mesh.axis_names == ("data", "fsdp", "tensor")
+    with pytest.raises(ValueError, match="at most one -1"):
+        make_mesh(data=-1, fsdp=-1)
+    with pytest.raises(ValueError, match="needs"):
+        make_mesh(data=3, fsdp=5, devices=devices)
+
+
+@needs_8
+@pytest.mark.parametrize("shape", MESHES)
+def test_sharded_greedy_sampler_matches_one_device(params, shape):
+    prompts = [[5, 6, 7, 8], [9], [3, 4, 5], [20, 21, 22], [7, 7], [11, 12, 13, 14, 15], [2], [8, 9]]
+    tokens, lengths = right_padded(prompts)
+    config = SamplingConfig(max_new_tokens=6, temperature=0.0, stop_token_ids=(0,))
+    single = sample(params, CONFIG, tokens, lengths, np.ones(8, bool), jax.random.key(0), config)
+    sharded_params = shard_params(params, make_mesh(*shape))
+    assert mesh_of(sharded_params) is not None
+    sharded = sample(sharded_params, CONFIG, tokens, lengths, np.ones(8, bool), jax.random.key(0), config)
+    np.testing.assert_array_equal(np.asarray(sharded.tokens), np.asarray(single.tokens))
+    np.testing.assert_allclose(np.asarray(sharded.policy_logprobs), np.asarray(single.policy_logprobs), atol=1e-5)
+
+
+def grpo_batch(num_rows=8, width=10, seed=0):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(1, CONFIG.vocab_size, (num_rows, width + 1)).astype(np.int32)
+    mask = np.zeros((num_rows, width), bool)
+    for row in range(num_rows):
+        mask[row, 3 : 3 + rng.integers(2, width - 3)] = True
+    return GRPOBatch(
+        input_tokens=tokens[:, :-1], target_tokens=tokens[:, 1:], loss_mask=mask,
+        advantages=rng.normal(size=num_rows).astype(np.float32),
+        old_logprobs=(-2.0 + 0.1 * rng.normal(size=(num_rows, width))).astype(np.float32),
+        positions=np.broadcast_to(np.arange(width, dtype=np.int32), (num_rows, width)).copy(),
+    )
+
+
+def apply_fn(params, batch):
+    return forward(CONFIG, params, batch.input_tokens, batch.positions)[0]
+
+
+def one_step(params, batch, num_micro_batches=1, config=GRPOConfig(loss_aggregation="seq-mean-token-mean"),
+             optimizer=optax.adam(1e-2)):
+    step = jax.jit(lambda p, o, b: grpo_step(p, o, b, apply_fn, optimizer, config, num_micro_batches))
+    new_params, _, metrics = step(params, optimizer.init(params), batch)
+    return new_params, metrics
+
+
+@needs_8
+@pytest.mark.parametrize("shape", MESHES)
+def test_sharded_grpo_step_matches_one_device(params, shape):
+    batch = grpo_batch()
+    expected, expected_metrics = one_step(params, batch)
+    mesh = make_mesh(*shape)
+    sharded, metrics = one_step(shard_params(params, mesh), GRPOBatch(**shard_rows(dataclasses.asdict(batch), mesh)))
+    assert isinstance(jax.tree.leaves(sharded)[0].sharding, NamedSharding)
+    for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
+    np.testing.assert_allclose(float(metrics["loss"]), float(expected_metrics["loss"]), rtol=1e-5)
+
+
+@pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean", "seq-mean-token-scale"])
+def test_micro_batched_step_equals_the_full_batch(params, aggregation):
+    batch = grpo_batch(num_rows=8, seed=1)
+    config = GRPOConfig(loss_aggregation=aggregation)
+    # Plain SGD: the parameter change is the gradient itself (Adam would amplify rounding in tiny gradients).
+    full, full_metrics = one_step(params, batch, 1, config, optax.sgd(1.0))
+    micro, micro_metrics = one_step(params, batch, 4, config, optax.sgd(1.0))
+    np.testing.assert_allclose(float(micro_metrics["loss"]), float(full_metrics["loss"]), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(micro), jax.tree.leaves(full), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    moved = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(params),
+                                                                   strict=True))
+    assert moved > 1e-3  # the step did something, so the comparison means something
+    with pytest.raises(ValueError, match="divide"):
+        one_step(params, batch, 3, config)
+
+
+def test_remat_gives_the_same_gradients(params):
+    batch = grpo_batch(seed=2)
+    loss = lambda config: lambda p: jnp.sum(forward(config, p, batch.input_tokens, batch.positions)[0] ** 2)  # noqa: E731
+    plain = jax.jit(jax.grad(loss(CONFIG)))(params)
+    remat = jax.jit(jax.grad(loss(dataclasses.replace(CONFIG, remat=True))))(params)
+    for a, b in zip(jax.tree.leaves(remat), jax.tree.leaves(plain), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
+
+
+@needs_8
+def test_sharded_loop_checkpoints_restore_onto_another_mesh(tmp_path):
+    from test_loop import tiny_config
+
+    from optpo_jax.experiment import make_optimizer, train
+
+    config = tiny_config(steps=2)
+    config.mesh.update({"data": 8, "fsdp": 1, "tensor": 1})
+    summary = train(config, tmp_path, progress=False)
+    assert summary["total_rollouts"] > 0
+    checkpoints = Checkpointer(tmp_path / "checkpoints")
+    from optpo_jax.tasks.arithmetic import load_policy
+
+    params = load_policy().params
+    optimizer = make_optimizer(config)
+    like = {"params": params, "opt_state": optimizer.init(params)}
+    saved, _, _ = checkpoints.restore(like)  # onto one device
+    other = shard_params(params, make_mesh(2, 2, 2))
+    moved, totals, _ = checkpoints.restore({"params": other, "opt_state": jax.jit(optimizer.init)(other)})
+    assert totals["step"] == 2
+    for a, b in zip(jax.tree.leaves(moved["params"]), jax.tree.leaves(saved["params"]), strict=True):
+        assert a.sharding.mesh.devices.shape == (2, 2, 2)
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert any(not np.array_equal(np.asarray(a), np.asarray(b))
+               for a, b in zip(jax.tree.leaves(saved["params"]), jax.tree.leaves(params), strict=True))
