@@ -38,10 +38,18 @@ def _config_or_default(flag, name: str):
     return arithmetic_config(name)
 
 
+def _start(config):
+    """Joins the other hosts first when ``config.distributed`` is set (TPU pod slices, multi-node GPU)."""
+    from optpo_jax.distributed import initialize_distributed
+
+    initialize_distributed(bool(config.get("distributed", False)))
+    return config
+
+
 def command_train(_):
     from optpo_jax.experiment import train
 
-    summary = train(_config_or_default(_CONFIG, "optpo"), _WORKDIR.value, resume=_RESUME.value)
+    summary = train(_start(_config_or_default(_CONFIG, "optpo")), _WORKDIR.value, resume=_RESUME.value)
     print(json.dumps(summary, indent=1))
 
 
@@ -49,7 +57,7 @@ def command_eval(_):
     from optpo_jax.checkpoints import Checkpointer
     from optpo_jax.experiment import build_setup, run_eval
 
-    config = _config_or_default(_CONFIG, "optpo")
+    config = _start(_config_or_default(_CONFIG, "optpo"))
     setup = build_setup(config)
     params = setup.policy.params
     checkpoints = Checkpointer(Path(_WORKDIR.value) / "checkpoints")
@@ -81,7 +89,7 @@ def comparison_table(summaries: list[dict]) -> str:
 def command_compare(_):
     from optpo_jax.experiment import train
 
-    configs = [_config_or_default(_CONFIG, "optpo"), _config_or_default(_BASELINE, "ttrl")]
+    configs = [_start(_config_or_default(_CONFIG, "optpo")), _config_or_default(_BASELINE, "ttrl")]
     summaries = [train(config, Path(_WORKDIR.value) / config.method, resume=_RESUME.value) for config in configs]
     table = comparison_table(summaries)
     machine = f"{platform.machine()}, {__import__('os').cpu_count()} CPU cores, jax {__import__('jax').__version__}"

@@ -35,6 +35,7 @@ def arithmetic_config(method: str = "optpo") -> ml_collections.ConfigDict:
     # Devices: (data, fsdp, tensor) sizes, one may be -1 for "the rest"; (1, 1, 1) = one device.
     config.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1})
     config.remat = False  # recompute each block's activations in the backward pass
+    config.distributed = False  # jax.distributed.initialize() first: one process per host of a pod / cluster
     config.sprt = ml_collections.ConfigDict({
         "rule": "dirichlet" if method == "optpo" else "fixed", "threshold": 0.95, "prior": 1.0,
         "min_samples": 4, "max_samples": 64, "esc_window": 8,
@@ -52,7 +53,7 @@ def arithmetic_config(method: str = "optpo") -> ml_collections.ConfigDict:
     })
     config.optimizer = ml_collections.ConfigDict({
         "learning_rate": 1e-4, "schedule": "constant", "warmup_fraction": 0.0, "weight_decay": 0.0,
-        "max_grad_norm": 1.0,
+        "max_grad_norm": 1.0, "float32_master": False,
     })
     config.eval = ml_collections.ConfigDict({
         "every_steps": 8, "samples": 16, "final_samples": 64, "temperature": 1.0, "top_p": 1.0,
@@ -93,6 +94,8 @@ def math_config(benchmark: str, method: str = "optpo") -> ml_collections.ConfigD
     })
     config.grpo.kl_coef = 0.001
     config.policy_update.micro_batch_rows = 64
-    config.optimizer.update({"learning_rate": 5e-7, "schedule": "cosine", "warmup_fraction": 0.03})
+    # bfloat16 params, float32 master weights and optimizer state.
+    config.optimizer.update({"learning_rate": 5e-7, "schedule": "cosine", "warmup_fraction": 0.03,
+                             "float32_master": True})
     config.eval.update({"every_steps": 50, "samples": 16, "final_samples": 16, "temperature": 0.6, "top_p": 0.95})
     return config

@@ -76,3 +76,23 @@ def shard_rows(tree, mesh: Mesh | None):
         return jax.device_put(array, NamedSharding(mesh, spec))
 
     return jax.tree.map(place, tree)
+
+
+def to_host(array) -> np.ndarray:
+    """A device array as numpy on every process (gathered from all hosts when it spans several)."""
+    if isinstance(array, jax.Array) and not array.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+    return np.asarray(array)
+
+
+def is_lead_process() -> bool:
+    """True on the one process that writes metrics and summaries (Orbax coordinates checkpoints itself)."""
+    return jax.process_index() == 0
+
+
+def initialize_distributed(enabled: bool) -> None:
+    """``jax.distributed.initialize()`` (coordinator and process ids from the TPU / SLURM / env) when enabled."""
+    if enabled:
+        jax.distributed.initialize()

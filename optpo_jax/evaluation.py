@@ -9,6 +9,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from optpo_jax.distributed import to_host
 from optpo_jax.sampler import SamplingConfig, sample
 
 
@@ -112,7 +113,7 @@ def evaluate(
         tokens, lengths = padded_prompts(prompts, task.pad_token_id, width)
         valid = np.arange(rows_per_wave) < len(chunk)
         out = sample(policy.params, policy.config, tokens, lengths, valid, jax.random.fold_in(key, wave_index), sampling)
-        completions, completion_lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+        completions, completion_lengths = to_host(out.tokens), to_host(out.lengths)
         generated += int(completion_lengths.sum())
         for row, (index, sample_index) in enumerate(chunk):
             answers[index][sample_index] = task.extract(completions[row, : completion_lengths[row]])

@@ -14,10 +14,12 @@ import optax
 from tqdm.auto import tqdm
 
 from optpo_jax.checkpoints import Checkpointer
+from optpo_jax.distributed import is_lead_process
 from optpo_jax.evaluation import EvalResult, evaluate
 from optpo_jax.grpo import GRPOConfig
 from optpo_jax.loop import UpdateConfig, make_update_step, training_step
 from optpo_jax.metrics_log import MetricsLog
+from optpo_jax.optim import float32_master
 from optpo_jax.sampler import SamplingConfig
 from optpo_jax.sprt import SPRTConfig
 from optpo_jax.tasks.arithmetic import SHIFTED, ArithmeticTask, generate_problems, load_policy
@@ -107,7 +109,11 @@ def place_policy(policy, config):
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
-    """AdamW with a constant or cosine schedule and linear warmup (``warmup_fraction`` of the steps)."""
+    """AdamW with a constant or cosine schedule and linear warmup (``warmup_fraction`` of the steps).
+
+    With ``optimizer.float32_master`` the optimizer works on a float32 copy of the params
+    (for bfloat16 params: ``model_dtype = "bfloat16"``).
+    """
     settings = config.optimizer
     if settings.schedule not in ("constant", "cosine"):
         raise ValueError(f"config.optimizer.schedule must be 'constant' or 'cosine', got {settings.schedule!r}")
@@ -118,8 +124,9 @@ def make_optimizer(config) -> optax.GradientTransformation:
         schedule = optax.warmup_constant_schedule(0.0, settings.learning_rate, warmup)
     else:
         schedule = settings.learning_rate
-    return optax.chain(optax.clip_by_global_norm(settings.max_grad_norm),
-                       optax.adamw(schedule, weight_decay=settings.weight_decay))
+    optimizer = optax.chain(optax.clip_by_global_norm(settings.max_grad_norm),
+                            optax.adamw(schedule, weight_decay=settings.weight_decay))
+    return float32_master(optimizer) if settings.get("float32_master", False) else optimizer
 
 
 def build_setup(config) -> Setup:
@@ -202,7 +209,8 @@ def train(config, workdir: str | Path, resume: bool = False, progress: bool = Tr
     setup = build_setup(config)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
+    if is_lead_process():
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
     params = setup.policy.params
     state = {"params": params, "opt_state": setup.optimizer.init(params)}
     totals = {"step": 0, "rollouts": 0, "generated_tokens": 0, "seconds": 0.0, "label_accuracy_sum": 0.0}
@@ -211,7 +219,7 @@ def train(config, workdir: str | Path, resume: bool = False, progress: bool = Tr
     carry = None
     if resumed:
         state, totals, carry = checkpointer.restore(state)
-    log = MetricsLog(workdir, truncate_after=totals["step"] if resumed else -1)
+    log = MetricsLog(workdir, truncate_after=totals["step"] if resumed else -1, enabled=is_lead_process())
     if totals["step"] == 0:
         before = run_eval(setup, state["params"], config.eval.final_samples, config.seed + 1)
         totals["before"] = before.summary()
@@ -250,5 +258,6 @@ def train(config, workdir: str | Path, resume: bool = False, progress: bool = Tr
         "total_generated_tokens": totals["generated_tokens"], "train_seconds": totals["seconds"],
         "label_accuracy": totals["label_accuracy_sum"] / max(config.steps, 1),
     }
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
+    if is_lead_process():
+        (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary

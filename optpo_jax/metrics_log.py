@@ -15,8 +15,11 @@ class MetricsLog:
     run restarts from) are dropped, so the file reads like one uninterrupted run.
     """
 
-    def __init__(self, workdir: str | Path, truncate_after: int | None = None):
+    def __init__(self, workdir: str | Path, truncate_after: int | None = None, enabled: bool = True):
+        self.enabled = enabled  # False on all but the lead process of a multi-host run
         self.path = Path(workdir) / "metrics.jsonl"
+        if not enabled:
+            return
         if truncate_after is not None and self.path.exists():
             lines = [line for line in self.path.read_text().splitlines()
                      if line and json.loads(line)["step"] <= truncate_after]
@@ -24,6 +27,8 @@ class MetricsLog:
         self.writer = SummaryWriter(str(Path(workdir) / "tb"))
 
     def write(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
         with self.path.open("a") as handle:
             handle.write(json.dumps({"step": step, **metrics}) + "\n")
         for name, value in metrics.items():
@@ -32,7 +37,8 @@ class MetricsLog:
         self.writer.flush()
 
     def close(self) -> None:
-        self.writer.close()
+        if self.enabled:
+            self.writer.close()
 
     def read(self) -> list[dict]:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line]

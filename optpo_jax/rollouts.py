@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from optpo_jax.allocation import allocate_wave
 from optpo_jax.answer_slots import AnswerSlots
+from optpo_jax.distributed import to_host
 from optpo_jax.evaluation import padded_prompts
 from optpo_jax.sampler import SamplingConfig, bucket_width, sample
 from optpo_jax.sprt import SPRTConfig, VoteState, init_vote_state, sprt_update
@@ -127,7 +128,7 @@ def collect_rollouts(
         start = time.perf_counter()
         out = sample(params, model_config, prompt_array[prompt_ids], prompt_lengths[prompt_ids], valid,
                      jax.random.fold_in(key, waves), sampling)
-        completions, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+        completions, lengths = to_host(out.tokens), to_host(out.lengths)
         sampling_seconds += time.perf_counter() - start
         answers = [task.extract(completions[row, : lengths[row]]) if valid[row] else None for row in range(len(valid))]
         slots = answer_slots.assign(prompt_ids, answers)
@@ -136,7 +137,7 @@ def collect_rollouts(
         # allocate_wave grants rows only within each prompt's budget, so every valid row is kept.
         assert int(np.asarray(votes.num_samples).sum() - before.sum()) == int(valid.sum())
         rows = np.flatnonzero(valid)
-        for name, values in zip(_FIELDS, (prompt_ids, completions, lengths, np.asarray(out.policy_logprobs), slots),
+        for name, values in zip(_FIELDS, (prompt_ids, completions, lengths, to_host(out.policy_logprobs), slots),
                                 strict=True):
             kept[name].append(values[rows])
         rows_used += len(rows)

@@ -140,3 +140,25 @@ def test_sharded_loop_checkpoints_restore_onto_another_mesh(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert any(not np.array_equal(np.asarray(a), np.asarray(b))
                for a, b in zip(jax.tree.leaves(saved["params"]), jax.tree.leaves(params), strict=True))
+
+
+def test_bfloat16_params_follow_a_float32_master():
+    from optpo_jax.optim import float32_master
+
+    params = {"w": jnp.full((4,), 0.02, jnp.bfloat16)}
+    grads = {"w": jnp.ones((4,), jnp.bfloat16)}
+    optimizer = float32_master(optax.sgd(1e-6))
+    state = optimizer.init(params)
+    assert state.master["w"].dtype == jnp.float32
+    for _ in range(3000):
+        updates, state = optimizer.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+    # 3000 steps of 1e-6 move the weight by 3e-3; plain bfloat16 SGD would round every step away.
+    assert params["w"].dtype == jnp.bfloat16
+    start = float(jnp.asarray(0.02, jnp.bfloat16))
+    np.testing.assert_allclose(np.asarray(state.master["w"]), start - 3e-3, rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(params["w"], np.float32), start - 3e-3, rtol=1e-2)
+    plain = {"w": jnp.full((4,), 0.02, jnp.bfloat16)}
+    sgd = optax.sgd(1e-6)
+    plain = optax.apply_updates(plain, sgd.update(grads, sgd.init(plain), plain)[0])
+    assert float(plain["w"][0]) == np.float32(jnp.bfloat16(0.02))
