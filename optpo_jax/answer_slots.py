@@ -54,6 +54,17 @@ class AnswerSlots:
         """The answer stored in ``slot`` of ``prompt`` (the first form seen), or None for -1."""
         return None if slot < 0 else self.tables[prompt][slot]
 
+    def restore(self, prompt: int, table: list) -> None:
+        """Sets a prompt's table to ``table`` exactly (slot i = table[i]), e.g. from a carry or checkpoint.
+
+        The equivalence is not re-run: a check that timed out before might succeed now and
+        shift every later slot away from the votes already counted in it.
+        """
+        self.tables[prompt] = list(table)
+        self.lookups[prompt] = {}
+        for slot, answer in enumerate(table):
+            self.lookups[prompt].setdefault(self.canonical(answer) if self.canonical else answer, slot)
+
     def reset(self, prompt: int) -> None:
         """Empties a prompt's table (its row is reused for a new prompt)."""
         self.tables[prompt], self.lookups[prompt] = [], {}

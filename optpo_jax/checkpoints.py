@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -10,6 +11,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from optpo_jax.distributed import is_lead_process
 from optpo_jax.sprt import VoteState
 
 
@@ -59,9 +61,11 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state: dict, totals: dict, carry: dict | None = None) -> None:
-        self._save_carry(step, carry)
+        if is_lead_process():
+            self._save_carry(step, carry)
+        # A copy: Orbax writes asynchronously and the caller goes on updating its totals.
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                        totals=ocp.args.JsonSave(totals)))
+                                                        totals=ocp.args.JsonSave(copy.deepcopy(totals))))
 
     def restore(self, like: dict, step: int | None = None) -> tuple[dict, dict, dict | None]:
         """(state, totals, carry) at ``step`` (default: the latest), shaped like ``like``."""

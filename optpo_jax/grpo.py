@@ -242,8 +242,8 @@ def grpo_step(
     Returns:
       (params, opt_state, metrics). When the loss or any gradient is not finite the
       update is skipped, params and opt_state come back unchanged and
-      ``metrics["skipped"]`` is True. With micro-batches, the token-mean metrics
-      (clip_fraction, kl, mean_ratio, mean_advantage) are means over micro-batches.
+      ``metrics["skipped"]`` is True. Token-mean metrics (clip_fraction, kl,
+      mean_ratio) and mean_advantage are those of the whole batch.
     """
     num_rows = batch.input_tokens.shape[0]
     if num_micro_batches < 1 or num_rows % num_micro_batches:
@@ -261,16 +261,26 @@ def grpo_step(
     def accumulate(carry, micro_batch):
         grads_sum, metric_sums = carry
         (_, metrics), grads = jax.value_and_grad(summed_loss, has_aux=True)(params, micro_batch)
-        return (jax.tree.map(jnp.add, grads_sum, grads), jax.tree.map(jnp.add, metric_sums, metrics)), None
+        # Token-mean metrics are summed weighted by tokens (rows for the advantage), so padding
+        # micro-batches count for nothing and the result is the full batch's mean.
+        tokens = jnp.sum(micro_batch.loss_mask.astype(jnp.float32))
+        rows = jnp.sum(jnp.any(micro_batch.loss_mask, axis=-1).astype(jnp.float32))
+        weighted = {name: value * (rows if name == "mean_advantage" else tokens) for name, value in metrics.items()
+                    if name not in ("loss_sum", "loss_denominator")}
+        weighted.update(loss_sum=metrics["loss_sum"], loss_denominator=metrics["loss_denominator"], tokens=tokens,
+                        rows=rows)
+        return (jax.tree.map(jnp.add, grads_sum, grads), jax.tree.map(jnp.add, metric_sums, weighted)), None
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    metric_zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: summed_loss(params, jax.tree.map(
-        lambda x: x[: num_rows // num_micro_batches], batch))[1]))
+    metric_names = ("clip_fraction", "kl", "mean_ratio", "mean_advantage", "loss_sum", "loss_denominator", "tokens",
+                    "rows")
+    metric_zeros = {name: jnp.zeros((), jnp.float32) for name in metric_names}
     (grads_sum, sums), _ = jax.lax.scan(accumulate, (zeros, metric_zeros), jax.tree.map(split, batch))
     denominator = jnp.maximum(sums["loss_denominator"], 1e-9)
     grads = jax.tree.map(lambda g: g / denominator, grads_sum)
     loss = sums["loss_sum"] / denominator
-    metrics = {name: value / num_micro_batches for name, value in sums.items()}
+    metrics = {name: sums[name] / jnp.maximum(sums["rows" if name == "mean_advantage" else "tokens"], 1.0)
+               for name in ("clip_fraction", "kl", "mean_ratio", "mean_advantage")}
     metrics.update(loss_sum=sums["loss_sum"], loss_denominator=sums["loss_denominator"])
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss)

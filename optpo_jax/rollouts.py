@@ -115,7 +115,7 @@ def collect_rollouts(
     if carry is not None:
         votes = _concat_votes(carry["votes"], jax.tree.map(lambda x: x[num_prompts:], votes))
         for prompt, table in enumerate(carry["tables"]):
-            answer_slots.assign([prompt] * len(table), table)
+            answer_slots.restore(prompt, table)
         for name in _FIELDS:
             kept[name].append(np.asarray(carry["kept"][name]))
     rows_used = waves = 0

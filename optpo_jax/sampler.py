@@ -166,7 +166,9 @@ def _inverse_cdf_draw(probs: jax.Array, key: jax.Array, block: int = 128) -> jax
     # Rounding can put the target at the total; never land on a block without mass.
     last_block = num_blocks - 1 - jnp.argmax(block_mass[:, ::-1] > 0, axis=-1)
     chosen = jnp.minimum(jnp.sum(block_cumulative <= target, axis=-1), last_block)
-    mass_before = (block_cumulative - block_mass)[jnp.arange(num_rows), chosen][:, None]
+    # The same float values that chose the block, so the target is never below the block's start.
+    rows = jnp.arange(num_rows)
+    mass_before = jnp.where(chosen > 0, block_cumulative[rows, jnp.maximum(chosen - 1, 0)], 0.0)[:, None]
     inside = jnp.take_along_axis(blocks, chosen[:, None, None], axis=1)[:, 0]  # [R, block]
     offset = jnp.sum(jnp.cumsum(inside, axis=-1) <= target - mass_before, axis=-1)
     # Rounding can push the offset one past a block's last non-zero entry; step back onto it.

@@ -74,6 +74,9 @@ def test_answer_slots_are_stable_and_bounded():
     np.testing.assert_array_equal(slots.assign([0], [6]), [0])
     merged = AnswerSlots(1, 4, equivalent=lambda a, b: a % 10 == b % 10)
     np.testing.assert_array_equal(merged.assign([0, 0, 0], [13, 23, 5]), [0, 0, 1])
+    # A restored table is taken as it is, even where the equivalence would now merge entries.
+    merged.restore(0, [13, 23, 5])
+    np.testing.assert_array_equal(merged.assign([0, 0, 0, 0], [5, 23, 13, 33]), [2, 1, 0, 0])
 
 
 def test_majority_answer_breaks_ties_by_first_seen():

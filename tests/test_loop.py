@@ -114,6 +114,20 @@ def test_rewards_rows_and_old_logprobs_line_up(setup):
     assert (np.bincount(rollouts.prompt_index[subsample]) <= 2).all()
 
 
+def test_checkpoint_keeps_the_totals_of_its_step(tmp_path):
+    from optpo_jax.checkpoints import Checkpointer
+
+    checkpoints = Checkpointer(tmp_path)
+    state = {"params": {"w": jnp.ones(3)}, "opt_state": {"m": jnp.zeros(3)}}
+    totals = {"step": 1, "rollouts": 10, "before": {"pass@1": 0.5}}
+    checkpoints.save(1, state, totals)
+    totals.update(step=2, rollouts=20)  # the loop goes on while Orbax writes in the background
+    totals["before"]["pass@1"] = 0.0
+    checkpoints.wait()
+    _, restored, carry = checkpoints.restore(state)
+    assert restored == {"step": 1, "rollouts": 10, "before": {"pass@1": 0.5}} and carry is None
+
+
 def test_batches_cover_every_prompt_once_per_epoch():
     problems = list(range(12))
     epoch = [p for step in range(3) for p in batch_problems(problems, step, 4, seed=0)]

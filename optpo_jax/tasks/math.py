@@ -119,9 +119,14 @@ class MathEquivalence:
         try:
             gold = parse(f"${first}$", parsing_timeout=self.timeout_seconds, raise_on_error=True)
             target = parse(f"${second}$", parsing_timeout=self.timeout_seconds, raise_on_error=True)
-            return bool(gold) and bool(target) and verify(
-                gold, target, timeout_seconds=self.timeout_seconds, raise_on_error=True
-            )
+            if not gold or not target:
+                return False
+            try:
+                return verify(gold, target, timeout_seconds=self.timeout_seconds, raise_on_error=True)
+            except TimeoutException:
+                raise
+            except Exception:  # noqa: BLE001 - one bad pair: let math-verify compare the others
+                return verify(gold, target, timeout_seconds=self.timeout_seconds, raise_on_error=False)
         except TimeoutException:
             self.timeouts += 1
             return False
@@ -143,14 +148,22 @@ class MathTask:
         self.instruction = instruction
         self.max_prompt_tokens = max_prompt_tokens
         self.multiple_choice = multiple_choice
-        self.equivalent = MathEquivalence(timeout_seconds)
+        self.equivalent = MathEquivalence(timeout_seconds)  # votes: its timeouts are the reported ones
+        self.grader = MathEquivalence(timeout_seconds)  # ground truth, for metrics only
         self.canonical = normalize_answer
         self.truncated_prompts = 0
+        self._prompt_cache: dict = {}
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         stops = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
         self.stop_token_ids = tuple(sorted(t for t in stops if isinstance(t, int) and t >= 0 and t != tokenizer.unk_token_id))
 
     def prompt_tokens(self, problem: MathProblem) -> list[int]:
+        """The chat-formatted prompt, tokenized once per problem (so each truncation is counted once)."""
+        if problem not in self._prompt_cache:
+            self._prompt_cache[problem] = self._tokenize(problem)
+        return self._prompt_cache[problem]
+
+    def _tokenize(self, problem: MathProblem) -> list[int]:
         content = f"{problem.prompt}\n{self.instruction}" if self.instruction else problem.prompt
         tokens = self.tokenizer.apply_chat_template([{"role": "user", "content": content}],
                                                     add_generation_prompt=True, tokenize=True)
@@ -169,4 +182,4 @@ class MathTask:
             return False
         if self.multiple_choice:
             return answer.strip().upper() == problem.answer.strip().upper()
-        return self.equivalent(problem.answer, answer)
+        return self.grader(problem.answer, answer)
