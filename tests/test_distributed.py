@@ -69,8 +69,11 @@ def apply_fn(params, batch):
     return forward(CONFIG, params, batch.input_tokens, batch.positions)[0]
 
 
-def one_step(params, batch, num_micro_batches=1, config=GRPOConfig(loss_aggregation="seq-mean-token-mean"),
-             optimizer=optax.adam(1e-2)):
+SEQ_MEAN = GRPOConfig(loss_aggregation="seq-mean-token-mean")
+ADAM = optax.adam(1e-2)
+
+
+def one_step(params, batch, num_micro_batches=1, config=SEQ_MEAN, optimizer=ADAM):
     step = jax.jit(lambda p, o, b: grpo_step(p, o, b, apply_fn, optimizer, config, num_micro_batches))
     new_params, _, metrics = step(params, optimizer.init(params), batch)
     return new_params, metrics
@@ -111,7 +114,7 @@ def test_micro_batched_step_equals_the_full_batch(params, aggregation):
 
 def test_remat_gives_the_same_gradients(params):
     batch = grpo_batch(seed=2)
-    loss = lambda config: lambda p: jnp.sum(forward(config, p, batch.input_tokens, batch.positions)[0] ** 2)  # noqa: E731
+    loss = lambda config: lambda p: jnp.sum(forward(config, p, batch.input_tokens, batch.positions)[0] ** 2)
     plain = jax.jit(jax.grad(loss(CONFIG)))(params)
     remat = jax.jit(jax.grad(loss(dataclasses.replace(CONFIG, remat=True))))(params)
     for a, b in zip(jax.tree.leaves(remat), jax.tree.leaves(plain), strict=True):
