@@ -146,7 +146,8 @@ def build_setup(config) -> Setup:
     common = {"stop_token_ids": task.stop_token_ids, "pad_token_id": task.pad_token_id}
     sampling = _build(SamplingConfig, dict(config.sampling, **common), "sampling")
     eval_sampling = dataclasses.replace(sampling, temperature=config.eval.temperature, top_p=config.eval.top_p)
-    grpo = _build(GRPOConfig, dict(config.grpo, temperature=sampling.temperature), "grpo")
+    grpo = _build(GRPOConfig, dict(config.grpo, temperature=sampling.temperature,
+                                   token_scale=sampling.max_new_tokens), "grpo")
     optimizer = make_optimizer(config)
     setup = Setup(
         config=config, task=task, policy=policy, model_config=policy.config,

@@ -33,6 +33,8 @@ class GRPOConfig:
       loss_aggregation: one of ``LOSS_AGGREGATIONS``.
       temperature: sampling temperature; logits are divided by it so the recomputed
         log-probabilities match those of the sampler.
+      token_scale: the constant T of ``seq-mean-token-scale`` (the generation budget,
+        max_new_tokens); 0 uses the batch's token width, which changes with padding.
     """
 
     clip_eps: float = 0.2
@@ -40,6 +42,7 @@ class GRPOConfig:
     kl_coef: float = 0.0
     loss_aggregation: str = "token-mean"
     temperature: float = 1.0
+    token_scale: int = 0
 
     def __post_init__(self):
         for name in ("clip_eps", "clip_eps_high", "temperature"):
@@ -47,6 +50,8 @@ class GRPOConfig:
                 raise ValueError(f"GRPOConfig.{name} must be > 0, got {getattr(self, name)!r}")
         if self.clip_eps >= 1:
             raise ValueError(f"GRPOConfig.clip_eps must be < 1, got {self.clip_eps!r}")
+        if self.token_scale < 0:
+            raise ValueError(f"GRPOConfig.token_scale must be >= 0, got {self.token_scale!r}")
         if self.kl_coef < 0:
             raise ValueError(f"GRPOConfig.kl_coef must be >= 0, got {self.kl_coef!r}")
         if self.loss_aggregation not in LOSS_AGGREGATIONS:
@@ -130,7 +135,9 @@ def token_logprobs(logits: jax.Array, targets: jax.Array, temperature: float = 1
     return jnp.take_along_axis(log_probs, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
 
 
-def aggregate_loss(per_token_loss: jax.Array, loss_mask: jax.Array, mode: str) -> tuple[jax.Array, jax.Array]:
+def aggregate_loss(
+    per_token_loss: jax.Array, loss_mask: jax.Array, mode: str, token_scale: int = 0
+) -> tuple[jax.Array, jax.Array]:
     """Sum and denominator of the loss, so micro-batches combine exactly.
 
     The loss is sum / denominator; over micro-batches it is sum(sums) / sum(denominators).
@@ -139,12 +146,14 @@ def aggregate_loss(per_token_loss: jax.Array, loss_mask: jax.Array, mode: str) -
     - ``seq-mean-token-mean``: mean over rollouts (with at least one token) of each
       rollout's token mean.
     - ``seq-mean-token-scale`` (Dr.GRPO): token sum divided by rollouts x T, a
-      constant that does not favour short or long answers.
+      constant that does not favour short or long answers (T = ``token_scale``, or
+      the width of ``per_token_loss`` when it is 0).
 
     Args:
       per_token_loss: [R, T] float32.
       loss_mask: [R, T] bool.
       mode: one of ``LOSS_AGGREGATIONS``.
+      token_scale: T of ``seq-mean-token-scale``; 0 for the width.
     """
     weight = loss_mask.astype(jnp.float32)
     token_sums = jnp.sum(per_token_loss * weight, axis=-1)
@@ -155,7 +164,7 @@ def aggregate_loss(per_token_loss: jax.Array, loss_mask: jax.Array, mode: str) -
     if mode == "seq-mean-token-mean":
         return jnp.sum(token_sums / jnp.maximum(tokens, 1.0)), jnp.sum(has_tokens)
     if mode == "seq-mean-token-scale":
-        return jnp.sum(token_sums), jnp.sum(has_tokens) * per_token_loss.shape[-1]
+        return jnp.sum(token_sums), jnp.sum(has_tokens) * (token_scale or per_token_loss.shape[-1])
     raise ValueError(f"loss aggregation must be one of {LOSS_AGGREGATIONS}, got {mode!r}")
 
 
@@ -200,7 +209,7 @@ def policy_loss(
         log_ratio_ref = ref_logprobs - logprobs
         kl = jnp.exp(log_ratio_ref) - log_ratio_ref - 1.0
         per_token = per_token + config.kl_coef * kl
-    loss_sum, denominator = aggregate_loss(per_token, loss_mask, config.loss_aggregation)
+    loss_sum, denominator = aggregate_loss(per_token, loss_mask, config.loss_aggregation, config.token_scale)
     weight = loss_mask.astype(jnp.float32)
     num_tokens = jnp.maximum(jnp.sum(weight), 1.0)
     token_mean = lambda values: jnp.sum(values * weight) / num_tokens

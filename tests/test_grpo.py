@@ -52,6 +52,18 @@ def test_loss_aggregation_by_hand(mode, want):
     assert float(total / denominator) == pytest.approx(want)
 
 
+def test_token_scale_makes_the_dr_grpo_denominator_independent_of_padding():
+    per_token = jnp.array([[1.0, 2.0, 3.0, 99.0], [10.0, 99.0, 99.0, 99.0]])
+    mask = jnp.array([[1, 1, 1, 0], [1, 0, 0, 0]], bool)
+    wider = (jnp.pad(per_token, ((0, 0), (0, 5))), jnp.pad(mask, ((0, 0), (0, 5))))
+    for scale, same in ((0, False), (16, True)):
+        narrow_loss = aggregate_loss(per_token, mask, "seq-mean-token-scale", scale)
+        wide_loss = aggregate_loss(*wider, "seq-mean-token-scale", scale)
+        ratio = lambda pair: float(pair[0] / pair[1])
+        assert (ratio(narrow_loss) == pytest.approx(ratio(wide_loss))) == same
+    assert ratio(aggregate_loss(per_token, mask, "seq-mean-token-scale", 16)) == pytest.approx(16 / (2 * 16))
+
+
 def _toy_batch(rng, advantages, num_tokens=3, vocab=5):
     rows = advantages.shape[0]
     logits = jnp.asarray(rng.normal(size=(rows, num_tokens, vocab)), jnp.float32)
