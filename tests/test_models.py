@@ -19,6 +19,7 @@ from optpo_jax.models import (
     preset,
     save_hf,
 )
+from optpo_jax.sampler import SamplingConfig, sample
 
 FAMILY_NAMES = sorted(FAMILIES)
 
@@ -89,6 +90,13 @@ def test_greedy_cached_decode_matches_transformers_generate(checkpoint):
             min_new_tokens=20, pad_token_id=0, eos_token_id=None,
         )[:, width:].numpy()
     np.testing.assert_array_equal(ours, theirs)
+    # The wave sampler (right-padded prompts, while_loop decode) gives the same greedy tokens.
+    tokens = np.zeros((3, width), np.int32)
+    for row, prompt in enumerate(prompts):
+        tokens[row, : len(prompt)] = prompt
+    wave = sample(model.params, model.config, tokens, [len(p) for p in prompts], np.ones(3, bool),
+                  jax.random.key(0), SamplingConfig(max_new_tokens=20, temperature=0.0))
+    np.testing.assert_array_equal(np.asarray(wave.tokens), theirs)
 
 
 def test_right_padding_and_cache_equal_each_prompt_alone(checkpoint):
