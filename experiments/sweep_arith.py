@@ -29,9 +29,7 @@ SETTINGS = {
 
 def configured(overrides: dict):
     config = arithmetic_config("optpo")
-    for key, value in overrides.items():
-        section, _, field = key.rpartition(".")
-        (config[section] if section else config)[field] = value
+    config.update_from_flattened_dict(overrides)
     return config
 
 

@@ -32,9 +32,7 @@ def tiny_config(method="optpo", **overrides):
     config.eval.samples = 2
     config.eval.every_steps = 2
     config.checkpoint_every = 1
-    for key, value in overrides.items():
-        section, _, field = key.rpartition(".")
-        (config[section] if section else config)[field] = value
+    config.update_from_flattened_dict(overrides)
     return config
 
 
