@@ -11,7 +11,6 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from optpo_jax.distributed import is_lead_process
 from optpo_jax.sprt import VoteState
 
 
@@ -29,7 +28,8 @@ class Checkpointer:
         self.keep = keep
 
     def _carry_path(self, step: int) -> Path:
-        return self.directory.parent / "carry" / f"{step}.npz"
+        # Each process carries the lookahead of its own share of the prompts.
+        return self.directory.parent / "carry" / f"process{jax.process_index()}" / f"{step}.npz"
 
     def _save_carry(self, step: int, carry: dict | None) -> None:
         """Writes the rollout carry (votes and rollouts of prompts started early) atomically.
@@ -61,8 +61,7 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state: dict, totals: dict, carry: dict | None = None) -> None:
-        if is_lead_process():
-            self._save_carry(step, carry)
+        self._save_carry(step, carry)
         # A copy: Orbax writes asynchronously and the caller goes on updating its totals.
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                         totals=ocp.args.JsonSave(copy.deepcopy(totals))))

@@ -2,11 +2,19 @@
 
 Everything else stays the same code: the jitted sampler and GRPO step take sharded
 inputs and XLA's SPMD partitioner propagates the shardings.
+
+Several processes (one per host of a pod or cluster): each process owns a share of the
+prompts (``process_share``), fills its share of every wave's rows, reads back only its
+rows (``local_rows``) and grades only its own answers; the small per-step totals are
+combined with ``process_sum`` / ``allgather_objects``. On one process all of these are
+the identity, so the loop is the same code on one device, one host and many hosts.
 """
 
 from __future__ import annotations
 
+import json
 import math
+from collections.abc import Sequence
 
 import jax
 import numpy as np
@@ -78,13 +86,82 @@ def shard_rows(tree, mesh: Mesh | None):
     return jax.tree.map(place, tree)
 
 
-def to_host(array) -> np.ndarray:
-    """A device array as numpy on every process (gathered from all hosts when it spans several)."""
-    if isinstance(array, jax.Array) and not array.is_fully_addressable:
-        from jax.experimental import multihost_utils
+def _multihost_utils():
+    from jax.experimental import multihost_utils
 
-        return np.asarray(multihost_utils.process_allgather(array, tiled=True))
-    return np.asarray(array)
+    return multihost_utils
+
+
+def rows_to_global(tree, mesh: Mesh | None):
+    """This process's rows (numpy, first axis) -> global arrays on ``mesh`` split over (data, fsdp).
+
+    The global row axis holds every process's rows (process-major); on one process this is
+    ``shard_rows``. Without a mesh the tree is unchanged.
+    """
+    if mesh is None or jax.process_count() == 1:
+        return shard_rows(tree, mesh)
+    local_shards = mesh.local_mesh.shape["data"] * mesh.local_mesh.shape["fsdp"]
+    for array in jax.tree.leaves(tree):
+        if np.shape(array)[0] % local_shards:
+            raise ValueError(f"{np.shape(array)[0]} rows per process do not split over this process's "
+                             f"{local_shards} (data, fsdp) devices")
+    return _multihost_utils().host_local_array_to_global_array(tree, mesh, PartitionSpec(ROW_AXES))
+
+
+def local_rows(array, mesh: Mesh | None) -> np.ndarray:
+    """This process's rows of a row-sharded global array, as numpy (every row on one process)."""
+    if mesh is None or jax.process_count() == 1:
+        return np.asarray(array)
+    return np.asarray(_multihost_utils().global_array_to_host_local_array(array, mesh, PartitionSpec(ROW_AXES)))
+
+
+def local_row_count(global_rows: int, name: str) -> int:
+    """Rows of a ``global_rows``-row batch that each process fills; ``name`` is the config field, for the error."""
+    processes = jax.process_count()
+    if global_rows % processes:
+        raise ValueError(f"{name}={global_rows} must be a multiple of the {processes} processes")
+    return global_rows // processes
+
+
+def process_share(items: Sequence) -> list:
+    """This process's share of ``items``: every process_count-th item from its process index."""
+    return list(items[jax.process_index() :: jax.process_count()])
+
+
+def merge_shares(shares: Sequence[Sequence]) -> list:
+    """The inverse of ``process_share``: every process's share (in process order) back in item order."""
+    merged = [None] * sum(len(share) for share in shares)
+    for process, share in enumerate(shares):
+        merged[process :: len(shares)] = share
+    return merged
+
+
+def process_sum(values) -> np.ndarray:
+    """Elementwise sum of a same-shaped numpy array over all processes."""
+    values = np.asarray(values)
+    if jax.process_count() == 1:
+        return values
+    return np.asarray(_multihost_utils().process_allgather(values)).sum(axis=0)
+
+
+def process_max(value: int) -> int:
+    """The largest ``value`` over all processes (shapes every process must agree on)."""
+    if jax.process_count() == 1:
+        return int(value)
+    return int(np.max(_multihost_utils().process_allgather(np.array([value], np.int64))))
+
+
+def allgather_objects(value) -> list:
+    """Every process's JSON-serialisable ``value``, in process order (``[value]`` on one process)."""
+    if jax.process_count() == 1:
+        return [value]
+    gather = _multihost_utils().process_allgather
+    payload = np.frombuffer(json.dumps(value).encode(), np.uint8)
+    sizes = np.asarray(gather(np.array([payload.size], np.int64)))[:, 0]
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[: payload.size] = payload
+    gathered = np.asarray(gather(padded))
+    return [json.loads(bytes(row[:size])) for row, size in zip(gathered, sizes, strict=True)]
 
 
 def is_lead_process() -> bool:

@@ -9,7 +9,15 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from optpo_jax.distributed import to_host
+from optpo_jax.distributed import (
+    allgather_objects,
+    local_row_count,
+    local_rows,
+    merge_shares,
+    mesh_of,
+    process_max,
+    process_share,
+)
 from optpo_jax.sampler import SamplingConfig, sample
 
 
@@ -97,27 +105,36 @@ def evaluate(
       num_samples: k, completions per problem.
       key: jax.random key.
       sampling: temperature etc.; its stop/pad ids should be the task's.
-      rows_per_wave: rows per sampler call; the last wave is padded with invalid rows so
-        every call has the same shape.
+      rows_per_wave: rows per sampler call (over all processes); the last wave is padded
+        with invalid rows so every call has the same shape.
+
+    On several processes each evaluates and grades its share of ``problems``; the result
+    (identical on every process) holds all of them.
     """
-    prompt_list = [task.prompt_tokens(p) for p in problems]
-    rows = [(index, sample_index) for index in range(len(problems)) for sample_index in range(num_samples)]
-    width = max(len(p) for p in prompt_list)
-    answers = [[None] * num_samples for _ in problems]
+    local_problems = process_share(problems)
+    num_rows, mesh = local_row_count(rows_per_wave, "rows_per_wave"), mesh_of(policy.params)
+    prompt_list = [task.prompt_tokens(p) for p in local_problems]
+    rows = [(index, sample_index) for index in range(len(local_problems)) for sample_index in range(num_samples)]
+    width = process_max(max((len(p) for p in prompt_list), default=1))
+    answers = [[None] * num_samples for _ in local_problems]
     generated = 0
-    waves = range(0, len(rows), rows_per_wave)
-    for wave_index, start in enumerate(tqdm(waves, desc="evaluate", disable=not progress, leave=False)):
-        chunk = rows[start : start + rows_per_wave]
+    num_waves = process_max(-(-len(rows) // num_rows))
+    for wave_index in tqdm(range(num_waves), desc="evaluate", disable=not progress, leave=False):
+        chunk = rows[wave_index * num_rows : (wave_index + 1) * num_rows]
         prompts = [prompt_list[index] for index, _ in chunk]
-        prompts += [[task.pad_token_id]] * (rows_per_wave - len(chunk))
+        prompts += [[task.pad_token_id]] * (num_rows - len(chunk))
         tokens, lengths = padded_prompts(prompts, task.pad_token_id, width)
-        valid = np.arange(rows_per_wave) < len(chunk)
+        valid = np.arange(num_rows) < len(chunk)
         out = sample(policy.params, policy.config, tokens, lengths, valid, jax.random.fold_in(key, wave_index), sampling)
-        completions, completion_lengths = to_host(out.tokens), to_host(out.lengths)
-        generated += int(completion_lengths.sum())
+        completions, completion_lengths = local_rows(out.tokens, mesh), local_rows(out.lengths, mesh)
+        generated += int(completion_lengths[valid].sum())
         for row, (index, sample_index) in enumerate(chunk):
             answers[index][sample_index] = task.extract(completions[row, : completion_lengths[row]])
-    correct = np.array([[task.is_correct(a, p) for a in row] for row, p in zip(answers, problems, strict=True)])
-    majority = np.array([task.is_correct(majority_answer(row), p) for row, p in zip(answers, problems, strict=True)])
-    return EvalResult(answers=answers, correct=correct.reshape(len(problems), num_samples),
-                      majority_correct=majority, generated_tokens=generated)
+    correct = [[bool(task.is_correct(a, p)) for a in row] for row, p in zip(answers, local_problems, strict=True)]
+    majority = [bool(task.is_correct(majority_answer(row), p)) for row, p in zip(answers, local_problems, strict=True)]
+    shares = allgather_objects({"answers": answers, "correct": correct, "majority": majority, "generated": generated})
+    return EvalResult(answers=merge_shares([share["answers"] for share in shares]),
+                      correct=np.array(merge_shares([share["correct"] for share in shares]), bool).reshape(
+                          len(problems), num_samples),
+                      majority_correct=np.array(merge_shares([share["majority"] for share in shares]), bool),
+                      generated_tokens=sum(share["generated"] for share in shares))

@@ -14,7 +14,7 @@ import optax
 from tqdm.auto import tqdm
 
 from optpo_jax.checkpoints import Checkpointer
-from optpo_jax.distributed import is_lead_process
+from optpo_jax.distributed import is_lead_process, process_share, process_sum
 from optpo_jax.evaluation import EvalResult, evaluate
 from optpo_jax.grpo import GRPOConfig
 from optpo_jax.loop import UpdateConfig, make_update_step, training_step
@@ -136,6 +136,11 @@ def build_setup(config) -> Setup:
     for name in ("steps", "prompts_per_step", "rows_per_wave"):
         if int(config[name]) < 1:
             raise ValueError(f"config.{name} must be >= 1, got {config[name]!r}")
+    shared = {"prompts_per_step": config.prompts_per_step, "rows_per_wave": config.rows_per_wave,
+              "policy_update.micro_batch_rows": config.policy_update.micro_batch_rows}
+    for name, value in shared.items():  # split evenly over the processes
+        if int(value) % jax.process_count():
+            raise ValueError(f"config.{name}={value} must be a multiple of the {jax.process_count()} processes")
     if config.optimizer.learning_rate <= 0:
         raise ValueError(f"config.optimizer.learning_rate must be > 0, got {config.optimizer.learning_rate!r}")
     task, policy, train_problems, eval_problems = make_task(config)
@@ -175,22 +180,36 @@ def run_eval(setup: Setup, params, num_samples: int, seed: int) -> EvalResult:
                     rows_per_wave=setup.rows_per_wave)
 
 
+_SUMMED = ("prompts", "rollouts", "generated_tokens", "rows_used", "rows_total", "labels_right", "rewards_right",
+           "majority_share_sum", "negative_logprob_sum")
+
+
 def step_metrics(rollouts, rewards, leader, problems, task, update_metrics) -> dict:
-    """Per-step metrics; the only place ground truth is read during training."""
+    """Per-step metrics over every process's prompts; the only place ground truth is read during training.
+
+    Each process grades its own prompts; their sums are added over processes.
+    """
     per_prompt = np.bincount(rollouts.prompt_index, minlength=len(problems))
     labels = [rollouts.answer_slots.answer(p, int(leader[p])) for p in range(len(problems))]
     label_right = np.array([task.is_correct(label, problem) for label, problem in zip(labels, problems, strict=True)])
     answer_right = np.array([task.is_correct(rollouts.answer_slots.answer(p, int(s)), problems[p])
                              for p, s in zip(rollouts.prompt_index, rollouts.slots, strict=True)])
     counts = np.asarray(rollouts.votes.counts)
+    local = [len(problems), len(rollouts.prompt_index), rollouts.completion_lengths.sum(), rollouts.rows_used,
+             rollouts.rows_total, label_right.sum(), np.sum(rewards == answer_right),
+             np.sum(counts.max(axis=1) / np.maximum(per_prompt, 1)), -np.sum(rollouts.policy_logprobs)]
+    total = dict(zip(_SUMMED, process_sum(np.array(local, np.float64)).tolist(), strict=True))
+    # A prompt keeps at most max_samples (= vote slots) rollouts: one histogram length on every process.
+    histogram = np.trim_zeros(process_sum(np.bincount(per_prompt, minlength=counts.shape[1] + 1)), "b")
     return {
-        "rollouts": len(rollouts.prompt_index), "rollouts_per_prompt": float(per_prompt.mean()),
-        "rollouts_per_prompt_histogram": np.bincount(per_prompt).tolist(),
-        "generated_tokens": int(rollouts.completion_lengths.sum()), "waves": rollouts.waves,
-        "wave_utilization": rollouts.utilization, "label_accuracy": float(label_right.mean()),
-        "reward_accuracy": float(np.mean(rewards == answer_right)),
-        "majority_share": float(np.mean(counts.max(axis=1) / np.maximum(per_prompt, 1))),
-        "entropy": float(-np.sum(rollouts.policy_logprobs) / max(rollouts.completion_lengths.sum(), 1)),
+        "rollouts": int(total["rollouts"]), "rollouts_per_prompt": total["rollouts"] / total["prompts"],
+        "rollouts_per_prompt_histogram": histogram.tolist(),
+        "generated_tokens": int(total["generated_tokens"]), "waves": rollouts.waves,
+        "wave_utilization": total["rows_used"] / max(total["rows_total"], 1),
+        "label_accuracy": total["labels_right"] / total["prompts"],
+        "reward_accuracy": total["rewards_right"] / max(total["rollouts"], 1),
+        "majority_share": total["majority_share_sum"] / total["prompts"],
+        "entropy": total["negative_logprob_sum"] / max(total["generated_tokens"], 1),
         "sampling_seconds": rollouts.sampling_seconds, **task_counters(task), **update_metrics,
     }
 
@@ -229,10 +248,12 @@ def train(config, workdir: str | Path, resume: bool = False, progress: bool = Tr
                  initial=totals["step"], total=config.steps)
     for step in steps:
         start = time.perf_counter()
-        problems = batch_problems(setup.train_problems, step, config.prompts_per_step, config.seed)
+        # Each process votes on, grades and trains on its own share of the batch.
+        problems = process_share(batch_problems(setup.train_problems, step, config.prompts_per_step, config.seed))
         lookahead = []
         if config.lookahead and step + 1 < config.steps:
-            lookahead = batch_problems(setup.train_problems, step + 1, config.prompts_per_step, config.seed)
+            lookahead = process_share(batch_problems(setup.train_problems, step + 1, config.prompts_per_step,
+                                                     config.seed))
         state, rollouts, rewards, leader, update_metrics, carry = training_step(
             state, problems, setup.task, setup, jax.random.fold_in(jax.random.key(config.seed), step),
             np.random.default_rng([config.seed, step, 1]), lookahead, carry, progress,

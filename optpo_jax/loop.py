@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optpo_jax.distributed import mesh_of, shard_rows
+from optpo_jax.distributed import local_row_count, mesh_of, process_max, process_sum, rows_to_global
 from optpo_jax.grpo import GRPOBatch, GRPOConfig, group_advantages, grpo_step, token_logprobs
 from optpo_jax.models.decoder import forward
 from optpo_jax.rollouts import Rollouts, collect_rollouts
@@ -125,16 +125,22 @@ def make_update_step(model_config, optimizer, grpo_config: GRPOConfig, num_micro
 
 def update_policy(params, opt_state, arrays: dict, update_step, config: UpdateConfig, grpo_config: GRPOConfig,
                   model_config, ref_params, rng: np.random.Generator):
-    """Runs ``epochs`` passes of micro-batched GRPO steps over ``arrays``; returns params, opt_state, metrics."""
+    """Runs ``epochs`` passes of micro-batched GRPO steps over ``arrays``; returns params, opt_state, metrics.
+
+    ``arrays`` are this process's rows; each optimizer step takes micro_batch_rows / process_count
+    of them from every process, and a process out of rows pads (zero loss mask).
+    """
     num_rows = len(arrays["advantages"])
+    chunk_rows = local_row_count(config.micro_batch_rows, "policy_update.micro_batch_rows")
+    num_chunks = process_max(-(-num_rows // chunk_rows))
+    mesh = mesh_of(params)
     metrics = []
-    for _ in range(config.epochs if num_rows else 0):
+    for _ in range(config.epochs if num_chunks else 0):
         order = rng.permutation(num_rows)
-        for start in range(0, num_rows, config.micro_batch_rows):
-            chunk = _pad_rows({k: v[order[start : start + config.micro_batch_rows]] for k, v in arrays.items()},
-                              config.micro_batch_rows)
+        for start in range(0, num_chunks * chunk_rows, chunk_rows):
+            chunk = _pad_rows({k: v[order[start : start + chunk_rows]] for k, v in arrays.items()}, chunk_rows)
             ref = None
-            chunk = shard_rows(chunk, mesh_of(params))
+            chunk = rows_to_global(chunk, mesh)
             if grpo_config.kl_coef > 0:
                 ref = _reference_logprobs(model_config, ref_params, grpo_config.temperature, chunk["input_tokens"],
                                           chunk["target_tokens"], chunk["positions"])
@@ -174,5 +180,5 @@ def training_step(state: dict, problems: list, task, setup, key: jax.Array, rng:
         setup.model_config, setup.ref_params, rng,
     )
     update_metrics["update_seconds"] = time.perf_counter() - start
-    update_metrics["trained_rollouts"] = len(rows)
+    update_metrics["trained_rollouts"] = int(process_sum(len(rows)))
     return dict(state, params=params, opt_state=opt_state), rollouts, rewards, leader, update_metrics, next_carry

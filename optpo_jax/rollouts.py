@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from optpo_jax.allocation import allocate_wave
 from optpo_jax.answer_slots import AnswerSlots
-from optpo_jax.distributed import to_host
+from optpo_jax.distributed import local_row_count, local_rows, mesh_of, process_max
 from optpo_jax.evaluation import padded_prompts
 from optpo_jax.sampler import SamplingConfig, bucket_width, sample
 from optpo_jax.sprt import SPRTConfig, VoteState, init_vote_state, sprt_update
@@ -91,10 +91,11 @@ def collect_rollouts(
     Args:
       params, model_config: the policy.
       task: prompt_tokens(problem) and extract(completion tokens).
-      problems: the P prompts of this batch.
+      problems: the P prompts of this batch (this process's share on several processes).
       sprt_config: stopping rule and budget (max_samples bounds every prompt).
       sampling: the SamplingConfig of rollouts.
-      rows_per_wave: R, rows of each sampler call.
+      rows_per_wave: R, rows of each sampler call (over all processes; each process fills
+        R / process_count of them with its own ``problems``).
       key: jax.random key; wave w uses fold_in(key, w).
       lookahead: prompts that may use spare rows.
       carry: what the previous call returned for these ``problems`` (their early votes).
@@ -105,8 +106,10 @@ def collect_rollouts(
       (None without lookahead).
     """
     num_prompts, all_problems = len(problems), list(problems) + list(lookahead)
+    num_rows, mesh = local_row_count(rows_per_wave, "rows_per_wave"), mesh_of(params)
     prompt_list = [task.prompt_tokens(p) for p in all_problems]
-    width = bucket_width(max(len(p) for p in prompt_list), sampling)
+    # The same width on every process: the update's global batch concatenates their rows.
+    width = bucket_width(process_max(max(len(p) for p in prompt_list)), sampling)
     prompt_array, prompt_lengths = padded_prompts(prompt_list, task.pad_token_id, width)
     votes = init_vote_state(len(all_problems), sprt_config.max_samples)
     answer_slots = AnswerSlots(len(all_problems), sprt_config.max_samples, getattr(task, "equivalent", None),
@@ -121,14 +124,15 @@ def collect_rollouts(
     rows_used = waves = 0
     sampling_seconds = 0.0
     bar = tqdm(desc="waves", unit="wave", leave=False, disable=not progress)
-    while not bool(np.all(np.asarray(votes.done)[:num_prompts])):
+    # Every process takes part in every wave until the last undecided prompt anywhere stops.
+    while process_max(int(not np.all(np.asarray(votes.done)[:num_prompts]))):
         if waves == max_waves:
             raise RuntimeError(f"prompts still undecided after max_waves={max_waves} waves")
-        prompt_ids, valid = _allocate_with_lookahead(votes, num_prompts, rows_per_wave, sprt_config)
+        prompt_ids, valid = _allocate_with_lookahead(votes, num_prompts, num_rows, sprt_config)
         start = time.perf_counter()
         out = sample(params, model_config, prompt_array[prompt_ids], prompt_lengths[prompt_ids], valid,
                      jax.random.fold_in(key, waves), sampling)
-        completions, lengths = to_host(out.tokens), to_host(out.lengths)
+        completions, lengths = local_rows(out.tokens, mesh), local_rows(out.lengths, mesh)
         sampling_seconds += time.perf_counter() - start
         answers = [task.extract(completions[row, : lengths[row]]) if valid[row] else None for row in range(len(valid))]
         slots = answer_slots.assign(prompt_ids, answers)
@@ -137,7 +141,7 @@ def collect_rollouts(
         # allocate_wave grants rows only within each prompt's budget, so every valid row is kept.
         assert int(np.asarray(votes.num_samples).sum() - before.sum()) == int(valid.sum())
         rows = np.flatnonzero(valid)
-        for name, values in zip(_FIELDS, (prompt_ids, completions, lengths, to_host(out.policy_logprobs), slots),
+        for name, values in zip(_FIELDS, (prompt_ids, completions, lengths, local_rows(out.policy_logprobs, mesh), slots),
                                 strict=True):
             kept[name].append(values[rows])
         rows_used += len(rows)
@@ -160,7 +164,7 @@ def collect_rollouts(
         completion_tokens=batch["completion_tokens"], completion_lengths=batch["completion_lengths"],
         policy_logprobs=batch["policy_logprobs"], slots=batch["slots"],
         votes=jax.tree.map(lambda x: x[:num_prompts], votes), answer_slots=_first(answer_slots, num_prompts),
-        rows_total=waves * rows_per_wave, rows_used=rows_used, waves=waves, sampling_seconds=sampling_seconds,
+        rows_total=waves * num_rows, rows_used=rows_used, waves=waves, sampling_seconds=sampling_seconds,
     )
     return rollouts, next_carry
 

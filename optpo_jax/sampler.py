@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from optpo_jax.distributed import mesh_of, shard_rows
+from optpo_jax.distributed import mesh_of, process_max, rows_to_global
 from optpo_jax.models.config import ModelConfig
 from optpo_jax.models.decoder import forward, init_cache
 
@@ -264,15 +264,17 @@ def sample(
       params: the decoder's parameter state (``nnx.State``); when it is sharded over a
         (data, fsdp, tensor) mesh, the rows are sharded over (data, fsdp) of that mesh.
       model_config: its architecture.
-      prompt_tokens: [R, Lp] int32 right-padded prompts.
+      prompt_tokens: [R, Lp] int32 right-padded prompts. With several processes, each
+        passes its own rows and the wave is all of them (read yours back with
+        ``distributed.local_rows``).
       prompt_lengths: [R] int32 real tokens of each prompt (>= 1 on valid rows).
       valid: [R] bool; rows that are False are padding from the start.
       key: a ``jax.random`` key; the same key gives the same wave.
       config: the SamplingConfig.
 
     Returns:
-      A SampleOutput with [R, max_new_tokens] tokens and log-probabilities (see the
-      module docstring for which distribution each log-probability is under).
+      A SampleOutput with [R, max_new_tokens] tokens and log-probabilities (R of every
+      process together, process-major, on several processes; see the module docstring for which distribution each log-probability is under).
     """
     prompt_tokens = np.asarray(prompt_tokens, np.int32)
     prompt_lengths = np.asarray(prompt_lengths, np.int32)
@@ -289,11 +291,12 @@ def sample(
         row = int(bad[0])
         raise ValueError(f"prompt_lengths[{row}]={prompt_lengths[row]} must be in [1, {width}] on a valid row")
     prompt_lengths = np.where(valid, prompt_lengths, 1).astype(np.int32)
-    padded_width = bucket_width(int(prompt_lengths[valid].max(initial=1)), config)
+    # Every process must compile the same shape: the bucket of the longest prompt anywhere.
+    padded_width = bucket_width(process_max(int(prompt_lengths[valid].max(initial=1))), config)
     if padded_width >= width:
         prompt_tokens = np.pad(prompt_tokens, ((0, 0), (0, padded_width - width)), constant_values=config.pad_token_id)
     else:
         prompt_tokens = prompt_tokens[:, :padded_width]
     # On a mesh, rows are split over (data, fsdp) like the params' mesh; the code is the same.
-    prompt_tokens, prompt_lengths, valid = shard_rows((prompt_tokens, prompt_lengths, valid), mesh_of(params))
+    prompt_tokens, prompt_lengths, valid = rows_to_global((prompt_tokens, prompt_lengths, valid), mesh_of(params))
     return _sample_jit(params, prompt_tokens, prompt_lengths, valid, key, model_config=model_config, config=config)

@@ -1,6 +1,8 @@
 """One process of a 2-process CPU "cluster" (4 virtual devices each) running a few loop steps.
 
     python tests/multihost_worker.py PROCESS_ID PORT WORKDIR
+
+Prints the run's summary and, per step, the prompts this process trained on and its rollouts.
 """
 
 import os
@@ -18,9 +20,22 @@ import json
 
 from test_loop import tiny_config
 
-from optpo_jax.experiment import train
+from optpo_jax import experiment
 
+local_steps = []
+
+
+def recording_training_step(state, problems, *args, **kwargs):
+    result = training_step(state, problems, *args, **kwargs)
+    rollouts = result[1]
+    local_steps.append({"prompts": [problem.prompt for problem in problems],
+                        "rollouts": len(rollouts.prompt_index)})
+    return result
+
+
+training_step, experiment.training_step = experiment.training_step, recording_training_step
 config = tiny_config(steps=2)
 config.mesh.data = -1  # 8 devices over 2 processes
-summary = train(config, workdir, progress=False)
+summary = experiment.train(config, workdir, progress=False)
 print("SUMMARY " + json.dumps({"devices": jax.device_count(), **summary}), flush=True)
+print("LOCAL " + json.dumps(local_steps), flush=True)

@@ -12,7 +12,7 @@ from jax.sharding import NamedSharding
 from test_sampler import CONFIG, right_padded
 
 from optpo_jax.checkpoints import Checkpointer
-from optpo_jax.distributed import make_mesh, mesh_of, shard_params, shard_rows
+from optpo_jax.distributed import make_mesh, merge_shares, mesh_of, process_share, shard_params, shard_rows
 from optpo_jax.grpo import GRPOBatch, GRPOConfig, grpo_step
 from optpo_jax.models import forward, init_decoder
 from optpo_jax.sampler import SamplingConfig, sample
@@ -168,3 +168,11 @@ def test_bfloat16_params_follow_a_float32_master():
     sgd = optax.sgd(1e-6)
     plain = optax.apply_updates(plain, sgd.update(grads, sgd.init(plain), plain)[0])
     assert float(plain["w"][0]) == np.float32(jnp.bfloat16(0.02))
+
+
+def test_process_shares_interleave_back_into_item_order():
+    # Simulates 3 processes' shares (items[p::3]); on this single process process_share keeps everything.
+    items = list(range(10))
+    shares = [items[process::3] for process in range(3)]
+    assert merge_shares(shares) == items
+    assert process_share(items) == items and merge_shares([items]) == items
