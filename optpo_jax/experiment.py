@@ -263,6 +263,8 @@ def train(config, workdir: str | Path, resume: bool = False, progress: bool = Tr
                       generated_tokens=totals["generated_tokens"] + metrics["generated_tokens"],
                       seconds=totals["seconds"] + time.perf_counter() - start,
                       label_accuracy_sum=totals["label_accuracy_sum"] + metrics["label_accuracy"])
+        # Running totals, so curves can be drawn against rollouts and training wall-clock (evaluation excluded).
+        metrics.update(total_rollouts=totals["rollouts"], train_seconds=totals["seconds"])
         if config.eval.every_steps and (step + 1) % config.eval.every_steps == 0 and step + 1 < config.steps:
             result = run_eval(setup, state["params"], config.eval.samples, config.seed + 2 + step)
             metrics.update({f"eval/{k}": v for k, v in result.summary().items()})
