@@ -9,11 +9,13 @@ params / hidden] matmul, i.e. 2 x parameters FLOPs per token at this machine's m
 rate for the decode's batch. Everything runs in this one process.
 
     python experiments/bench_sampler.py [--rows 64] [--prompt 64] [--new 128]
+    python experiments/bench_sampler.py --sweep-rows 8 32 64 128 --repeats 3   # figure: docs/figures/sampler_throughput.png
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +24,10 @@ import torch
 from bench_common import best_time, random_twins
 from transformers import Qwen2Config
 
+from optpo_jax.plots import save_figure, write_csv
 from optpo_jax.sampler import SamplingConfig, sample
+
+FIGURES = Path(__file__).resolve().parents[1] / "docs" / "figures"
 
 
 def matmul_limit(rows: int, hidden: int, num_params: int, repeats: int) -> float:
@@ -35,31 +40,29 @@ def matmul_limit(rows: int, hidden: int, num_params: int, repeats: int) -> float
     return rows / seconds
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", type=int, default=64)
-    parser.add_argument("--prompt", type=int, default=64)
-    parser.add_argument("--new", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
-    hf_config = Qwen2Config(
+def qwen2_config() -> Qwen2Config:
+    """The benchmark's random ~20M-parameter Qwen2-style architecture."""
+    return Qwen2Config(
         vocab_size=8192, hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
         num_key_value_heads=2, tie_word_embeddings=False, max_position_embeddings=1024,
     )
-    torch_model, model = random_twins(hf_config)
-    num_params = model.config.num_params()
-    generated = args.rows * args.new
-    print(f"Qwen2-style model, {num_params / 1e6:.1f}M parameters; {args.rows} rows x {args.prompt} prompt tokens "
-          f"-> {args.new} new tokens, temperature 1; torch threads {torch.get_num_threads()}, jax {jax.devices()}")
 
-    prompts = np.random.default_rng(0).integers(3, hf_config.vocab_size, (args.rows, args.prompt))
-    lengths = np.full((args.rows,), args.prompt, np.int32)
-    valid = np.ones((args.rows,), bool)
-    keys = iter(jax.random.split(jax.random.key(0), 4 * args.repeats + 4))
 
-    def ours(new_tokens=args.new):
+def make_samplers(torch_model, model, rows: int, prompt: int, new: int):
+    """(ours, theirs): callables that sample one wave of ``rows`` x ``prompt`` -> ``new`` tokens and block.
+
+    ``ours(new_tokens)`` may ask for fewer new tokens (1 = prefill only).
+    """
+    vocab_size = model.config.vocab_size
+    prompts = np.random.default_rng(0).integers(3, vocab_size, (rows, prompt))
+    lengths = np.full((rows,), prompt, np.int32)
+    valid = np.ones((rows,), bool)
+    key = [jax.random.key(0)]
+
+    def ours(new_tokens=new):
+        key[0], subkey = jax.random.split(key[0])
         config = SamplingConfig(max_new_tokens=new_tokens, temperature=1.0)
-        out = sample(model.params, model.config, prompts, lengths, valid, next(keys), config)
+        out = sample(model.params, model.config, prompts, lengths, valid, subkey, config)
         assert int(out.lengths.min()) == new_tokens
         out.tokens.block_until_ready()
 
@@ -69,20 +72,98 @@ def main():
         with torch.no_grad():
             out = torch_model.generate(
                 input_ids=torch_prompts, attention_mask=torch.ones_like(torch_prompts), do_sample=True,
-                temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=args.new, min_new_tokens=args.new,
+                temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=new, min_new_tokens=new,
                 use_cache=True, pad_token_id=0, eos_token_id=None,
             )
-        assert out.shape[1] == args.prompt + args.new
+        assert out.shape[1] == prompt + new
 
+    return ours, theirs
+
+
+def interleaved_best(ours, theirs, repeats: int) -> tuple[float, float]:
+    """Best seconds of each side, timed alternately so that both see the same machine load."""
+    ours_times, theirs_times = [], []
+    for _ in range(repeats):
+        ours_times.append(best_time(ours, 1))
+        theirs_times.append(best_time(theirs, 1))
+    return min(ours_times), min(theirs_times)
+
+
+def sweep(torch_model, model, rows_list: list[int], args) -> list[dict]:
+    """Generated tokens/s of both samplers (and the matmul limit) at each wave size in ``rows_list``."""
+    results = []
+    for rows in rows_list:
+        ours, theirs = make_samplers(torch_model, model, rows, args.prompt, args.new)
+        ours()  # compile
+        theirs()  # warm-up
+        ours_seconds, theirs_seconds = interleaved_best(ours, theirs, args.repeats)
+        limit = matmul_limit(rows, model.config.hidden_size, model.config.num_params(), 10 * args.repeats)
+        generated = rows * args.new
+        results.append({"rows": rows, "prompt_tokens": args.prompt, "new_tokens": args.new,
+                        "ours_tokens_per_s": round(generated / ours_seconds, 1),
+                        "transformers_tokens_per_s": round(generated / theirs_seconds, 1),
+                        "matmul_limit_tokens_per_s": round(limit, 1),
+                        "ratio": round(theirs_seconds / ours_seconds, 3)})
+        print(results[-1], flush=True)
+    return results
+
+
+def plot_sweep(results: list[dict], num_params: int):
+    """Generated tokens/s against rows per wave: ours, transformers and the matmul limit."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7, 4.2), layout="constrained")
+    axis = figure.subplots()
+    rows = [r["rows"] for r in results]
+    series = [("ours_tokens_per_s", "optpo-jax `sample` (jit, while_loop)", "tab:blue", "o"),
+              ("transformers_tokens_per_s", "transformers `generate` (torch)", "tab:orange", "s"),
+              ("matmul_limit_tokens_per_s", "matmul limit of this CPU", "gray", "")]
+    for key, label, color, marker in series:
+        axis.plot(rows, [r[key] for r in results], marker=marker or None, color=color, label=label,
+                  linestyle="--" if not marker else "-")
+    for r in results:
+        axis.annotate(f"{r['ratio']:.2f}x", (r["rows"], r["ours_tokens_per_s"]), textcoords="offset points",
+                      xytext=(0, 7), ha="center", fontsize=8, color="tab:blue")
+    axis.set_xscale("log", base=2)
+    axis.set_xticks(rows, [str(r) for r in rows])
+    axis.set_xlabel("rows per wave (sequences sampled together)")
+    axis.set_ylabel("generated tokens per second")
+    axis.set_ylim(bottom=0)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8, loc="upper left")
+    r = results[0]
+    axis.set_title(f"Sampling throughput, {num_params / 1e6:.1f}M-param Qwen2-style model, CPU ({torch.get_num_threads()} "
+                   f"threads)\n{r['prompt_tokens']} prompt -> {r['new_tokens']} new tokens, temperature 1; "
+                   "labels: ours / transformers", fontsize=10)
+    return figure
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=64)
+    parser.add_argument("--prompt", type=int, default=64)
+    parser.add_argument("--new", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--sweep-rows", type=int, nargs="*", default=None,
+                        help="measure these wave sizes instead and write sampler_throughput.csv / .png to --out")
+    parser.add_argument("--out", default=str(FIGURES))
+    args = parser.parse_args()
+    hf_config = qwen2_config()
+    torch_model, model = random_twins(hf_config)
+    num_params = model.config.num_params()
+    if args.sweep_rows:
+        results = sweep(torch_model, model, args.sweep_rows, args)
+        write_csv(results, Path(args.out) / "sampler_throughput.csv")
+        print(save_figure(plot_sweep(results, num_params), Path(args.out) / "sampler_throughput.png"))
+        return
+    generated = args.rows * args.new
+    print(f"Qwen2-style model, {num_params / 1e6:.1f}M parameters; {args.rows} rows x {args.prompt} prompt tokens "
+          f"-> {args.new} new tokens, temperature 1; torch threads {torch.get_num_threads()}, jax {jax.devices()}")
+    ours, theirs = make_samplers(torch_model, model, args.rows, args.prompt, args.new)
     first_call = best_time(ours, 1)
     ours(1)  # compiles the prefill-only variant
     theirs()  # warm-up
-    # Interleaved so that both sides see the same machine load.
-    ours_times, theirs_times = [], []
-    for _ in range(args.repeats):
-        ours_times.append(best_time(ours, 1))
-        theirs_times.append(best_time(theirs, 1))
-    ours_seconds, theirs_seconds = min(ours_times), min(theirs_times)
+    ours_seconds, theirs_seconds = interleaved_best(ours, theirs, args.repeats)
     prefill_seconds = best_time(lambda: ours(1), args.repeats)
     limit = matmul_limit(args.rows, hf_config.hidden_size, num_params, 10 * args.repeats)
 

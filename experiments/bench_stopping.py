@@ -24,15 +24,15 @@ from vote_replay import DATASETS, DEFAULT_DATA_DIR, VoteSamples, load_vote_sampl
 from optpo_jax import SPRTConfig, consensus, init_vote_state, sprt_update
 
 RULES = [
-    ("dirichlet", dict(threshold=0.90)),
-    ("dirichlet", dict(threshold=0.95)),
-    ("dirichlet", dict(threshold=0.99)),
-    ("beta", dict(threshold=0.90)),
-    ("beta", dict(threshold=0.95)),
-    ("beta", dict(threshold=0.99)),
-    ("esc", dict(esc_window=4)),
-    ("esc", dict(esc_window=8)),
-    ("fixed", dict()),
+    ("dirichlet", {"threshold": 0.90}),
+    ("dirichlet", {"threshold": 0.95}),
+    ("dirichlet", {"threshold": 0.99}),
+    ("beta", {"threshold": 0.90}),
+    ("beta", {"threshold": 0.95}),
+    ("beta", {"threshold": 0.99}),
+    ("esc", {"esc_window": 4}),
+    ("esc", {"esc_window": 8}),
+    ("fixed", {}),
 ]
 
 
@@ -50,11 +50,30 @@ def replay(samples: VoteSamples, config: SPRTConfig, wave_size: int) -> dict[str
     label = np.asarray(consensus(state))
     rollouts = np.asarray(state.num_samples)
     return {
-        "rollouts": rollouts.mean(),
-        "saving": 1.0 - rollouts.mean() / num_answers,
-        "agreement": np.mean(label == samples.full_majority),
-        "accuracy": np.mean((label == samples.truth_slots) & (label >= 0)),
+        "rollouts": float(rollouts.mean()),
+        "saving": float(1.0 - rollouts.mean() / num_answers),
+        "agreement": float(np.mean(label == samples.full_majority)),
+        "accuracy": float(np.mean((label == samples.truth_slots) & (label >= 0))),
     }
+
+
+def setting_label(knobs: dict, num_answers: int) -> str:
+    """The knob a rule was run with, as ``name=value`` (the fixed rule's budget if none)."""
+    return ", ".join(f"{k}={v}" for k, v in knobs.items()) or f"max_samples={num_answers}"
+
+
+def replay_rules(samples: VoteSamples, rules: list[tuple[str, dict]], wave_size: int) -> list[dict]:
+    """One row per (rule, knobs): the data set, rule, setting and ``replay``'s numbers.
+
+    The budget is every recorded vote unless ``knobs`` sets ``max_samples``; ``min_samples`` is 1.
+    """
+    num_questions, num_answers = samples.slots.shape
+    rows = []
+    for rule, knobs in tqdm(rules, desc=samples.name, leave=False):
+        config = SPRTConfig(rule=rule, **{"min_samples": 1, "max_samples": num_answers, **knobs})
+        rows.append({"data": samples.name, "questions": num_questions, "votes": num_answers, "rule": rule,
+                     "setting": setting_label(knobs, num_answers), **replay(samples, config, wave_size)})
+    return rows
 
 
 def main():
@@ -62,22 +81,16 @@ def main():
     parser.add_argument("--wave-size", type=int, default=4)
     parser.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
     args = parser.parse_args()
-    datasets = [load_vote_samples(name, args.data_dir) for name in DATASETS]
-    rows = []
     started = time.perf_counter()
-    for samples in datasets:
-        num_answers = samples.slots.shape[1]
-        for rule, knobs in tqdm(RULES, desc=samples.name, leave=False):
-            config = SPRTConfig(rule=rule, min_samples=1, max_samples=num_answers, **knobs)
-            rows.append((samples, rule, knobs, replay(samples, config, args.wave_size)))
+    rows = [row for name in DATASETS
+            for row in replay_rules(load_vote_samples(name, args.data_dir), RULES, args.wave_size)]
     print(f"Stopping rules on recorded votes, waves of {args.wave_size}, budget = all recorded votes\n")
     print("| data (questions, votes) | rule | setting | rollouts/question | saving | agrees with full vote | accuracy |")
     print("|---|---|---|---:|---:|---:|---:|")
-    for samples, rule, knobs, result in rows:
-        setting = ", ".join(f"{k}={v}" for k, v in knobs.items()) or f"max_samples={samples.slots.shape[1]}"
+    for row in rows:
         print(
-            f"| {samples.name} ({samples.slots.shape[0]}, {samples.slots.shape[1]}) | {rule} | {setting} "
-            f"| {result['rollouts']:.2f} | {result['saving']:.1%} | {result['agreement']:.2%} | {result['accuracy']:.2%} |"
+            f"| {row['data']} ({row['questions']}, {row['votes']}) | {row['rule']} | {row['setting']} "
+            f"| {row['rollouts']:.2f} | {row['saving']:.1%} | {row['agreement']:.2%} | {row['accuracy']:.2%} |"
         )
     print(f"\n({time.perf_counter() - started:.1f} s)")
 

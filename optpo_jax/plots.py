@@ -1,0 +1,144 @@
+"""Figures of training runs: pass@1 curves of a ``compare`` run and rollouts per prompt.
+
+The functions read what ``experiment.train`` writes (``metrics.jsonl`` and
+``config.json`` in a run's workdir) and return matplotlib ``Figure`` objects built
+without pyplot, so they neither need a display nor keep global state; ``save_figure``
+writes one as PNG. The experiments/ scripts and colab/quickstart.ipynb share them.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+METHOD_COLORS = {"optpo": "tab:blue", "ttrl": "tab:orange"}
+METHOD_NAMES = {"optpo": "OptPO", "ttrl": "TTRL"}
+METHOD_LABELS = {"optpo": "OptPO (Dirichlet stop at 0.95)", "ttrl": "TTRL (fixed 64 votes)"}
+
+
+def save_figure(figure: Figure, path: str | Path, dpi: int = 110) -> Path:
+    """Writes ``figure`` as a PNG at ``path`` (parent folders created); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=dpi, bbox_inches="tight")
+    return path
+
+
+def write_csv(rows: list[dict], path: str | Path) -> Path:
+    """Writes dict rows as CSV with the first row's keys as the header; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def read_metrics(workdir: str | Path) -> list[dict]:
+    """The records of ``workdir/metrics.jsonl``, in file order."""
+    lines = (Path(workdir) / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line]
+
+
+def read_config(workdir: str | Path) -> dict:
+    """The config a run was started with (``workdir/config.json``)."""
+    return json.loads((Path(workdir) / "config.json").read_text())
+
+
+def training_curve(workdir: str | Path) -> list[dict]:
+    """pass@1 at every evaluation of one run, with the training spent up to it.
+
+    One row per evaluation (before training, every ``eval.every_steps`` steps, after):
+    step, method, cumulative rollouts, cumulative training seconds (sampling plus
+    update of each step; evaluation time is not counted), pass@1 and its standard
+    error over prompts, and the samples per prompt it was averaged over.
+    """
+    config = read_config(workdir)
+    rows, rollouts, seconds = [], 0, 0.0
+    for record in read_metrics(workdir):
+        if "rollouts" in record:
+            rollouts += record["rollouts"]
+            seconds += record["sampling_seconds"] + record["update_seconds"]
+        for prefix in ("eval/", "final/"):
+            if f"{prefix}pass@1" not in record:
+                continue
+            # Before and after use final_samples per prompt; evaluations during training use eval.samples.
+            during = prefix == "eval/" and record["step"] not in (0, config["steps"])
+            rows.append({
+                "method": config["method"], "step": record["step"], "rollouts": rollouts,
+                "train_seconds": round(seconds, 2), "pass@1": record[f"{prefix}pass@1"],
+                "pass@1_stderr": record[f"{prefix}pass@1_stderr"],
+                "eval_samples": config["eval"]["samples" if during else "final_samples"],
+            })
+    return rows
+
+
+def plot_training_curves(compare_dir: str | Path, methods: tuple[str, ...] = ("optpo", "ttrl")) -> Figure:
+    """pass@1 against steps, rollouts and training wall-clock for each method of a ``compare`` run.
+
+    ``compare_dir`` holds one workdir per method (``compare_dir/optpo``, ``compare_dir/ttrl``).
+    The band is +- one standard error over prompts.
+    """
+    figure = Figure(figsize=(13, 3.9), layout="constrained")
+    axes = figure.subplots(1, 3, sharey=True)
+    x_axes = [("step", "training step"), ("rollouts", "rollouts drawn (cumulative)"),
+              ("train_seconds", "training wall-clock, sampling + update (s)")]
+    samples = set()
+    for method in methods:
+        curve = training_curve(Path(compare_dir) / method)
+        samples.update(row["eval_samples"] for row in curve)
+        pass_at_1 = 100 * np.array([row["pass@1"] for row in curve])
+        stderr = 100 * np.array([row["pass@1_stderr"] for row in curve])
+        label = f"{METHOD_LABELS.get(method, method)}: {curve[-1]['rollouts']:,} rollouts"
+        for axis, (key, _) in zip(axes, x_axes, strict=True):
+            x = np.array([row[key] for row in curve])
+            color = METHOD_COLORS.get(method)
+            axis.plot(x, pass_at_1, marker="o", markersize=4, color=color, label=label)
+            axis.fill_between(x, pass_at_1 - stderr, pass_at_1 + stderr, color=color, alpha=0.15)
+    for axis, (_, xlabel) in zip(axes, x_axes, strict=True):
+        axis.set_xlabel(xlabel)
+        axis.grid(alpha=0.3)
+    axes[0].set_ylabel("pass@1 on the test prompts (%)")
+    axes[0].legend(loc="lower right", fontsize=8)
+    counts = "/".join(str(k) for k in sorted(samples))
+    figure.suptitle(f"Test-time RL on the embedded arithmetic task: pass@1 (avg@{counts} samples per prompt, "
+                    "band = ± 1 standard error)")
+    return figure
+
+
+def rollouts_histogram(workdir: str | Path) -> np.ndarray:
+    """[n + 1] int64: how many (step, prompt) pairs of a run drew exactly n rollouts."""
+    histograms = [record["rollouts_per_prompt_histogram"] for record in read_metrics(workdir)
+                  if "rollouts_per_prompt_histogram" in record]
+    total = np.zeros(max(len(h) for h in histograms), np.int64)
+    for histogram in histograms:
+        total[: len(histogram)] += histogram
+    return total
+
+
+def plot_rollouts_histogram(workdir: str | Path) -> Figure:
+    """Histogram of rollouts per prompt over every training step of one run, with its mean and budget."""
+    counts = rollouts_histogram(workdir)
+    config = read_config(workdir)
+    budget = config["sprt"]["max_samples"]
+    rollouts = np.arange(len(counts))
+    mean = float((rollouts * counts).sum() / counts.sum())
+    figure = Figure(figsize=(7, 3.9), layout="constrained")
+    axis = figure.subplots()
+    axis.bar(rollouts, counts, width=0.9, color=METHOD_COLORS.get(config["method"], "tab:blue"),
+             label=f"{METHOD_LABELS.get(config['method'], config['method'])}, {counts.sum():,} prompt-steps")
+    axis.axvline(mean, color="black", linestyle="--", label=f"mean: {mean:.1f} rollouts per prompt")
+    axis.axvline(budget, color="tab:red", linestyle=":", label=f"budget (TTRL draws all): {budget}")
+    axis.set_xlabel("rollouts drawn for a prompt in a training step")
+    axis.set_ylabel("prompt-steps (count)")
+    axis.set_xlim(-0.5, budget + 2)
+    axis.legend(fontsize=8)
+    axis.grid(alpha=0.3, axis="y")
+    axis.set_title(f"Rollouts per prompt under {METHOD_NAMES.get(config['method'], config['method'])} on the embedded task "
+                   f"({config['steps']} steps x {config['prompts_per_step']} prompts)")
+    return figure
