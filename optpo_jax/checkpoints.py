@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import warnings
 from pathlib import Path
 
 import jax
@@ -43,6 +44,7 @@ class Checkpointer:
             arrays = {f"votes.{k}": np.asarray(v) for k, v in vars(carry["votes"]).items()}
             arrays.update({f"kept.{k}": v for k, v in carry["kept"].items()})
             arrays["tables"] = np.array(json.dumps(carry["tables"]))
+            arrays["process_count"] = np.array(jax.process_count())
         temporary = path.with_suffix(".tmp.npz")
         np.savez(temporary, **arrays)
         os.replace(temporary, path)
@@ -50,8 +52,18 @@ class Checkpointer:
             old.unlink()
 
     def _load_carry(self, step: int) -> dict | None:
-        with np.load(self._carry_path(step)) as arrays:
+        """The carry this process saved at ``step``; None (its prompts start voting afresh) when
+        there is none or it was split over another number of processes."""
+        path = self._carry_path(step)
+        if not path.exists():
+            warnings.warn(f"no lookahead carry at {path}: the next batch starts its votes afresh", stacklevel=2)
+            return None
+        with np.load(path) as arrays:
             if "tables" not in arrays:
+                return None
+            if int(arrays["process_count"]) != jax.process_count():
+                warnings.warn(f"the carry at {path} was split over {int(arrays['process_count'])} processes, not "
+                              f"{jax.process_count()}: the next batch starts its votes afresh", stacklevel=2)
                 return None
             votes = VoteState(**{k.split(".", 1)[1]: arrays[k] for k in arrays if k.startswith("votes.")})
             kept = {k.split(".", 1)[1]: arrays[k] for k in arrays if k.startswith("kept.")}

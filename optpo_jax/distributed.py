@@ -62,6 +62,20 @@ def shard_params(params, mesh: Mesh):
     )
 
 
+def replicate_unplaced(tree, mesh: Mesh | None):
+    """Leaves of ``tree`` not yet on ``mesh`` replicated over it (e.g. an optimizer's step count,
+    which ``init`` puts on one device); without a mesh the tree is unchanged."""
+    if mesh is None:
+        return tree
+
+    def place(leaf):
+        sharding = getattr(leaf, "sharding", None)
+        on_mesh = isinstance(sharding, NamedSharding) and sharding.mesh == mesh
+        return leaf if on_mesh else jax.device_put(leaf, NamedSharding(mesh, PartitionSpec()))
+
+    return jax.tree.map(place, tree)
+
+
 def mesh_of(tree) -> Mesh | None:
     """The mesh the first leaf of ``tree`` is sharded over, or None (single device / unsharded)."""
     leaf = jax.tree.leaves(tree)[0]
@@ -92,19 +106,37 @@ def _multihost_utils():
     return multihost_utils
 
 
+def check_row_layout(mesh: Mesh | None, rows_per_process: dict[str, int] | None = None) -> None:
+    """Raises unless every process can place its own rows on ``mesh`` (a no-op on one process).
+
+    Each process must own whole (data, fsdp) slices of the mesh: a tensor axis that spans
+    processes would make two processes claim the same global rows. ``rows_per_process``
+    (name -> rows each process fills) must split evenly over its local (data, fsdp) devices.
+    """
+    processes = jax.process_count()
+    if processes == 1:
+        return
+    if mesh is None:
+        raise ValueError(f"config.mesh must span the devices of all {processes} processes, got one device")
+    local = mesh.local_mesh.shape["data"] * mesh.local_mesh.shape["fsdp"]
+    if mesh.shape["data"] * mesh.shape["fsdp"] != local * processes:
+        raise ValueError(f"config.mesh {dict(mesh.shape)}: each of the {processes} processes must hold its own "
+                         f"(data, fsdp) slices; keep the tensor axis within a host")
+    for name, rows in (rows_per_process or {}).items():
+        if rows % local:
+            raise ValueError(f"config.{name}: {rows} rows per process do not split over the {local} local "
+                             "(data, fsdp) devices")
+
+
 def rows_to_global(tree, mesh: Mesh | None):
     """This process's rows (numpy, first axis) -> global arrays on ``mesh`` split over (data, fsdp).
 
-    The global row axis holds every process's rows (process-major); on one process this is
-    ``shard_rows``. Without a mesh the tree is unchanged.
+    The global row axis holds each process's rows as its own blocks (``local_rows`` reads
+    them back); on one process this is ``shard_rows``. Without a mesh the tree is unchanged.
     """
     if mesh is None or jax.process_count() == 1:
         return shard_rows(tree, mesh)
-    local_shards = mesh.local_mesh.shape["data"] * mesh.local_mesh.shape["fsdp"]
-    for array in jax.tree.leaves(tree):
-        if np.shape(array)[0] % local_shards:
-            raise ValueError(f"{np.shape(array)[0]} rows per process do not split over this process's "
-                             f"{local_shards} (data, fsdp) devices")
+    check_row_layout(mesh, {"rows": min(np.shape(array)[0] for array in jax.tree.leaves(tree))})
     return _multihost_utils().host_local_array_to_global_array(tree, mesh, PartitionSpec(ROW_AXES))
 
 
@@ -137,31 +169,34 @@ def merge_shares(shares: Sequence[Sequence]) -> list:
 
 
 def process_sum(values) -> np.ndarray:
-    """Elementwise sum of a same-shaped numpy array over all processes."""
+    """Elementwise sum of a same-shaped array over all processes (exact: int64 / float64 on the host)."""
     values = np.asarray(values)
     if jax.process_count() == 1:
         return values
-    return np.asarray(_multihost_utils().process_allgather(values)).sum(axis=0)
+    return np.sum([np.asarray(share, values.dtype) for share in allgather_objects(values.tolist())], axis=0)
 
 
 def process_max(value: int) -> int:
     """The largest ``value`` over all processes (shapes every process must agree on)."""
-    if jax.process_count() == 1:
-        return int(value)
-    return int(np.max(_multihost_utils().process_allgather(np.array([value], np.int64))))
+    return max(int(share) for share in allgather_objects(int(value)))
 
 
 def allgather_objects(value) -> list:
-    """Every process's JSON-serialisable ``value``, in process order (``[value]`` on one process)."""
+    """Every process's JSON-serialisable ``value``, in process order (``[value]`` on one process).
+
+    Sent as JSON bytes through ``process_allgather``, so numbers keep full precision.
+    """
     if jax.process_count() == 1:
         return [value]
     gather = _multihost_utils().process_allgather
-    payload = np.frombuffer(json.dumps(value).encode(), np.uint8)
-    sizes = np.asarray(gather(np.array([payload.size], np.int64)))[:, 0]
+    payload = np.frombuffer(json.dumps([jax.process_index(), value]).encode(), np.uint8)
+    sizes = np.asarray(gather(np.array([payload.size], np.int32)))[:, 0]
     padded = np.zeros(int(sizes.max()), np.uint8)
     padded[: payload.size] = payload
     gathered = np.asarray(gather(padded))
-    return [json.loads(bytes(row[:size])) for row, size in zip(gathered, sizes, strict=True)]
+    shares = sorted((json.loads(bytes(row[:size])) for row, size in zip(gathered, sizes, strict=True)),
+                    key=lambda share: share[0])
+    return [share for _, share in shares]
 
 
 def is_lead_process() -> bool:

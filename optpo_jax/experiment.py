@@ -14,7 +14,14 @@ import optax
 from tqdm.auto import tqdm
 
 from optpo_jax.checkpoints import Checkpointer
-from optpo_jax.distributed import is_lead_process, process_share, process_sum
+from optpo_jax.distributed import (
+    check_row_layout,
+    is_lead_process,
+    mesh_of,
+    process_share,
+    process_sum,
+    replicate_unplaced,
+)
 from optpo_jax.evaluation import EvalResult, evaluate
 from optpo_jax.grpo import GRPOConfig
 from optpo_jax.loop import UpdateConfig, make_update_step, training_step
@@ -145,6 +152,8 @@ def build_setup(config) -> Setup:
         raise ValueError(f"config.optimizer.learning_rate must be > 0, got {config.optimizer.learning_rate!r}")
     task, policy, train_problems, eval_problems = make_task(config)
     policy = place_policy(policy, config)
+    check_row_layout(mesh_of(policy.params), {
+        name: int(value) // jax.process_count() for name, value in shared.items() if name != "prompts_per_step"})
     if config.prompts_per_step > len(train_problems):
         raise ValueError(f"config.prompts_per_step={config.prompts_per_step} exceeds the "
                          f"{len(train_problems)} training prompts")
@@ -187,7 +196,8 @@ _SUMMED = ("prompts", "rollouts", "generated_tokens", "rows_used", "rows_total",
 def step_metrics(rollouts, rewards, leader, problems, task, update_metrics) -> dict:
     """Per-step metrics over every process's prompts; the only place ground truth is read during training.
 
-    Each process grades its own prompts; their sums are added over processes.
+    Each process grades its own prompts and their sums and the task's counters are added
+    over processes; ``waves`` is common to all and the ``*_seconds`` timings are this process's.
     """
     per_prompt = np.bincount(rollouts.prompt_index, minlength=len(problems))
     labels = [rollouts.answer_slots.answer(p, int(leader[p])) for p in range(len(problems))]
@@ -215,13 +225,14 @@ def step_metrics(rollouts, rewards, leader, problems, task, update_metrics) -> d
 
 
 def task_counters(task) -> dict:
-    """Running counts a task keeps: prompts truncated to fit, equivalence checks that timed out."""
+    """Running counts a task keeps, added over every process's share of the prompts: prompts
+    truncated to fit, equivalence checks that timed out."""
     counters = {}
     if hasattr(task, "truncated_prompts"):
         counters["truncated_prompts"] = task.truncated_prompts
     if hasattr(getattr(task, "equivalent", None), "timeouts"):
         counters["equivalence_timeouts"] = task.equivalent.timeouts
-    return counters
+    return dict(zip(counters, process_sum(np.array(list(counters.values()), np.int64)).tolist(), strict=True))
 
 
 def train(config, workdir: str | Path, resume: bool = False, progress: bool = True) -> dict:
@@ -232,7 +243,8 @@ def train(config, workdir: str | Path, resume: bool = False, progress: bool = Tr
     if is_lead_process():
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
     params = setup.policy.params
-    state = {"params": params, "opt_state": setup.optimizer.init(params)}
+    opt_state = replicate_unplaced(setup.optimizer.init(params), mesh_of(params))
+    state = {"params": params, "opt_state": opt_state}
     totals = {"step": 0, "rollouts": 0, "generated_tokens": 0, "seconds": 0.0, "label_accuracy_sum": 0.0}
     checkpointer = Checkpointer(workdir / "checkpoints", keep=2)
     resumed = resume and checkpointer.latest_step() is not None

@@ -128,7 +128,9 @@ def update_policy(params, opt_state, arrays: dict, update_step, config: UpdateCo
     """Runs ``epochs`` passes of micro-batched GRPO steps over ``arrays``; returns params, opt_state, metrics.
 
     ``arrays`` are this process's rows; each optimizer step takes micro_batch_rows / process_count
-    of them from every process, and a process out of rows pads (zero loss mask).
+    of them from every process, and a process out of rows pads (zero loss mask). The number of
+    optimizer steps is set by the process with the most rows, so uneven shares can add steps
+    (the loss of each stays exact: its denominator counts only real rows).
     """
     num_rows = len(arrays["advantages"])
     chunk_rows = local_row_count(config.micro_batch_rows, "policy_update.micro_batch_rows")

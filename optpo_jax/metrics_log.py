@@ -12,7 +12,8 @@ class MetricsLog:
     """Appends ``{"step": s, ...}`` lines to metrics.jsonl and scalars to TensorBoard (workdir/tb).
 
     On resume, lines of steps after ``truncate_after`` (written after the checkpoint the
-    run restarts from) are dropped, so the file reads like one uninterrupted run.
+    run restarts from) and the final evaluation are dropped, so the file reads like one
+    uninterrupted run.
     """
 
     def __init__(self, workdir: str | Path, truncate_after: int | None = None, enabled: bool = True):
@@ -21,8 +22,9 @@ class MetricsLog:
         if not enabled:
             return
         if truncate_after is not None and self.path.exists():
+            # A resumed run writes its own final evaluation, also when it extends a finished one.
             lines = [line for line in self.path.read_text().splitlines()
-                     if line and json.loads(line)["step"] <= truncate_after]
+                     if line and json.loads(line)["step"] <= truncate_after and not _is_final(json.loads(line))]
             self.path.write_text("".join(line + "\n" for line in lines))
         self.writer = SummaryWriter(str(Path(workdir) / "tb"))
 
@@ -42,3 +44,7 @@ class MetricsLog:
 
     def read(self) -> list[dict]:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line]
+
+
+def _is_final(record: dict) -> bool:
+    return any(name.startswith("final/") for name in record)

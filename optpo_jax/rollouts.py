@@ -116,6 +116,8 @@ def collect_rollouts(
                                getattr(task, "canonical", None))
     kept = {name: [] for name in _FIELDS}
     if carry is not None:
+        if len(carry["tables"]) != num_prompts:
+            raise ValueError(f"the carry holds votes of {len(carry['tables'])} prompts, the batch has {num_prompts}")
         votes = _concat_votes(carry["votes"], jax.tree.map(lambda x: x[num_prompts:], votes))
         for prompt, table in enumerate(carry["tables"]):
             answer_slots.restore(prompt, table)

@@ -273,8 +273,9 @@ def sample(
       config: the SamplingConfig.
 
     Returns:
-      A SampleOutput with [R, max_new_tokens] tokens and log-probabilities (R of every
-      process together, process-major, on several processes; see the module docstring for which distribution each log-probability is under).
+      A SampleOutput with [R, max_new_tokens] tokens and log-probabilities (on several
+      processes, R of every process together; see the module docstring for which
+      distribution each log-probability is under).
     """
     prompt_tokens = np.asarray(prompt_tokens, np.int32)
     prompt_lengths = np.asarray(prompt_lengths, np.int32)

@@ -33,6 +33,19 @@ def recording_training_step(state, problems, *args, **kwargs):
     return result
 
 
+def layout_error(mesh: dict) -> str:
+    config = tiny_config()
+    config.mesh.update(mesh)
+    try:
+        experiment.build_setup(config)
+    except ValueError as error:
+        return str(error)
+    return ""
+
+
+# Several processes need a mesh, and a tensor axis across hosts would give two processes the same rows.
+assert "must span" in layout_error({"data": 1, "fsdp": 1, "tensor": 1})
+assert "tensor axis within a host" in layout_error({"data": 1, "fsdp": 1, "tensor": 8})
 training_step, experiment.training_step = experiment.training_step, recording_training_step
 config = tiny_config(steps=2)
 config.mesh.data = -1  # 8 devices over 2 processes

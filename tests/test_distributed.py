@@ -1,6 +1,7 @@
 """Sharded runs against one device (CPU with XLA_FLAGS=--xla_force_host_platform_device_count=8)."""
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -146,6 +147,12 @@ def test_sharded_loop_checkpoints_restore_onto_another_mesh(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert any(not np.array_equal(np.asarray(a), np.asarray(b))
                for a, b in zip(jax.tree.leaves(saved["params"]), jax.tree.leaves(params), strict=True))
+    # ...and the run goes on there: one more step on the (2, 2, 2) mesh from the restored state.
+    config.steps = 3
+    config.mesh.update({"data": 2, "fsdp": 2, "tensor": 2})
+    summary = train(config, tmp_path, resume=True, progress=False)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 2, 3, 3]  # the first run's final evaluation is replaced and summary["total_rollouts"] > 0
 
 
 def test_bfloat16_params_follow_a_float32_master():
