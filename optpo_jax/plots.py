@@ -54,24 +54,23 @@ def training_curve(workdir: str | Path) -> list[dict]:
     """pass@1 at every evaluation of one run, with the training spent up to it.
 
     One row per evaluation (before training, every ``eval.every_steps`` steps, after):
-    step, method, cumulative rollouts, cumulative training seconds (sampling plus
-    update of each step; evaluation time is not counted), pass@1 and its standard
-    error over prompts, and the samples per prompt it was averaged over.
+    method, step, cumulative rollouts, cumulative training seconds (the steps' wall-clock,
+    evaluation excluded; the ``total_rollouts`` and ``train_seconds`` running totals of
+    metrics.jsonl), pass@1 and its standard error over prompts, and the samples per prompt
+    it was averaged over.
     """
     config = read_config(workdir)
-    rows, rollouts, seconds = [], 0, 0.0
+    rows, totals = [], {"total_rollouts": 0, "train_seconds": 0.0}
     for record in read_metrics(workdir):
-        if "rollouts" in record:
-            rollouts += record["rollouts"]
-            seconds += record["sampling_seconds"] + record["update_seconds"]
+        totals.update({key: record[key] for key in totals if key in record})
         for prefix in ("eval/", "final/"):
             if f"{prefix}pass@1" not in record:
                 continue
             # Before and after use final_samples per prompt; evaluations during training use eval.samples.
             during = prefix == "eval/" and record["step"] not in (0, config["steps"])
             rows.append({
-                "method": config["method"], "step": record["step"], "rollouts": rollouts,
-                "train_seconds": round(seconds, 2), "pass@1": record[f"{prefix}pass@1"],
+                "method": config["method"], "step": record["step"], "rollouts": totals["total_rollouts"],
+                "train_seconds": round(totals["train_seconds"], 2), "pass@1": record[f"{prefix}pass@1"],
                 "pass@1_stderr": record[f"{prefix}pass@1_stderr"],
                 "eval_samples": config["eval"]["samples" if during else "final_samples"],
             })
@@ -87,7 +86,7 @@ def plot_training_curves(compare_dir: str | Path, methods: tuple[str, ...] = ("o
     figure = Figure(figsize=(13, 3.9), layout="constrained")
     axes = figure.subplots(1, 3, sharey=True)
     x_axes = [("step", "training step"), ("rollouts", "rollouts drawn (cumulative)"),
-              ("train_seconds", "training wall-clock, sampling + update (s)")]
+              ("train_seconds", "training wall-clock, evaluation excluded (s)")]
     samples = set()
     for method in methods:
         curve = training_curve(Path(compare_dir) / method)
