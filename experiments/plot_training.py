@@ -1,6 +1,6 @@
 """Figures of a `compare` run: pass@1 over training (OptPO and TTRL) and OptPO's rollouts per prompt.
 
-Needs a compare run that evaluated during training, e.g. every 2 steps (about 10 min on
+Needs a compare run that evaluated during training, e.g. every 2 steps (about 7 min on
 a 2-core CPU):
 
     python -m optpo_jax.cli compare --workdir experiments/out/curves \

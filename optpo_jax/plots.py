@@ -29,13 +29,13 @@ def save_figure(figure: Figure, path: str | Path, dpi: int = 110) -> Path:
 
 
 def write_csv(rows: list[dict], path: str | Path) -> Path:
-    """Writes dict rows as CSV with the first row's keys as the header; returns the path."""
+    """Writes dict rows as CSV with the first row's keys as the header, floats to 6 decimals; returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()} for row in rows)
     return path
 
 
