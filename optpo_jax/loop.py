@@ -12,7 +12,6 @@ import functools
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from optpo_jax.distributed import local_row_count, mesh_of, process_max, process_sum, rows_to_global
@@ -59,6 +58,24 @@ def consensus_rewards(rollouts: Rollouts) -> tuple[np.ndarray, np.ndarray]:
     leader = np.asarray(consensus(rollouts.votes))
     rewards = (rollouts.slots >= 0) & (rollouts.slots == leader[rollouts.prompt_index])
     return rewards.astype(np.float32), leader
+
+
+_group_advantages = jax.jit(group_advantages, static_argnums=(3, 4))
+
+
+def rollout_advantages(rewards: np.ndarray, prompt_index: np.ndarray, num_prompts: int, mode: str,
+                       bucket: int = 256) -> np.ndarray:
+    """[N] group advantages of N rollouts, computed jitted on N padded up to a multiple of ``bucket``.
+
+    OptPO's N changes every step; unpadded, every step would compile group_advantages anew
+    (measured: 0.7 s a step on the embedded task, against 0.01 s once compiled).
+    """
+    num_rollouts = len(rewards)
+    padded = max(-(-num_rollouts // bucket), 1) * bucket
+    mask = np.arange(padded) < num_rollouts
+    pad = lambda values: np.pad(values, (0, padded - num_rollouts))
+    advantages = _group_advantages(pad(rewards), pad(prompt_index.astype(np.int32)), mask, num_prompts, mode)
+    return np.asarray(advantages)[:num_rollouts]
 
 
 def training_rows(rollouts: Rollouts, advantages: np.ndarray, config: UpdateConfig, rng: np.random.Generator):
@@ -171,10 +188,7 @@ def training_step(state: dict, problems: list, task, setup, key: jax.Array, rng:
                                             progress=progress)
     start = time.perf_counter()
     rewards, leader = consensus_rewards(rollouts)
-    advantages = np.asarray(group_advantages(
-        jnp.asarray(rewards), jnp.asarray(rollouts.prompt_index), jnp.ones(len(rewards), bool), len(problems),
-        setup.update.advantage_mode,
-    ))
+    advantages = rollout_advantages(rewards, rollouts.prompt_index, len(problems), setup.update.advantage_mode)
     rows = training_rows(rollouts, advantages, setup.update, rng)
     arrays = grpo_arrays(rollouts, rows, advantages)
     params, opt_state, update_metrics = update_policy(

@@ -187,3 +187,19 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     assert [drop_times(line) for line in resumed_lines] == [drop_times(line) for line in full_lines]
     for name in ("after", "before", "total_rollouts", "total_generated_tokens", "label_accuracy"):
         assert resumed_summary[name] == full_summary[name]
+
+
+@pytest.mark.parametrize("mode", ["grpo", "drgrpo"])
+def test_padded_rollout_advantages_equal_the_unpadded_ones(mode):
+    from optpo_jax.grpo import group_advantages
+    from optpo_jax.loop import rollout_advantages
+
+    rng = np.random.default_rng(0)
+    for num_rollouts in (12, 256, 513):  # inside, at and across bucket boundaries
+        rewards = rng.integers(0, 2, num_rollouts).astype(np.float32)
+        prompt_index = rng.integers(0, 3, num_rollouts).astype(np.int32)
+        expected = group_advantages(jnp.asarray(rewards), jnp.asarray(prompt_index), jnp.ones(num_rollouts, bool), 3,
+                                    mode)
+        got = rollout_advantages(rewards, prompt_index, 3, mode)
+        assert got.shape == (num_rollouts,) and np.any(got != 0)
+        np.testing.assert_allclose(got, np.asarray(expected), rtol=1e-6, atol=1e-6)
