@@ -1,0 +1,65 @@
+"""Where a training step's time goes on the embedded task, and the padded-advantages baseline.
+
+Runs OptPO (or TTRL) steps from the shipped policy and times each stage of
+``loop.training_step``: collecting rollouts, the consensus, the group advantages, the
+teacher-forcing arrays and the micro-batched update. The advantages are timed twice on
+the same inputs: jitted on a padded count (``rollout_advantages``, what the loop uses)
+and eagerly on the exact count (the baseline, which compiles anew whenever the count changes).
+
+    python experiments/profile_step.py [--method ttrl] [--steps 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from optpo_jax.default_config import arithmetic_config
+from optpo_jax.experiment import batch_problems, build_setup
+from optpo_jax.grpo import group_advantages
+from optpo_jax.loop import consensus_rewards, grpo_arrays, rollout_advantages, training_rows, update_policy
+from optpo_jax.rollouts import collect_rollouts
+
+
+def timed(fn, *args):
+    """(fn(*args), seconds), waiting for any device work it started."""
+    start = time.perf_counter()
+    result = jax.block_until_ready(fn(*args))
+    return result, time.perf_counter() - start
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--method", default="optpo", choices=("optpo", "ttrl"))
+    parser.add_argument("--steps", type=int, default=5)
+    args = parser.parse_args()
+    config = arithmetic_config(args.method)
+    setup = build_setup(config)
+    params, opt_state = setup.policy.params, setup.optimizer.init(setup.policy.params)
+    mode = setup.update.advantage_mode
+    for step in range(args.steps):
+        problems = batch_problems(setup.train_problems, step, config.prompts_per_step, config.seed)
+        (rollouts, _), collect = timed(collect_rollouts, params, setup.model_config, setup.task, problems,
+                                       setup.sprt, setup.sampling, setup.rows_per_wave, jax.random.key(step))
+        (rewards, _), consensus = timed(consensus_rewards, rollouts)
+        num_rollouts, num_prompts = len(rewards), len(problems)
+        advantages, padded = timed(rollout_advantages, rewards, rollouts.prompt_index, num_prompts, mode)
+        _, eager = timed(group_advantages, jnp.asarray(rewards), jnp.asarray(rollouts.prompt_index),
+                         jnp.ones(num_rollouts, bool), num_prompts, mode)
+        rng = np.random.default_rng(step)
+        rows = training_rows(rollouts, advantages, setup.update, rng)
+        arrays, build = timed(grpo_arrays, rollouts, rows, advantages)
+        (params, opt_state, metrics), update = timed(update_policy, params, opt_state, arrays, setup.update_step,
+                                                     setup.update, setup.grpo, setup.model_config, setup.ref_params,
+                                                     rng)
+        print(f"{args.method} step {step}: {num_rollouts} rollouts, {len(rows)} trained, "
+              f"{metrics['optimizer_steps']} optimizer steps | collect {collect:.2f} s, consensus {consensus:.2f} s, "
+              f"advantages {padded:.3f} s (eager baseline {eager:.3f} s), arrays {build:.3f} s, update {update:.2f} s")
+
+
+if __name__ == "__main__":
+    main()
