@@ -1,6 +1,6 @@
 """One process of a 2-process CPU "cluster" (4 virtual devices each) running a few loop steps.
 
-    python tests/multihost_worker.py PROCESS_ID PORT WORKDIR
+    python tests/multihost_worker.py PROCESS_ID PORT WORKDIR STEPS [--resume]
 
 Prints the run's summary and, per step, the prompts this process trained on and its rollouts.
 """
@@ -13,7 +13,8 @@ os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
 import jax
 
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
-process_id, port, workdir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+process_id, port, workdir, steps = int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
+resume = "--resume" in sys.argv
 jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
 
 import json
@@ -47,8 +48,8 @@ def layout_error(mesh: dict) -> str:
 assert "must span" in layout_error({"data": 1, "fsdp": 1, "tensor": 1})
 assert "tensor axis within a host" in layout_error({"data": 1, "fsdp": 1, "tensor": 8})
 training_step, experiment.training_step = experiment.training_step, recording_training_step
-config = tiny_config(steps=2)
+config = tiny_config(steps=steps, rows_per_wave=24)  # several waves a step: spare rows start the next batch
 config.mesh.data = -1  # 8 devices over 2 processes
-summary = experiment.train(config, workdir, progress=False)
+summary = experiment.train(config, workdir, resume=resume, progress=False)
 print("SUMMARY " + json.dumps({"devices": jax.device_count(), **summary}), flush=True)
 print("LOCAL " + json.dumps(local_steps), flush=True)
