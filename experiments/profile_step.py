@@ -2,9 +2,12 @@
 
 Runs OptPO (or TTRL) steps from the shipped policy and times each stage of
 ``loop.training_step``: collecting rollouts, the consensus, the group advantages, the
-teacher-forcing arrays and the micro-batched update. The advantages are timed twice on
-the same inputs: jitted on a padded count (``rollout_advantages``, what the loop uses)
-and eagerly on the exact count (the baseline, which compiles anew whenever the count changes).
+teacher-forcing arrays and the micro-batched update. Collection is split into the
+sampler and the host's vote bookkeeping (answer extraction, slot tables, allocate_wave,
+sprt_update: what keeping the votes per process on the host costs). The advantages are
+timed twice on the same inputs: jitted on a padded count (``rollout_advantages``, what
+the loop uses) and eagerly on the exact count (the baseline, which compiles anew
+whenever the count changes).
 
     python experiments/profile_step.py [--method ttrl] [--steps 5]
 """
@@ -45,6 +48,7 @@ def main():
         problems = batch_problems(setup.train_problems, step, config.prompts_per_step, config.seed)
         (rollouts, _), collect = timed(collect_rollouts, params, setup.model_config, setup.task, problems,
                                        setup.sprt, setup.sampling, setup.rows_per_wave, jax.random.key(step))
+        host = collect - rollouts.sampling_seconds
         (rewards, _), consensus = timed(consensus_rewards, rollouts)
         num_rollouts, num_prompts = len(rewards), len(problems)
         advantages, padded = timed(rollout_advantages, rewards, rollouts.prompt_index, num_prompts, mode)
@@ -57,7 +61,9 @@ def main():
                                                      setup.update, setup.grpo, setup.model_config, setup.ref_params,
                                                      rng)
         print(f"{args.method} step {step}: {num_rollouts} rollouts, {len(rows)} trained, "
-              f"{metrics['optimizer_steps']} optimizer steps | collect {collect:.2f} s, consensus {consensus:.2f} s, "
+              f"{metrics['optimizer_steps']} optimizer steps | collect {collect:.2f} s (sampler "
+              f"{rollouts.sampling_seconds:.2f} s, host bookkeeping {1e3 * host / rollouts.waves:.1f} ms a wave, "
+              f"{host / collect:.1%}), consensus {consensus:.2f} s, "
               f"advantages {padded:.3f} s (eager baseline {eager:.3f} s), arrays {build:.3f} s, update {update:.2f} s")
 
 

@@ -124,7 +124,7 @@ def check_row_layout(mesh: Mesh | None, rows_per_process: dict[str, int] | None 
                          f"(data, fsdp) slices; keep the tensor axis within a host")
     for name, rows in (rows_per_process or {}).items():
         if rows % local:
-            raise ValueError(f"config.{name}: {rows} rows per process do not split over the {local} local "
+            raise ValueError(f"{name}: {rows} rows per process do not split over the {local} local "
                              "(data, fsdp) devices")
 
 
@@ -136,7 +136,7 @@ def rows_to_global(tree, mesh: Mesh | None):
     """
     if mesh is None or jax.process_count() == 1:
         return shard_rows(tree, mesh)
-    check_row_layout(mesh, {"rows": min(np.shape(array)[0] for array in jax.tree.leaves(tree))})
+    check_row_layout(mesh, {"rows_to_global": min(np.shape(array)[0] for array in jax.tree.leaves(tree))})
     return _multihost_utils().host_local_array_to_global_array(tree, mesh, PartitionSpec(ROW_AXES))
 
 

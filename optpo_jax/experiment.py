@@ -17,6 +17,7 @@ from optpo_jax.checkpoints import Checkpointer
 from optpo_jax.distributed import (
     check_row_layout,
     is_lead_process,
+    local_row_count,
     mesh_of,
     process_share,
     process_sum,
@@ -143,17 +144,16 @@ def build_setup(config) -> Setup:
     for name in ("steps", "prompts_per_step", "rows_per_wave"):
         if int(config[name]) < 1:
             raise ValueError(f"config.{name} must be >= 1, got {config[name]!r}")
-    shared = {"prompts_per_step": config.prompts_per_step, "rows_per_wave": config.rows_per_wave,
-              "policy_update.micro_batch_rows": config.policy_update.micro_batch_rows}
-    for name, value in shared.items():  # split evenly over the processes
-        if int(value) % jax.process_count():
-            raise ValueError(f"config.{name}={value} must be a multiple of the {jax.process_count()} processes")
+    # Split evenly over the processes (each fills its share of every wave and micro-batch).
+    local_row_count(int(config.prompts_per_step), "config.prompts_per_step")
+    fields = {"config.rows_per_wave": config.rows_per_wave,
+              "config.policy_update.micro_batch_rows": config.policy_update.micro_batch_rows}
+    rows_per_process = {name: local_row_count(int(value), name) for name, value in fields.items()}
     if config.optimizer.learning_rate <= 0:
         raise ValueError(f"config.optimizer.learning_rate must be > 0, got {config.optimizer.learning_rate!r}")
     task, policy, train_problems, eval_problems = make_task(config)
     policy = place_policy(policy, config)
-    check_row_layout(mesh_of(policy.params), {
-        name: int(value) // jax.process_count() for name, value in shared.items() if name != "prompts_per_step"})
+    check_row_layout(mesh_of(policy.params), rows_per_process)
     if config.prompts_per_step > len(train_problems):
         raise ValueError(f"config.prompts_per_step={config.prompts_per_step} exceeds the "
                          f"{len(train_problems)} training prompts")
