@@ -10,9 +10,9 @@ import argparse
 import jax
 import numpy as np
 
-from optpo_jax.evaluation import evaluate
 from optpo_jax.sampler import SamplingConfig
 from optpo_jax.tasks.arithmetic import POLICY_DIR, SHIFTED, SOURCE, ArithmeticTask, generate_problems, load_policy
+from optpo_jax.train.evaluation import evaluate
 
 TEST_SEED = 0  # the default config's data.seed: the prompts the loop adapts on
 

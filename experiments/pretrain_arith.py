@@ -24,11 +24,11 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
-from optpo_jax.evaluation import evaluate, padded_prompts
 from optpo_jax.grpo import token_logprobs
 from optpo_jax.models import HFModel, ModelConfig, forward, init_decoder, save_hf
-from optpo_jax.sampler import SamplingConfig
+from optpo_jax.sampler import SamplingConfig, right_padded
 from optpo_jax.tasks.arithmetic import SHIFTED, SOURCE, ArithmeticTask, generate_problems
+from optpo_jax.train.evaluation import evaluate
 
 MODEL = ModelConfig(
     model_type="llama", vocab_size=16, hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4,
@@ -47,7 +47,7 @@ def training_batch(task: ArithmeticTask, problems):
         prompt_lengths.append(len(prompt))
     if max(len(s) for s in sequences) > SEQUENCE_WIDTH:
         raise ValueError(f"a training sequence is longer than SEQUENCE_WIDTH={SEQUENCE_WIDTH}")
-    tokens, lengths = padded_prompts(sequences, task.pad_token_id, SEQUENCE_WIDTH)
+    tokens, lengths = right_padded(sequences, task.pad_token_id, SEQUENCE_WIDTH)
     columns = np.arange(SEQUENCE_WIDTH - 1)[None]
     positions = np.where(columns < lengths[:, None] - 1, columns, -1)
     # Loss on every completion token: target index t predicts token t + 1.

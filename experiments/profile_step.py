@@ -22,10 +22,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from optpo_jax.default_config import arithmetic_config
-from optpo_jax.experiment import batch_problems, build_setup
 from optpo_jax.grpo import group_advantages
-from optpo_jax.loop import consensus_rewards, grpo_arrays, rollout_advantages, training_rows, update_policy
-from optpo_jax.rollouts import collect_rollouts
+from optpo_jax.train.loop import batch_problems, init_train_state
+from optpo_jax.train.rollouts import collect_rollouts
+from optpo_jax.train.setup import build_setup
+from optpo_jax.train.step import consensus_rewards, grpo_arrays, rollout_advantages, training_rows, update_policy
 
 
 def timed(fn, *args):
@@ -42,12 +43,12 @@ def main():
     args = parser.parse_args()
     config = arithmetic_config(args.method)
     setup = build_setup(config)
-    params, opt_state = setup.policy.params, setup.optimizer.init(setup.policy.params)
-    mode = setup.update.advantage_mode
+    state, learner = init_train_state(setup), setup.learner
+    mode = learner.config.update.advantage_mode
     for step in range(args.steps):
         problems = batch_problems(setup.train_problems, step, config.prompts_per_step, config.seed)
-        (rollouts, _), collect = timed(collect_rollouts, params, setup.model_config, setup.task, problems,
-                                       setup.sprt, setup.sampling, setup.rows_per_wave, jax.random.key(step))
+        (rollouts, _), collect = timed(collect_rollouts, state.params, learner.model_config, learner.task, problems,
+                                       learner.config, jax.random.key(step))
         host = collect - rollouts.sampling_seconds
         (rewards, _), consensus = timed(consensus_rewards, rollouts)
         num_rollouts, num_prompts = len(rewards), len(problems)
@@ -55,11 +56,9 @@ def main():
         _, eager = timed(group_advantages, jnp.asarray(rewards), jnp.asarray(rollouts.prompt_index),
                          jnp.ones(num_rollouts, bool), num_prompts, mode)
         rng = np.random.default_rng(step)
-        rows = training_rows(rollouts, advantages, setup.update, rng)
+        rows = training_rows(rollouts, advantages, learner.config.update, rng)
         arrays, build = timed(grpo_arrays, rollouts, rows, advantages)
-        (params, opt_state, metrics), update = timed(update_policy, params, opt_state, arrays, setup.update_step,
-                                                     setup.update, setup.grpo, setup.model_config, setup.ref_params,
-                                                     rng)
+        (state, metrics), update = timed(update_policy, state, arrays, learner, rng)
         print(f"{args.method} step {step}: {num_rollouts} rollouts, {len(rows)} trained, "
               f"{metrics['optimizer_steps']} optimizer steps | collect {collect:.2f} s (sampler "
               f"{rollouts.sampling_seconds:.2f} s, host bookkeeping {1e3 * host / rollouts.waves:.1f} ms a wave, "

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from optpo_jax.default_config import arithmetic_config
-from optpo_jax.experiment import train
+from optpo_jax.train import train
 
 SETTINGS = {
     "lr 3e-5": {"optimizer.learning_rate": 3e-5},

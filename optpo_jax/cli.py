@@ -40,22 +40,23 @@ def _config_or_default(flag, name: str):
 
 def _start(config):
     """Joins the other hosts first when ``config.distributed`` is set (TPU pod slices, multi-node GPU)."""
-    from optpo_jax.distributed import initialize_distributed
+    from optpo_jax.train.distributed import initialize_distributed
 
     initialize_distributed(bool(config.get("distributed", False)))
     return config
 
 
 def command_train(_):
-    from optpo_jax.experiment import train
+    from optpo_jax.train import train
 
     summary = train(_start(_config_or_default(_CONFIG, "optpo")), _WORKDIR.value, resume=_RESUME.value)
     print(json.dumps(summary, indent=1))
 
 
 def command_eval(_):
-    from optpo_jax.checkpoints import Checkpointer
-    from optpo_jax.experiment import build_setup, run_eval
+    from optpo_jax.train.checkpoints import Checkpointer
+    from optpo_jax.train.loop import run_eval
+    from optpo_jax.train.setup import build_setup
 
     config = _start(_config_or_default(_CONFIG, "optpo"))
     setup = build_setup(config)
@@ -87,7 +88,7 @@ def comparison_table(summaries: list[dict]) -> str:
 
 
 def command_compare(_):
-    from optpo_jax.experiment import train
+    from optpo_jax.train import train
 
     configs = [_start(_config_or_default(_CONFIG, "optpo")), _config_or_default(_BASELINE, "ttrl")]
     summaries = [train(config, Path(_WORKDIR.value) / config.method, resume=_RESUME.value) for config in configs]

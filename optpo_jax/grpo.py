@@ -17,9 +17,6 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-ADVANTAGE_MODES = ("grpo", "drgrpo")
-LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-scale")
-
 
 @dataclasses.dataclass(frozen=True)
 class GRPOConfig:
@@ -56,7 +53,7 @@ class GRPOConfig:
             raise ValueError(f"GRPOConfig.kl_coef must be >= 0, got {self.kl_coef!r}")
         if self.loss_aggregation not in LOSS_AGGREGATIONS:
             raise ValueError(
-                f"GRPOConfig.loss_aggregation must be one of {LOSS_AGGREGATIONS}, "
+                f"GRPOConfig.loss_aggregation must be one of {tuple(LOSS_AGGREGATIONS)}, "
                 f"got {self.loss_aggregation!r}"
             )
 
@@ -84,6 +81,24 @@ class GRPOBatch:
     positions: jax.Array | None = None
 
 
+def grpo_advantage(centered: jax.Array, variance: jax.Array, eps: float) -> jax.Array:
+    """GRPO: (r - mean) / (std + eps), with the unbiased (n - 1) standard deviation (as verl)."""
+    return centered / (jnp.sqrt(variance) + eps)
+
+
+def drgrpo_advantage(centered: jax.Array, variance: jax.Array, eps: float) -> jax.Array:
+    """Dr.GRPO: r - mean, no division by the group's spread."""
+    del variance, eps
+    return centered
+
+
+# Advantage estimators: (centered rewards [R], their group's variance [R], eps) -> [R].
+ADVANTAGE_ESTIMATORS: dict[str, Callable[[jax.Array, jax.Array, float], jax.Array]] = {
+    "grpo": grpo_advantage,
+    "drgrpo": drgrpo_advantage,
+}
+
+
 def group_advantages(
     rewards: jax.Array,
     group_ids: jax.Array,
@@ -94,23 +109,22 @@ def group_advantages(
 ) -> jax.Array:
     """Advantages relative to each rollout's group, for groups of different sizes.
 
-    ``grpo``: (r - mean) / (std + eps) with the unbiased (n - 1) standard deviation,
-    as in verl's GRPO. ``drgrpo``: r - mean (Dr.GRPO). A group of one rollout or one
-    whose rewards are all equal gives 0, and so do masked rows.
+    ``mode`` names an estimator of ``ADVANTAGE_ESTIMATORS`` (``grpo``, ``drgrpo``). A group
+    of one rollout or one whose rewards are all equal gives 0, and so do masked rows.
 
     Args:
       rewards: [R] rewards.
       group_ids: [R] int32 group (prompt) of each rollout, in [0, num_groups).
       mask: [R] bool, which rows are real rollouts.
       num_groups: static number of groups G.
-      mode: one of ``ADVANTAGE_MODES``.
+      mode: a key of ``ADVANTAGE_ESTIMATORS``.
       eps: added to the standard deviation.
 
     Returns:
       [R] float32 advantages.
     """
-    if mode not in ADVANTAGE_MODES:
-        raise ValueError(f"mode must be one of {ADVANTAGE_MODES}, got {mode!r}")
+    if mode not in ADVANTAGE_ESTIMATORS:
+        raise ValueError(f"mode must be one of {tuple(ADVANTAGE_ESTIMATORS)}, got {mode!r}")
     if rewards.ndim != 1 or group_ids.shape != rewards.shape or mask.shape != rewards.shape:
         raise ValueError(f"rewards, group_ids, mask must all be [R]; got {rewards.shape}, {group_ids.shape}, {mask.shape}")
     rewards = rewards.astype(jnp.float32)
@@ -123,10 +137,9 @@ def group_advantages(
     lowest = jax.ops.segment_min(jnp.where(mask, rewards, jnp.inf), group_ids, num_segments=num_groups)
     # Spread tested exactly, so equal rewards give exactly 0 whatever the rounding of the mean.
     informative = mask & (size[group_ids] > 1) & (highest > lowest)[group_ids]
-    if mode == "grpo":
-        variance = group_sum(weight * centered**2) / jnp.maximum(size - 1.0, 1.0)
-        centered = centered / (jnp.sqrt(variance)[group_ids] + eps)
-    return jnp.where(informative, centered, 0.0)
+    variance = group_sum(weight * centered**2) / jnp.maximum(size - 1.0, 1.0)
+    advantages = ADVANTAGE_ESTIMATORS[mode](centered, variance[group_ids], eps)
+    return jnp.where(informative, advantages, 0.0)
 
 
 def token_logprobs(logits: jax.Array, targets: jax.Array, temperature: float = 1.0) -> jax.Array:
@@ -135,19 +148,39 @@ def token_logprobs(logits: jax.Array, targets: jax.Array, temperature: float = 1
     return jnp.take_along_axis(log_probs, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
 
 
+def token_mean_aggregation(token_sums, tokens, token_scale):
+    """Every completion token weighs the same."""
+    del token_scale
+    return jnp.sum(token_sums), jnp.sum(tokens)
+
+
+def seq_mean_token_mean_aggregation(token_sums, tokens, token_scale):
+    """Mean over rollouts (with at least one token) of each rollout's token mean."""
+    del token_scale
+    return jnp.sum(token_sums / jnp.maximum(tokens, 1.0)), jnp.sum((tokens > 0).astype(jnp.float32))
+
+
+def seq_mean_token_scale_aggregation(token_sums, tokens, token_scale):
+    """Dr.GRPO: token sum over rollouts x T, a constant that favours neither short nor long answers."""
+    return jnp.sum(token_sums), jnp.sum((tokens > 0).astype(jnp.float32)) * token_scale
+
+
+# Loss aggregations: (per-rollout loss sums [R], per-rollout tokens [R], T) -> (sum, denominator).
+LOSS_AGGREGATIONS: dict[str, Callable[[jax.Array, jax.Array, int], tuple[jax.Array, jax.Array]]] = {
+    "token-mean": token_mean_aggregation,
+    "seq-mean-token-mean": seq_mean_token_mean_aggregation,
+    "seq-mean-token-scale": seq_mean_token_scale_aggregation,
+}
+
+
 def aggregate_loss(
     per_token_loss: jax.Array, loss_mask: jax.Array, mode: str, token_scale: int = 0
 ) -> tuple[jax.Array, jax.Array]:
     """Sum and denominator of the loss, so micro-batches combine exactly.
 
     The loss is sum / denominator; over micro-batches it is sum(sums) / sum(denominators).
-
-    - ``token-mean``: every completion token weighs the same.
-    - ``seq-mean-token-mean``: mean over rollouts (with at least one token) of each
-      rollout's token mean.
-    - ``seq-mean-token-scale`` (Dr.GRPO): token sum divided by rollouts x T, a
-      constant that does not favour short or long answers (T = ``token_scale``, or
-      the width of ``per_token_loss`` when it is 0).
+    ``mode`` names one of ``LOSS_AGGREGATIONS``; ``token_scale`` is the T of
+    ``seq-mean-token-scale`` (0: the width of ``per_token_loss``, which moves with padding).
 
     Args:
       per_token_loss: [R, T] float32.
@@ -155,17 +188,12 @@ def aggregate_loss(
       mode: one of ``LOSS_AGGREGATIONS``.
       token_scale: T of ``seq-mean-token-scale``; 0 for the width.
     """
+    if mode not in LOSS_AGGREGATIONS:
+        raise ValueError(f"loss aggregation must be one of {tuple(LOSS_AGGREGATIONS)}, got {mode!r}")
     weight = loss_mask.astype(jnp.float32)
     token_sums = jnp.sum(per_token_loss * weight, axis=-1)
     tokens = jnp.sum(weight, axis=-1)
-    has_tokens = (tokens > 0).astype(jnp.float32)
-    if mode == "token-mean":
-        return jnp.sum(token_sums), jnp.sum(tokens)
-    if mode == "seq-mean-token-mean":
-        return jnp.sum(token_sums / jnp.maximum(tokens, 1.0)), jnp.sum(has_tokens)
-    if mode == "seq-mean-token-scale":
-        return jnp.sum(token_sums), jnp.sum(has_tokens) * (token_scale or per_token_loss.shape[-1])
-    raise ValueError(f"loss aggregation must be one of {LOSS_AGGREGATIONS}, got {mode!r}")
+    return LOSS_AGGREGATIONS[mode](token_sums, tokens, token_scale or per_token_loss.shape[-1])
 
 
 def policy_loss(
@@ -225,34 +253,22 @@ def policy_loss(
     return loss_sum / jnp.maximum(denominator, 1e-9), metrics
 
 
-def grpo_step(
+def accumulate_gradients(
     params: Any,
-    opt_state: optax.OptState,
     batch: GRPOBatch,
     apply_fn: Callable[[Any, GRPOBatch], jax.Array],
-    optimizer: optax.GradientTransformation,
     config: GRPOConfig,
     num_micro_batches: int = 1,
-) -> tuple[Any, optax.OptState, dict[str, jax.Array]]:
-    """One pure GRPO update.
+) -> tuple[Any, jax.Array, dict[str, jax.Array]]:
+    """Gradient of the batch's loss, accumulated exactly over ``num_micro_batches``.
 
-    Args:
-      params: parameter pytree (for example a Flax NNX ``nnx.State``).
-      opt_state: ``optimizer.init(params)`` or a later state.
-      batch: the rollouts, advantages and old log-probabilities.
-      apply_fn: ``apply_fn(params, batch) -> logits [R, T, V]``.
-      optimizer: an Optax gradient transformation.
-      config: the loss configuration.
-      num_micro_batches: static M dividing R; gradients are accumulated over M
-        micro-batches (a ``lax.scan``, so activations of one micro-batch at a time)
-        as sums of the loss numerator, then divided by the summed denominator: the
-        same update as the full batch, not a mean of means.
+    The micro-batches run in a ``lax.scan`` (activations of one at a time) and add up the
+    loss numerator's gradient and the denominator, which divides at the end: the same
+    gradient as the full batch, not a mean of means.
 
     Returns:
-      (params, opt_state, metrics). When the loss or any gradient is not finite the
-      update is skipped, params and opt_state come back unchanged and
-      ``metrics["skipped"]`` is True. Token-mean metrics (clip_fraction, kl,
-      mean_ratio) and mean_advantage are those of the whole batch.
+      (grads, loss, metrics): token-mean metrics (clip_fraction, kl, mean_ratio) and
+      mean_advantage of the whole batch, plus loss_sum and loss_denominator.
     """
     num_rows = batch.input_tokens.shape[0]
     if num_micro_batches < 1 or num_rows % num_micro_batches:
@@ -287,16 +303,58 @@ def grpo_step(
     (grads_sum, sums), _ = jax.lax.scan(accumulate, (zeros, metric_zeros), jax.tree.map(split, batch))
     denominator = jnp.maximum(sums["loss_denominator"], 1e-9)
     grads = jax.tree.map(lambda g: g / denominator, grads_sum)
-    loss = sums["loss_sum"] / denominator
     metrics = {name: sums[name] / jnp.maximum(sums["rows" if name == "mean_advantage" else "tokens"], 1.0)
                for name in ("clip_fraction", "kl", "mean_ratio", "mean_advantage")}
     metrics.update(loss_sum=sums["loss_sum"], loss_denominator=sums["loss_denominator"])
-    grad_norm = optax.tree.norm(grads)
+    return grads, sums["loss_sum"] / denominator, metrics
+
+
+def apply_update(
+    params: Any, opt_state: optax.OptState, grads: Any, loss: jax.Array, optimizer: optax.GradientTransformation
+) -> tuple[Any, optax.OptState, jax.Array]:
+    """One optimizer update, skipped (params and state unchanged) unless the loss and every gradient are finite.
+
+    Written out rather than ``optax.apply_if_finite``: that checks the gradients only, adds
+    its counters to the optimizer state (so to every checkpoint), and hides the skip from
+    the step's metrics. Returns (params, opt_state, finite).
+    """
     finite = jnp.isfinite(loss)
     for grad in jax.tree.leaves(grads):
         finite = finite & jnp.all(jnp.isfinite(grad))
     updates, new_opt_state = optimizer.update(grads, opt_state, params)
     new_params = optax.apply_updates(params, updates)
     keep_if_finite = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    metrics = dict(metrics, loss=loss, grad_norm=grad_norm, skipped=~finite)
-    return keep_if_finite(new_params, params), keep_if_finite(new_opt_state, opt_state), metrics
+    return keep_if_finite(new_params, params), keep_if_finite(new_opt_state, opt_state), finite
+
+
+def grpo_step(
+    params: Any,
+    opt_state: optax.OptState,
+    batch: GRPOBatch,
+    apply_fn: Callable[[Any, GRPOBatch], jax.Array],
+    optimizer: optax.GradientTransformation,
+    config: GRPOConfig,
+    num_micro_batches: int = 1,
+) -> tuple[Any, optax.OptState, dict[str, jax.Array]]:
+    """One pure GRPO update: ``accumulate_gradients`` then ``apply_update``.
+
+    Args:
+      params: parameter pytree (for example a Flax NNX ``nnx.State``).
+      opt_state: ``optimizer.init(params)`` or a later state.
+      batch: the rollouts, advantages and old log-probabilities.
+      apply_fn: ``apply_fn(params, batch) -> logits [R, T, V]``.
+      optimizer: an Optax gradient transformation.
+      config: the loss configuration.
+      num_micro_batches: static M dividing R; gradients are accumulated exactly over M
+        micro-batches (memory: one micro-batch of activations).
+
+    Returns:
+      (params, opt_state, metrics). When the loss or any gradient is not finite the
+      update is skipped, params and opt_state come back unchanged and
+      ``metrics["skipped"]`` is True. Token-mean metrics (clip_fraction, kl,
+      mean_ratio) and mean_advantage are those of the whole batch.
+    """
+    grads, loss, metrics = accumulate_gradients(params, batch, apply_fn, config, num_micro_batches)
+    grad_norm = optax.tree.norm(grads)
+    new_params, new_opt_state, finite = apply_update(params, opt_state, grads, loss, optimizer)
+    return new_params, new_opt_state, dict(metrics, loss=loss, grad_norm=grad_norm, skipped=~finite)

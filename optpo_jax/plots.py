@@ -1,9 +1,11 @@
 """Figures of training runs: pass@1 curves of a ``compare`` run and rollouts per prompt.
 
-The functions read what ``experiment.train`` writes (``metrics.jsonl`` and
+The functions read what ``train.loop.train`` writes (``metrics.jsonl`` and
 ``config.json`` in a run's workdir) and return matplotlib ``Figure`` objects built
 without pyplot, so they neither need a display nor keep global state; ``save_figure``
 writes one as PNG. The experiments/ scripts and colab/quickstart.ipynb share them.
+matplotlib is the optional extra ``plots`` (``pip install 'optpo-jax[plots]'``);
+importing ``optpo_jax`` does not import it.
 """
 
 from __future__ import annotations
@@ -13,7 +15,11 @@ import json
 from pathlib import Path
 
 import numpy as np
-from matplotlib.figure import Figure
+
+try:
+    from matplotlib.figure import Figure
+except ImportError as error:  # an optional extra: the library itself never draws
+    raise ImportError("optpo_jax.plots needs matplotlib: pip install 'optpo-jax[plots]'") from error
 
 METHOD_COLORS = {"optpo": "tab:blue", "ttrl": "tab:orange"}
 METHOD_NAMES = {"optpo": "OptPO", "ttrl": "TTRL"}

@@ -26,7 +26,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from optpo_jax.distributed import mesh_of, process_max, rows_to_global
 from optpo_jax.models.config import ModelConfig
 from optpo_jax.models.decoder import forward, init_cache
 
@@ -233,7 +232,9 @@ def _sample_padded(params, prompt_tokens, prompt_lengths, valid, key, model_conf
     return SampleOutput(tokens, logprobs, policy_logprobs, lengths, stopped)
 
 
-_sample_jit = jax.jit(_sample_padded, static_argnames=("model_config", "config"))
+sample_padded = jax.jit(_sample_padded, static_argnames=("model_config", "config"))
+sample_padded.__doc__ = """The jitted sampler on inputs already padded by ``pad_wave`` (and placed on a mesh, if any):
+``(params, prompt_tokens [R, W], prompt_lengths [R], valid [R], key, *, model_config, config) -> SampleOutput``."""
 
 
 def bucket_width(width: int, config: SamplingConfig) -> int:
@@ -249,6 +250,53 @@ def bucket_width(width: int, config: SamplingConfig) -> int:
     )
 
 
+def right_padded(token_lists: list, pad_token_id: int, width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Token lists as right-padded [N, width] int32 tokens (width default: the longest) and [N] lengths."""
+    width = max((len(tokens) for tokens in token_lists), default=1) if width is None else width
+    padded = np.full((len(token_lists), width), pad_token_id, np.int32)
+    for row, tokens in enumerate(token_lists):
+        padded[row, : len(tokens)] = tokens
+    return padded, np.array([len(tokens) for tokens in token_lists], np.int32)
+
+
+def pad_wave(prompt_tokens, prompt_lengths, valid, config: SamplingConfig, width: int | None = None):
+    """Checks a wave's host arrays and pads its prompts to the width the sampler compiles for.
+
+    Args:
+      prompt_tokens: [R, Lp] int32 right-padded prompts.
+      prompt_lengths: [R] int32 real tokens of each prompt (>= 1 on valid rows).
+      valid: [R] bool; rows that are False are padding from the start.
+      config: the SamplingConfig (its prompt buckets).
+      width: the padded width; default the smallest bucket that holds the longest valid
+        prompt. Several processes must pass the same width (they compile one program).
+
+    Returns:
+      (prompt_tokens [R, width], prompt_lengths [R] (1 on invalid rows), valid [R]) as numpy.
+    """
+    prompt_tokens = np.asarray(prompt_tokens, np.int32)
+    prompt_lengths = np.asarray(prompt_lengths, np.int32)
+    valid = np.asarray(valid, bool)
+    if prompt_tokens.ndim != 2:
+        raise ValueError(f"prompt_tokens must be [R, Lp], got shape {prompt_tokens.shape}")
+    num_rows, given_width = prompt_tokens.shape
+    if prompt_lengths.shape != (num_rows,) or valid.shape != (num_rows,):
+        raise ValueError(
+            f"prompt_lengths and valid must be [{num_rows}], got {prompt_lengths.shape} and {valid.shape}"
+        )
+    bad = np.flatnonzero(valid & ((prompt_lengths < 1) | (prompt_lengths > given_width)))
+    if bad.size:
+        row = int(bad[0])
+        raise ValueError(f"prompt_lengths[{row}]={prompt_lengths[row]} must be in [1, {given_width}] on a valid row")
+    prompt_lengths = np.where(valid, prompt_lengths, 1).astype(np.int32)
+    longest = int(prompt_lengths[valid].max(initial=1))
+    width = bucket_width(longest, config) if width is None else width
+    if width < longest:
+        raise ValueError(f"width={width} is shorter than the longest valid prompt ({longest} tokens)")
+    if width >= given_width:
+        prompt_tokens = np.pad(prompt_tokens, ((0, 0), (0, width - given_width)), constant_values=config.pad_token_id)
+    return prompt_tokens[:, :width], prompt_lengths, valid
+
+
 def sample(
     params,
     model_config: ModelConfig,
@@ -258,46 +306,21 @@ def sample(
     key: jax.Array,
     config: SamplingConfig,
 ) -> SampleOutput:
-    """Samples one wave of rollouts.
+    """Samples one wave of rollouts on this process's devices.
 
     Args:
-      params: the decoder's parameter state (``nnx.State``); when it is sharded over a
-        (data, fsdp, tensor) mesh, the rows are sharded over (data, fsdp) of that mesh.
+      params: the decoder's parameter state (``nnx.State``).
       model_config: its architecture.
-      prompt_tokens: [R, Lp] int32 right-padded prompts. With several processes, each
-        passes its own rows and the wave is all of them (read yours back with
-        ``distributed.local_rows``).
+      prompt_tokens: [R, Lp] int32 right-padded prompts.
       prompt_lengths: [R] int32 real tokens of each prompt (>= 1 on valid rows).
       valid: [R] bool; rows that are False are padding from the start.
       key: a ``jax.random`` key; the same key gives the same wave.
       config: the SamplingConfig.
 
     Returns:
-      A SampleOutput with [R, max_new_tokens] tokens and log-probabilities (on several
-      processes, R of every process together; see the module docstring for which
-      distribution each log-probability is under).
+      A SampleOutput with [R, max_new_tokens] tokens and log-probabilities (see the
+      module docstring for which distribution each log-probability is under). For a wave
+      split over a mesh or several processes use ``train.waves.sample_wave``.
     """
-    prompt_tokens = np.asarray(prompt_tokens, np.int32)
-    prompt_lengths = np.asarray(prompt_lengths, np.int32)
-    valid = np.asarray(valid, bool)
-    if prompt_tokens.ndim != 2:
-        raise ValueError(f"prompt_tokens must be [R, Lp], got shape {prompt_tokens.shape}")
-    num_rows, width = prompt_tokens.shape
-    if prompt_lengths.shape != (num_rows,) or valid.shape != (num_rows,):
-        raise ValueError(
-            f"prompt_lengths and valid must be [{num_rows}], got {prompt_lengths.shape} and {valid.shape}"
-        )
-    bad = np.flatnonzero(valid & ((prompt_lengths < 1) | (prompt_lengths > width)))
-    if bad.size:
-        row = int(bad[0])
-        raise ValueError(f"prompt_lengths[{row}]={prompt_lengths[row]} must be in [1, {width}] on a valid row")
-    prompt_lengths = np.where(valid, prompt_lengths, 1).astype(np.int32)
-    # Every process must compile the same shape: the bucket of the longest prompt anywhere.
-    padded_width = bucket_width(process_max(int(prompt_lengths[valid].max(initial=1))), config)
-    if padded_width >= width:
-        prompt_tokens = np.pad(prompt_tokens, ((0, 0), (0, padded_width - width)), constant_values=config.pad_token_id)
-    else:
-        prompt_tokens = prompt_tokens[:, :padded_width]
-    # On a mesh, rows are split over (data, fsdp) like the params' mesh; the code is the same.
-    prompt_tokens, prompt_lengths, valid = rows_to_global((prompt_tokens, prompt_lengths, valid), mesh_of(params))
-    return _sample_jit(params, prompt_tokens, prompt_lengths, valid, key, model_config=model_config, config=config)
+    tokens, lengths, valid = pad_wave(prompt_tokens, prompt_lengths, valid, config)
+    return sample_padded(params, tokens, lengths, valid, key, model_config=model_config, config=config)

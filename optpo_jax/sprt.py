@@ -2,7 +2,8 @@
 
 Each prompt accumulates votes (answer slots of its rollouts) wave after wave; after
 every wave a stopping rule turns the votes into a confidence and marks the prompt
-done. Rules (``SPRTConfig.rule``):
+done. Rules (``SPRTConfig.rule``, the ``RULES`` registry: one pure confidence function
+each, ``(counts [..., K], run_length [...], config) -> [...]``):
 
 - ``dirichlet`` (OptPO, arXiv 2512.02882): the posterior probability that the leading
   answer is the policy's mode under a Dirichlet posterior with one extra slot for
@@ -21,6 +22,8 @@ num_samples >= max_samples.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -28,8 +31,6 @@ from flax import struct
 from jax.scipy.special import betainc
 
 from optpo_jax.posterior import posterior_mode_prob
-
-RULES = ("dirichlet", "beta", "esc", "fixed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +55,7 @@ class SPRTConfig:
 
     def __post_init__(self):
         if self.rule not in RULES:
-            raise ValueError(f"SPRTConfig.rule must be one of {RULES}, got {self.rule!r}")
+            raise ValueError(f"SPRTConfig.rule must be one of {tuple(RULES)}, got {self.rule!r}")
         if not 0.0 < self.threshold < 1.0:
             raise ValueError(f"SPRTConfig.threshold must lie in (0, 1), got {self.threshold!r}")
         if not self.prior > 0.0:
@@ -90,6 +91,10 @@ class VoteState:
     run_slot: jax.Array
     run_length: jax.Array
 
+    def select(self, prompts) -> VoteState:
+        """The votes of ``prompts`` (a slice or index array) as a VoteState of those prompts."""
+        return jax.tree.map(lambda values: values[prompts], self)
+
 
 def init_vote_state(num_prompts: int, num_slots: int) -> VoteState:
     """Empty votes for ``num_prompts`` prompts with ``num_slots`` answer slots each."""
@@ -114,22 +119,52 @@ def leader_and_runner_up(counts: jax.Array) -> tuple[jax.Array, jax.Array]:
     return top_two[..., 0], top_two[..., 1]
 
 
-def rule_confidence(counts: jax.Array, run_length: jax.Array, config: SPRTConfig) -> jax.Array:
-    """The rule's confidence for votes ``counts [..., K]`` and ``run_length [...]``."""
-    if config.rule in ("dirichlet", "fixed"):
-        return posterior_mode_prob(counts, config.prior, max_count=config.max_samples)
-    if config.rule == "beta":
-        leader, runner_up = leader_and_runner_up(counts)
-        alpha = leader.astype(jnp.float32) + config.prior
-        beta = runner_up.astype(jnp.float32) + config.prior
-        return jnp.where(leader > 0, 1.0 - betainc(alpha, beta, 0.5), 0.0)
+def dirichlet_confidence(counts: jax.Array, run_length: jax.Array, config: SPRTConfig) -> jax.Array:
+    """P(the leader is the policy's mode) under Dir(counts + prior, prior for unseen answers)."""
+    del run_length
+    return posterior_mode_prob(counts, config.prior, max_count=config.max_samples)
+
+
+def beta_confidence(counts: jax.Array, run_length: jax.Array, config: SPRTConfig) -> jax.Array:
+    """P(p_leader > p_runner_up) under Beta(v1 + prior, v2 + prior); 0 before the first vote."""
+    del run_length
+    leader, runner_up = leader_and_runner_up(counts)
+    alpha = leader.astype(jnp.float32) + config.prior
+    beta = runner_up.astype(jnp.float32) + config.prior
+    return jnp.where(leader > 0, 1.0 - betainc(alpha, beta, 0.5), 0.0)
+
+
+def esc_confidence(counts: jax.Array, run_length: jax.Array, config: SPRTConfig) -> jax.Array:
+    """1 once the last ``esc_window`` answers agree, else 0."""
+    del counts
     return (run_length >= config.esc_window).astype(jnp.float32)
+
+
+class Rule(NamedTuple):
+    """A stopping rule: its confidence, and whether reaching the threshold stops a prompt
+    (False: only the budget does, and the confidence is reported, not acted on)."""
+
+    confidence: Callable[[jax.Array, jax.Array, SPRTConfig], jax.Array]
+    stops_early: bool = True
+
+
+RULES: dict[str, Rule] = {
+    "dirichlet": Rule(dirichlet_confidence),
+    "beta": Rule(beta_confidence),
+    "esc": Rule(esc_confidence),
+    "fixed": Rule(dirichlet_confidence, stops_early=False),
+}
+
+
+def rule_confidence(counts: jax.Array, run_length: jax.Array, config: SPRTConfig) -> jax.Array:
+    """The configured rule's confidence for votes ``counts [..., K]`` and ``run_length [...]``."""
+    return RULES[config.rule].confidence(counts, run_length, config)
 
 
 def stop_condition(confidence, num_samples, config: SPRTConfig) -> jax.Array:
     """Whether a prompt with this confidence and sample count stops. [...] -> [...] bool."""
     at_budget = num_samples >= config.max_samples
-    if config.rule == "fixed":
+    if not RULES[config.rule].stops_early:
         return at_budget
     return (confidence >= config.threshold) & (num_samples >= config.min_samples) | at_budget
 

@@ -21,14 +21,15 @@ import json
 
 from test_loop import tiny_config
 
-from optpo_jax import experiment
+from optpo_jax.train import loop
+from optpo_jax.train.setup import build_setup
 
 local_steps = []
 
 
-def recording_training_step(state, problems, *args, **kwargs):
-    result = training_step(state, problems, *args, **kwargs)
-    rollouts = result[1]
+def recording_training_step(state, learner, problems, *args, **kwargs):
+    result = training_step(state, learner, problems, *args, **kwargs)
+    rollouts = result[1].rollouts
     local_steps.append({"prompts": [problem.prompt for problem in problems],
                         "rollouts": len(rollouts.prompt_index)})
     return result
@@ -38,7 +39,7 @@ def layout_error(mesh: dict) -> str:
     config = tiny_config()
     config.mesh.update(mesh)
     try:
-        experiment.build_setup(config)
+        build_setup(config)
     except ValueError as error:
         return str(error)
     return ""
@@ -47,9 +48,9 @@ def layout_error(mesh: dict) -> str:
 # Several processes need a mesh, and a tensor axis across hosts would give two processes the same rows.
 assert "must span" in layout_error({"data": 1, "fsdp": 1, "tensor": 1})
 assert "tensor axis within a host" in layout_error({"data": 1, "fsdp": 1, "tensor": 8})
-training_step, experiment.training_step = experiment.training_step, recording_training_step
+training_step, loop.training_step = loop.training_step, recording_training_step
 config = tiny_config(steps=steps, rows_per_wave=24)  # several waves a step: spare rows start the next batch
 config.mesh.data = -1  # 8 devices over 2 processes
-summary = experiment.train(config, workdir, resume=resume, progress=False)
+summary = loop.train(config, workdir, resume=resume, progress=False)
 print("SUMMARY " + json.dumps({"devices": jax.device_count(), **summary}), flush=True)
 print("LOCAL " + json.dumps(local_steps), flush=True)

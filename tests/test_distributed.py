@@ -12,11 +12,11 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from test_sampler import CONFIG, right_padded
 
-from optpo_jax.checkpoints import Checkpointer
-from optpo_jax.distributed import make_mesh, merge_shares, mesh_of, process_share, shard_params, shard_rows
 from optpo_jax.grpo import GRPOBatch, GRPOConfig, grpo_step
 from optpo_jax.models import forward, init_decoder
 from optpo_jax.sampler import SamplingConfig, sample
+from optpo_jax.train.checkpoints import Checkpointer
+from optpo_jax.train.distributed import make_mesh, merge_shares, mesh_of, process_share, shard_params, shard_rows
 
 MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2)]
 needs_8 = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (XLA_FLAGS host device count)")
@@ -126,7 +126,8 @@ def test_remat_gives_the_same_gradients(params):
 def test_sharded_loop_checkpoints_restore_onto_another_mesh(tmp_path):
     from test_loop import tiny_config
 
-    from optpo_jax.experiment import make_optimizer, train
+    from optpo_jax.train.loop import train
+    from optpo_jax.train.setup import make_optimizer
 
     config = tiny_config(steps=2)
     config.mesh.update({"data": 8, "fsdp": 1, "tensor": 1})

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import signal
@@ -11,11 +12,14 @@ import numpy as np
 import pytest
 
 from optpo_jax.default_config import arithmetic_config
-from optpo_jax.experiment import batch_problems, build_setup, train
 from optpo_jax.grpo import token_logprobs
-from optpo_jax.loop import UpdateConfig, consensus_rewards, grpo_arrays, training_rows
 from optpo_jax.models import forward
-from optpo_jax.rollouts import collect_rollouts
+from optpo_jax.sprt import SPRTConfig
+from optpo_jax.train.loop import batch_problems, train
+from optpo_jax.train.rollouts import collect_rollouts
+from optpo_jax.train.setup import build_setup
+from optpo_jax.train.step import consensus_rewards, grpo_arrays, training_rows
+from optpo_jax.train.step_config import UpdateConfig
 
 
 def tiny_config(method="optpo", **overrides):
@@ -43,10 +47,12 @@ def setup():
 
 @pytest.mark.parametrize("rule", ["dirichlet", "fixed"])
 def test_collected_rollouts_match_the_votes(setup, rule):
-    sprt = setup.sprt if rule == "dirichlet" else type(setup.sprt)(rule="fixed", max_samples=8)
+    config = setup.learner.config
+    if rule == "fixed":
+        config = dataclasses.replace(config, sprt=SPRTConfig(rule="fixed", max_samples=8))
     problems = setup.train_problems[:5]
-    rollouts, carry = collect_rollouts(setup.policy.params, setup.model_config, setup.task, problems, sprt,
-                                       setup.sampling, 32, jax.random.key(0))
+    rollouts, carry = collect_rollouts(setup.policy.params, setup.policy.config, setup.task, problems, config,
+                                       jax.random.key(0))
     assert carry is None
     votes = rollouts.votes
     assert np.asarray(votes.done).all()
@@ -68,17 +74,18 @@ def test_collected_rollouts_match_the_votes(setup, rule):
 
 def test_lookahead_prompts_use_spare_rows_and_carry_their_votes(setup):
     first, second = setup.train_problems[:3], setup.train_problems[3:6]
-    args = (setup.policy.params, setup.model_config, setup.task)
-    alone, _ = collect_rollouts(*args, first, setup.sprt, setup.sampling, 32, jax.random.key(2))
-    batch, carry = collect_rollouts(*args, first, setup.sprt, setup.sampling, 32, jax.random.key(2), lookahead=second)
+    args = (setup.policy.params, setup.policy.config, setup.task)
+    config = setup.learner.config
+    alone, _ = collect_rollouts(*args, first, config, jax.random.key(2))
+    batch, carry = collect_rollouts(*args, first, config, jax.random.key(2), lookahead=second)
     # The batch gets the rows it would get alone (it is served first); spare rows went to `second`.
     np.testing.assert_array_equal(batch.prompt_index, alone.prompt_index)
     np.testing.assert_array_equal(batch.slots, alone.slots)
     assert batch.rows_used > alone.rows_used and batch.utilization > alone.utilization
-    early = np.bincount(carry["kept"]["prompt_index"], minlength=3)
-    np.testing.assert_array_equal(early, np.asarray(carry["votes"].num_samples))
+    early = np.bincount(carry.kept["prompt_index"], minlength=3)
+    np.testing.assert_array_equal(early, np.asarray(carry.votes.num_samples))
     assert early.sum() == batch.rows_used - len(batch.prompt_index) > 0
-    later, none = collect_rollouts(*args, second, setup.sprt, setup.sampling, 32, jax.random.key(3), carry=carry)
+    later, none = collect_rollouts(*args, second, config, jax.random.key(3), carry=carry)
     assert none is None and np.asarray(later.votes.done).all()
     per_prompt = np.bincount(later.prompt_index, minlength=3)
     np.testing.assert_array_equal(per_prompt, np.asarray(later.votes.num_samples))
@@ -90,8 +97,8 @@ def test_lookahead_prompts_use_spare_rows_and_carry_their_votes(setup):
 
 def test_rewards_rows_and_old_logprobs_line_up(setup):
     problems = setup.train_problems[:4]
-    rollouts, _ = collect_rollouts(setup.policy.params, setup.model_config, setup.task, problems, setup.sprt,
-                                   setup.sampling, 32, jax.random.key(1))
+    rollouts, _ = collect_rollouts(setup.policy.params, setup.policy.config, setup.task, problems,
+                                   setup.learner.config, jax.random.key(1))
     rewards, leader = consensus_rewards(rollouts)
     for row in range(len(rewards)):
         assert rewards[row] == (rollouts.slots[row] >= 0 and rollouts.slots[row] == leader[rollouts.prompt_index[row]])
@@ -101,7 +108,7 @@ def test_rewards_rows_and_old_logprobs_line_up(setup):
     assert 0 not in set(rollouts.prompt_index[rows])
     arrays = grpo_arrays(rollouts, rows, advantages)
     # The sampler's policy log-probabilities are what the trainer recomputes at the loss-mask positions.
-    logits, _ = forward(setup.model_config, setup.policy.params, jnp.asarray(arrays["input_tokens"]),
+    logits, _ = forward(setup.policy.config, setup.policy.params, jnp.asarray(arrays["input_tokens"]),
                         jnp.asarray(arrays["positions"]))
     recomputed = np.asarray(token_logprobs(logits, jnp.asarray(arrays["target_tokens"])))
     mask = arrays["loss_mask"]
@@ -113,7 +120,7 @@ def test_rewards_rows_and_old_logprobs_line_up(setup):
 
 
 def test_checkpoint_keeps_the_totals_of_its_step(tmp_path):
-    from optpo_jax.checkpoints import Checkpointer
+    from optpo_jax.train.checkpoints import Checkpointer
 
     checkpoints = Checkpointer(tmp_path)
     state = {"params": {"w": jnp.ones(3)}, "opt_state": {"m": jnp.zeros(3)}}
@@ -192,7 +199,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
 @pytest.mark.parametrize("mode", ["grpo", "drgrpo"])
 def test_padded_rollout_advantages_equal_the_unpadded_ones(mode):
     from optpo_jax.grpo import group_advantages
-    from optpo_jax.loop import rollout_advantages
+    from optpo_jax.train.step import rollout_advantages
 
     rng = np.random.default_rng(0)
     for num_rollouts in (12, 256, 513):  # inside, at and across bucket boundaries

@@ -3,6 +3,7 @@ import re
 import time
 from pathlib import Path
 
+import jax
 import pytest
 import torch
 from hypothesis import given, settings
@@ -11,11 +12,11 @@ from math_verify import parse
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config
 
-from optpo_jax.answer_slots import AnswerSlots
-from optpo_jax.data import load_problems
 from optpo_jax.default_config import math_config
-from optpo_jax.experiment import train
+from optpo_jax.tasks.data import load_problems
 from optpo_jax.tasks.math import MathEquivalence, extract_choice, extract_math_answer, last_boxed
+from optpo_jax.train import train
+from optpo_jax.train.answer_slots import AnswerSlots
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 MATH_SETS = ["aime_ttt.json", "amc_ttt.json", "math_ttt.json"]
@@ -161,3 +162,35 @@ def test_aime_config_smoke_run_on_a_tiny_random_qwen2(tmp_path):
     assert steps[-1]["truncated_prompts"] > 0  # long AIME prompts were cut to 128 tokens, and counted
     assert "equivalence_timeouts" in steps[-1]
     assert summary["after"]["pass@1"] == 0.0  # a random model does not solve AIME
+
+
+def test_maj_at_k_votes_equivalent_answers_together(tmp_path, monkeypatch):
+    """maj@k counts \\frac{1}{2} and 0.5 as one answer, as training's votes do (exact strings would pick "3")."""
+    from optpo_jax.models import load_hf
+    from optpo_jax.sampler import SamplingConfig
+    from optpo_jax.tasks.math import MathProblem, MathTask
+    from optpo_jax.train import evaluation, waves
+
+    write_tiny_qwen(tmp_path, ["What is one half?", "What is two?"])
+    policy = load_hf(str(tmp_path), dtype="float32")
+    task = MathTask(policy.tokenizer)
+    problems = [MathProblem("What is one half?", "\\frac{1}{2}"), MathProblem("What is two?", "2")]
+    scripted = {0: ["3", "0.5", "\\dfrac{1}{2}"], 1: ["3", "2.0", "3"]}
+
+    def scripted_wave(*args, **kwargs):
+        wave = waves.sample_wave(*args, **kwargs)
+        seen = {prompt: 0 for prompt in scripted}
+        for row, (prompt, valid) in enumerate(zip(wave.prompt_ids, wave.valid, strict=True)):
+            if valid:
+                wave.answers[row] = scripted[int(prompt)][seen[int(prompt)]]
+                seen[int(prompt)] += 1
+        return wave
+
+    monkeypatch.setattr(evaluation, "sample_wave", scripted_wave)
+    sampling = SamplingConfig(max_new_tokens=2, stop_token_ids=task.stop_token_ids, pad_token_id=task.pad_token_id)
+    result = evaluation.evaluate(policy, task, problems, 3, jax.random.key(0), sampling, rows_per_wave=6,
+                                 progress=False)
+    assert result.answers == [scripted[0], scripted[1]]
+    assert result.correct.tolist() == [[False, True, True], [False, True, False]]
+    # Prompt 0: 0.5 and \dfrac{1}{2} share a slot (2 votes) and beat "3"; prompt 1: "3" has 2 votes against "2.0".
+    assert result.majority_correct.tolist() == [True, False]

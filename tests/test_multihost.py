@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 from test_loop import tiny_config
 
-from optpo_jax.experiment import batch_problems
 from optpo_jax.tasks.arithmetic import SHIFTED, generate_problems
+from optpo_jax.train.loop import batch_problems
 
 WORKER = Path(__file__).with_name("multihost_worker.py")
 

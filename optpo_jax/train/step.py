@@ -1,8 +1,8 @@
-"""One OptPO / TTRL training step: collect rollouts, reward agreement with the consensus, GRPO.
+"""One OptPO / TTRL training step: rollouts -> rewards -> advantages -> GRPO update.
 
 The step is the same for both methods; only the stopping rule differs (OptPO: the
 Dirichlet posterior test; TTRL: the ``fixed`` rule with 64 votes, GRPO on 32 of them).
-Ground truth is never read here; ``step_metrics`` in experiment.py reads it for metrics.
+Ground truth is never read here; ``metrics.step_metrics`` reads it for metrics.
 """
 
 from __future__ import annotations
@@ -10,47 +10,53 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
+from flax import struct
 
-from optpo_jax.distributed import local_row_count, mesh_of, process_max, process_sum, rows_to_global
 from optpo_jax.grpo import GRPOBatch, GRPOConfig, group_advantages, grpo_step, token_logprobs
 from optpo_jax.models.decoder import forward
-from optpo_jax.rollouts import Rollouts, collect_rollouts
 from optpo_jax.sprt import consensus
+from optpo_jax.train.distributed import local_row_count, mesh_of, process_max, process_sum, rows_to_global
+from optpo_jax.train.rollouts import LookaheadCarry, Rollouts, collect_rollouts
+from optpo_jax.train.step_config import StepConfig, UpdateConfig
 
 
-@dataclasses.dataclass(frozen=True)
-class UpdateConfig:
-    """How retained rollouts become optimizer steps.
+@struct.dataclass
+class TrainState:
+    """What a training step changes, and the fixed reference policy of the KL term.
 
     Attributes:
-      train_samples_per_prompt: rollouts of each prompt used for the update, chosen at
-        random after labelling with all of them (TTRL: 32 of 64); 0 uses every one.
-      micro_batch_rows: rows per optimizer step (fixed shape; the last is padded).
-      grad_accumulation: splits each optimizer step's rows into this many micro-batches
-        whose gradients are summed exactly (memory: one micro-batch of activations).
-      epochs: passes over the rollouts per training step.
-      advantage_mode: "grpo" or "drgrpo".
+      params: the policy's parameters (``nnx.State``), possibly sharded over a mesh.
+      opt_state: the optimizer's state.
+      ref_params: the initial params (a copy: the update donates ``params``).
     """
 
-    train_samples_per_prompt: int = 0
-    micro_batch_rows: int = 256
-    grad_accumulation: int = 1
-    epochs: int = 1
-    advantage_mode: str = "grpo"
+    params: Any
+    opt_state: Any
+    ref_params: Any
 
-    def __post_init__(self):
-        if self.train_samples_per_prompt < 0:
-            raise ValueError(f"train_samples_per_prompt must be >= 0, got {self.train_samples_per_prompt}")
-        if self.micro_batch_rows < 1:
-            raise ValueError(f"micro_batch_rows must be >= 1, got {self.micro_batch_rows}")
-        if self.grad_accumulation < 1 or self.micro_batch_rows % self.grad_accumulation:
-            raise ValueError(f"grad_accumulation={self.grad_accumulation} must be >= 1 and divide "
-                             f"micro_batch_rows={self.micro_batch_rows}")
-        if self.epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+
+@dataclasses.dataclass
+class StepOutput:
+    """One step's results besides the new TrainState.
+
+    Attributes:
+      rollouts: the batch's retained rollouts and votes.
+      rewards: [N] float32, 1 where a rollout's answer is its prompt's consensus.
+      labels: [P] int32 consensus slot of each prompt (-1 without a vote).
+      update_metrics: the update's means (loss, kl, ...), optimizer_steps, trained_rollouts, update_seconds.
+      carry: the lookahead prompts' early votes, for the next step.
+    """
+
+    rollouts: Rollouts
+    rewards: np.ndarray
+    labels: np.ndarray
+    update_metrics: dict
+    carry: LookaheadCarry | None
 
 
 def consensus_rewards(rollouts: Rollouts) -> tuple[np.ndarray, np.ndarray]:
@@ -140,61 +146,76 @@ def make_update_step(model_config, optimizer, grpo_config: GRPOConfig, num_micro
     return jax.jit(step, donate_argnums=(0, 1))
 
 
-def update_policy(params, opt_state, arrays: dict, update_step, config: UpdateConfig, grpo_config: GRPOConfig,
-                  model_config, ref_params, rng: np.random.Generator):
-    """Runs ``epochs`` passes of micro-batched GRPO steps over ``arrays``; returns params, opt_state, metrics.
+@dataclasses.dataclass(frozen=True)
+class Learner:
+    """The fixed parts of training, built once by ``setup.build_setup``.
+
+    Attributes:
+      task: prompts, answer extraction (and, for metrics only, grading).
+      model_config: the policy's architecture.
+      config: the step's static settings.
+      update_step: ``make_update_step(model_config, optimizer, config.grpo, ...)``.
+    """
+
+    task: Any
+    model_config: Any
+    config: StepConfig
+    update_step: Callable
+
+
+def update_policy(state: TrainState, arrays: dict, learner: Learner,
+                  rng: np.random.Generator) -> tuple[TrainState, dict]:
+    """Runs ``epochs`` passes of micro-batched GRPO steps over ``arrays``; returns the state and the metrics.
 
     ``arrays`` are this process's rows; each optimizer step takes micro_batch_rows / process_count
     of them from every process, and a process out of rows pads (zero loss mask). The number of
     optimizer steps is set by the process with the most rows, so uneven shares can add steps
     (the loss of each stays exact: its denominator counts only real rows).
     """
+    config, grpo_config = learner.config.update, learner.config.grpo
     num_rows = len(arrays["advantages"])
     chunk_rows = local_row_count(config.micro_batch_rows, "policy_update.micro_batch_rows")
     num_chunks = process_max(-(-num_rows // chunk_rows))
-    mesh = mesh_of(params)
+    params, opt_state, mesh = state.params, state.opt_state, mesh_of(state.params)
     metrics = []
     for _ in range(config.epochs if num_chunks else 0):
         order = rng.permutation(num_rows)
         for start in range(0, num_chunks * chunk_rows, chunk_rows):
             chunk = _pad_rows({k: v[order[start : start + chunk_rows]] for k, v in arrays.items()}, chunk_rows)
-            ref = None
             chunk = rows_to_global(chunk, mesh)
+            ref = None
             if grpo_config.kl_coef > 0:
-                ref = _reference_logprobs(model_config, ref_params, grpo_config.temperature, chunk["input_tokens"],
-                                          chunk["target_tokens"], chunk["positions"])
-            batch = GRPOBatch(ref_logprobs=ref, **chunk)
-            params, opt_state, step_metrics = update_step(params, opt_state, batch)
+                ref = _reference_logprobs(learner.model_config, state.ref_params, grpo_config.temperature,
+                                          chunk["input_tokens"], chunk["target_tokens"], chunk["positions"])
+            params, opt_state, step_metrics = learner.update_step(params, opt_state, GRPOBatch(ref_logprobs=ref,
+                                                                                               **chunk))
             metrics.append(step_metrics)
+    state = state.replace(params=params, opt_state=opt_state)
     if not metrics:
-        return params, opt_state, {"optimizer_steps": 0}
+        return state, {"optimizer_steps": 0}
     summary = {name: float(np.mean([float(m[name]) for m in metrics]))
                for name in ("loss", "kl", "clip_fraction", "grad_norm", "mean_ratio")}
     summary["skipped_steps"] = int(sum(bool(m["skipped"]) for m in metrics))
     summary["optimizer_steps"] = len(metrics)
-    return params, opt_state, summary
+    return state, summary
 
 
-def training_step(state: dict, problems: list, task, setup, key: jax.Array, rng: np.random.Generator,
-                  lookahead: list = (), carry: dict | None = None, progress: bool = False):
-    """One step on a batch of unlabeled ``problems``.
+def training_step(state: TrainState, learner: Learner, problems: list, key: jax.Array, rng: np.random.Generator,
+                  lookahead: list = (), carry: LookaheadCarry | None = None,
+                  progress: bool = False) -> tuple[TrainState, StepOutput]:
+    """One step on a batch of unlabeled ``problems``: rollouts, consensus rewards, advantages, update.
 
-    ``state`` holds params and opt_state; ``setup`` (experiment.Setup) the configs, the
-    jitted update step and the reference params; ``lookahead`` / ``carry`` as in
-    collect_rollouts. Returns (state, rollouts, rewards, consensus slots, update metrics, carry).
+    ``lookahead`` / ``carry`` as in ``collect_rollouts``; ``key`` drives sampling and
+    ``rng`` the update's row subsample and order.
     """
-    rollouts, next_carry = collect_rollouts(state["params"], setup.model_config, task, problems, setup.sprt,
-                                            setup.sampling, setup.rows_per_wave, key, lookahead, carry,
-                                            progress=progress)
+    rollouts, next_carry = collect_rollouts(state.params, learner.model_config, learner.task, problems,
+                                            learner.config, key, lookahead, carry, progress=progress)
     start = time.perf_counter()
-    rewards, leader = consensus_rewards(rollouts)
-    advantages = rollout_advantages(rewards, rollouts.prompt_index, len(problems), setup.update.advantage_mode)
-    rows = training_rows(rollouts, advantages, setup.update, rng)
-    arrays = grpo_arrays(rollouts, rows, advantages)
-    params, opt_state, update_metrics = update_policy(
-        state["params"], state["opt_state"], arrays, setup.update_step, setup.update, setup.grpo,
-        setup.model_config, setup.ref_params, rng,
-    )
+    rewards, labels = consensus_rewards(rollouts)
+    update = learner.config.update
+    advantages = rollout_advantages(rewards, rollouts.prompt_index, len(problems), update.advantage_mode)
+    rows = training_rows(rollouts, advantages, update, rng)
+    state, update_metrics = update_policy(state, grpo_arrays(rollouts, rows, advantages), learner, rng)
     update_metrics["update_seconds"] = time.perf_counter() - start
     update_metrics["trained_rollouts"] = int(process_sum(len(rows)))
-    return dict(state, params=params, opt_state=opt_state), rollouts, rewards, leader, update_metrics, next_carry
+    return state, StepOutput(rollouts, rewards, labels, update_metrics, next_carry)

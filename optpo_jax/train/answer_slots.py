@@ -26,6 +26,17 @@ class AnswerSlots:
         self.tables: list[list] = [[] for _ in range(num_prompts)]
         self.lookups: list[dict] = [{} for _ in range(num_prompts)]
 
+    @classmethod
+    def for_task(cls, task, num_prompts: int, num_slots: int) -> AnswerSlots:
+        """Tables that group answers the way ``task`` does (its ``canonical`` form and ``equivalent``, if any)."""
+        return cls(num_prompts, num_slots, getattr(task, "equivalent", None), getattr(task, "canonical", None))
+
+    def select(self, prompts: slice) -> AnswerSlots:
+        """The tables of ``prompts`` (a slice), sharing the grouping functions."""
+        selected = AnswerSlots(0, self.num_slots, self.equivalent, self.canonical)
+        selected.tables, selected.lookups = self.tables[prompts], self.lookups[prompts]
+        return selected
+
     def _slot(self, prompt: int, answer) -> int:
         lookup, table = self.lookups[prompt], self.tables[prompt]
         key = self.canonical(answer) if self.canonical else answer

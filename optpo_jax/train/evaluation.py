@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 
 import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from optpo_jax.distributed import (
-    allgather_objects,
-    local_row_count,
-    local_rows,
-    merge_shares,
-    mesh_of,
-    process_max,
-    process_share,
-)
-from optpo_jax.sampler import SamplingConfig, sample
+from optpo_jax.sampler import SamplingConfig
+from optpo_jax.sprt import SPRTConfig, consensus, init_vote_state
+from optpo_jax.train.answer_slots import AnswerSlots
+from optpo_jax.train.distributed import allgather_objects, local_row_count, merge_shares, process_max, process_share
+from optpo_jax.train.waves import count_votes, sample_wave, tokenize_prompts
 
 
 @dataclasses.dataclass
@@ -28,8 +22,8 @@ class EvalResult:
     Attributes:
       answers: per prompt, the k extracted answers (None where none was found).
       correct: [P, k] bool, whether each sample's answer is right.
-      majority_correct: [P] bool, whether the most frequent answer is right (ties go to
-        the answer seen first; no answer at all counts as wrong).
+      majority_correct: [P] bool, whether the consensus answer is right (the most-voted
+        answer slot, ties to the answer seen first; no answer at all counts as wrong).
       generated_tokens: total tokens sampled.
     """
 
@@ -68,24 +62,6 @@ class EvalResult:
         }
 
 
-def majority_answer(answers):
-    """The most frequent non-None answer (first seen wins ties), or None."""
-    counts = collections.Counter(a for a in answers if a is not None)
-    if not counts:
-        return None
-    best = max(counts.values())
-    return next(a for a in answers if a is not None and counts[a] == best)
-
-
-def padded_prompts(prompts: list, pad_token_id: int, width: int | None = None):
-    """Right-padded [N, width] int32 tokens and [N] lengths of token lists."""
-    width = width or max(len(p) for p in prompts)
-    tokens = np.full((len(prompts), width), pad_token_id, np.int32)
-    for row, prompt in enumerate(prompts):
-        tokens[row, : len(prompt)] = prompt
-    return tokens, np.array([len(p) for p in prompts], np.int32)
-
-
 def evaluate(
     policy,
     task,
@@ -97,6 +73,10 @@ def evaluate(
     progress: bool = True,
 ) -> EvalResult:
     """Samples ``num_samples`` completions per problem and grades them.
+
+    Rows are filled in problem order (k rows per problem) through the same wave driver as
+    training, and maj@k is the consensus of the same answer tables and votes that
+    training uses (so equivalent spellings such as ``0.5`` and ``\\frac{1}{2}`` vote together).
 
     Args:
       policy: an object with ``config`` (ModelConfig) and ``params``.
@@ -112,26 +92,26 @@ def evaluate(
     (identical on every process) holds all of them.
     """
     local_problems = process_share(problems)
-    num_rows, mesh = local_row_count(rows_per_wave, "rows_per_wave"), mesh_of(policy.params)
-    prompt_list = [task.prompt_tokens(p) for p in local_problems]
-    rows = [(index, sample_index) for index in range(len(local_problems)) for sample_index in range(num_samples)]
-    width = process_max(max((len(p) for p in prompt_list), default=1))
-    answers = [[None] * num_samples for _ in local_problems]
-    generated = 0
-    num_waves = process_max(-(-len(rows) // num_rows))
+    num_rows = local_row_count(rows_per_wave, "rows_per_wave")
+    prompts = tokenize_prompts(task, local_problems, sampling)
+    row_prompts = np.repeat(np.arange(len(local_problems), dtype=np.int32), num_samples)
+    votes = init_vote_state(max(len(local_problems), 1), num_samples)
+    answer_slots = AnswerSlots.for_task(task, len(local_problems), num_samples)
+    vote_config = SPRTConfig(rule="fixed", min_samples=num_samples, max_samples=num_samples)
+    answers, generated = [[] for _ in local_problems], 0
+    num_waves = process_max(-(-len(row_prompts) // num_rows))
     for wave_index in tqdm(range(num_waves), desc="evaluate", disable=not progress, leave=False):
-        chunk = rows[wave_index * num_rows : (wave_index + 1) * num_rows]
-        prompts = [prompt_list[index] for index, _ in chunk]
-        prompts += [[task.pad_token_id]] * (num_rows - len(chunk))
-        tokens, lengths = padded_prompts(prompts, task.pad_token_id, width)
+        chunk = row_prompts[wave_index * num_rows : (wave_index + 1) * num_rows]
         valid = np.arange(num_rows) < len(chunk)
-        out = sample(policy.params, policy.config, tokens, lengths, valid, jax.random.fold_in(key, wave_index), sampling)
-        completions, completion_lengths = local_rows(out.tokens, mesh), local_rows(out.lengths, mesh)
-        generated += int(completion_lengths[valid].sum())
-        for row, (index, sample_index) in enumerate(chunk):
-            answers[index][sample_index] = task.extract(completions[row, : completion_lengths[row]])
+        wave = sample_wave(policy.params, policy.config, task, prompts, np.pad(chunk, (0, num_rows - len(chunk))),
+                           valid, jax.random.fold_in(key, wave_index), sampling)
+        generated += int(wave.completion_lengths[valid].sum())
+        votes, _ = count_votes(votes, answer_slots, wave, vote_config)
+        for prompt, answer in zip(chunk, wave.answers, strict=False):
+            answers[prompt].append(answer)
+    labels = [answer_slots.answer(prompt, int(slot)) for prompt, slot in enumerate(np.asarray(consensus(votes)))]
     correct = [[bool(task.is_correct(a, p)) for a in row] for row, p in zip(answers, local_problems, strict=True)]
-    majority = [bool(task.is_correct(majority_answer(row), p)) for row, p in zip(answers, local_problems, strict=True)]
+    majority = [bool(task.is_correct(label, p)) for label, p in zip(labels, local_problems, strict=False)]
     shares = allgather_objects({"answers": answers, "correct": correct, "majority": majority, "generated": generated})
     return EvalResult(answers=merge_shares([share["answers"] for share in shares]),
                       correct=np.array(merge_shares([share["correct"] for share in shares]), bool).reshape(

@@ -1,0 +1,133 @@
+"""The step loop: batches, training steps, evaluation, metrics, checkpoints and resume.
+
+    train(config, workdir)
+      for step:                      this module
+        training_step                step.py
+          collect_rollouts           rollouts.py: waves until every prompt's vote stops
+            sample_wave              waves.py: one jitted sampler call (a while_loop over tokens)
+          rewards -> advantages -> GRPO update
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from optpo_jax.train.checkpoints import Checkpointer
+from optpo_jax.train.distributed import is_lead_process, mesh_of, process_share, replicate_unplaced
+from optpo_jax.train.evaluation import EvalResult, evaluate
+from optpo_jax.train.metrics import step_metrics
+from optpo_jax.train.metrics_log import MetricsLog
+from optpo_jax.train.rollouts import LookaheadCarry
+from optpo_jax.train.setup import Setup, build_setup
+from optpo_jax.train.step import TrainState, training_step
+
+
+def batch_problems(problems: list, step: int, prompts_per_step: int, seed: int) -> list:
+    """The prompts of ``step``: epochs of seeded permutations of ``problems`` (a pure function of step)."""
+    per_epoch = len(problems) // prompts_per_step
+    epoch, index = divmod(step, per_epoch)
+    order = np.random.default_rng([seed, epoch]).permutation(len(problems))
+    return [problems[i] for i in order[index * prompts_per_step : (index + 1) * prompts_per_step]]
+
+
+def run_eval(setup: Setup, params, num_samples: int, seed: int, progress: bool = True) -> EvalResult:
+    """pass@1 / maj@k / pass@k of ``params`` on the run's evaluation prompts."""
+    policy = dataclasses.replace(setup.policy, params=params)
+    return evaluate(policy, setup.task, setup.eval_problems, num_samples, jax.random.key(seed), setup.eval_sampling,
+                    rows_per_wave=setup.learner.config.rows_per_wave, progress=progress)
+
+
+def init_train_state(setup: Setup) -> TrainState:
+    """The initial policy, its optimizer state and a copy of it as the KL reference."""
+    params = setup.policy.params
+    opt_state = replicate_unplaced(setup.optimizer.init(params), mesh_of(params))
+    # A copy: the update step donates the params it is given.
+    return TrainState(params=params, opt_state=opt_state, ref_params=jax.tree.map(jnp.copy, params))
+
+
+def _restore(checkpointer: Checkpointer, state: TrainState) -> tuple[TrainState, dict, LookaheadCarry | None]:
+    saved, totals, carry = checkpointer.restore({"params": state.params, "opt_state": state.opt_state})
+    return state.replace(params=saved["params"], opt_state=saved["opt_state"]), totals, carry
+
+
+def _step_batches(setup: Setup, step: int) -> tuple[list, list]:
+    """This process's share of the batch of ``step`` and of the next one (its lookahead)."""
+    config = setup.config
+    batch = lambda at: process_share(batch_problems(setup.train_problems, at, config.prompts_per_step, config.seed))
+    lookahead = batch(step + 1) if config.lookahead and step + 1 < config.steps else []
+    return batch(step), lookahead
+
+
+def _run_step(setup: Setup, state: TrainState, step: int, carry, totals: dict, progress: bool):
+    """One step of the loop with its metrics (and mid-run evaluation); updates ``totals`` in place."""
+    config = setup.config
+    start = time.perf_counter()
+    # Each process votes on, grades and trains on its own share of the batch.
+    problems, lookahead = _step_batches(setup, step)
+    state, output = training_step(state, setup.learner, problems, jax.random.fold_in(jax.random.key(config.seed), step),
+                                  np.random.default_rng([config.seed, step, 1]), lookahead, carry, progress)
+    metrics = step_metrics(output, problems, setup.task)
+    totals.update(step=step + 1, rollouts=totals["rollouts"] + metrics["rollouts"],
+                  generated_tokens=totals["generated_tokens"] + metrics["generated_tokens"],
+                  seconds=totals["seconds"] + time.perf_counter() - start,
+                  label_accuracy_sum=totals["label_accuracy_sum"] + metrics["label_accuracy"])
+    # Running totals, so curves can be drawn against rollouts and training wall-clock (evaluation excluded).
+    metrics.update(total_rollouts=totals["rollouts"], train_seconds=totals["seconds"])
+    if config.eval.every_steps and (step + 1) % config.eval.every_steps == 0 and step + 1 < config.steps:
+        result = run_eval(setup, state.params, config.eval.samples, config.seed + 2 + step, progress)
+        metrics.update({f"eval/{k}": v for k, v in result.summary().items()})
+    return state, output.carry, metrics
+
+
+def train(config, workdir: str | Path, resume: bool = False, progress: bool = True) -> dict:
+    """Runs ``config`` in ``workdir``; returns the summary (also written to summary.json)."""
+    setup = build_setup(config)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if is_lead_process():
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
+    state, carry = init_train_state(setup), None
+    totals = {"step": 0, "rollouts": 0, "generated_tokens": 0, "seconds": 0.0, "label_accuracy_sum": 0.0}
+    checkpointer = Checkpointer(workdir / "checkpoints", keep=2)
+    resumed = resume and checkpointer.latest_step() is not None
+    if resumed:
+        state, totals, carry = _restore(checkpointer, state)
+    log = MetricsLog(workdir, truncate_after=totals["step"] if resumed else -1, enabled=is_lead_process())
+    if totals["step"] == 0:
+        totals["before"] = run_eval(setup, state.params, config.eval.final_samples, config.seed + 1, progress).summary()
+        log.write(0, {f"eval/{k}": v for k, v in totals["before"].items()})
+    steps = tqdm(range(totals["step"], config.steps), desc=f"train {config.method}", disable=not progress,
+                 initial=totals["step"], total=config.steps)
+    for step in steps:
+        state, carry, metrics = _run_step(setup, state, step, carry, totals, progress)
+        log.write(step + 1, metrics)
+        steps.set_postfix(rollouts=f"{metrics['rollouts_per_prompt']:.1f}", label=f"{metrics['label_accuracy']:.2f}")
+        if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
+            checkpointer.save(step + 1, {"params": state.params, "opt_state": state.opt_state}, totals, carry)
+    checkpointer.wait()
+    return _finish(setup, state, totals, log, workdir, progress)
+
+
+def _finish(setup: Setup, state: TrainState, totals: dict, log: MetricsLog, workdir: Path, progress: bool) -> dict:
+    """The final evaluation, logged and summarised in summary.json."""
+    config = setup.config
+    after = run_eval(setup, state.params, config.eval.final_samples, config.seed + 1, progress)
+    log.write(config.steps, {f"final/{k}": v for k, v in after.summary().items()})
+    log.close()
+    summary = {
+        "method": config.method, "steps": config.steps, "before": totals.get("before"),
+        "after": after.summary(), "total_rollouts": totals["rollouts"],
+        "total_generated_tokens": totals["generated_tokens"], "train_seconds": totals["seconds"],
+        "label_accuracy": totals["label_accuracy_sum"] / max(config.steps, 1),
+    }
+    if is_lead_process():
+        (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary

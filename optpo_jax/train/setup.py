@@ -1,0 +1,159 @@
+"""From an experiment config (ml_collections) to the objects a run needs, validated before any work."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import optax
+
+from optpo_jax.grpo import GRPOConfig
+from optpo_jax.optim import float32_master
+from optpo_jax.sampler import SamplingConfig
+from optpo_jax.sprt import SPRTConfig
+from optpo_jax.tasks.arithmetic import SHIFTED, ArithmeticTask, generate_problems, load_policy
+from optpo_jax.train.distributed import check_row_layout, local_row_count, make_mesh, mesh_of, shard_params
+from optpo_jax.train.step import Learner, make_update_step
+from optpo_jax.train.step_config import StepConfig, UpdateConfig
+
+DATA_MODES = ("transductive", "held_out")
+
+
+def _build(kind, fields, name: str):
+    """``kind(**fields)`` with errors that name the config section."""
+    try:
+        return kind(**(fields.to_dict() if hasattr(fields, "to_dict") else dict(fields)))
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"config.{name}: {error}") from error
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """Everything a run needs, built and validated from a config before any work starts.
+
+    Attributes:
+      config: the experiment config it was built from.
+      policy: the initial policy (``config``, ``params`` placed on the mesh; ``tokenizer`` for HF models).
+      learner: the task, architecture, StepConfig and jitted update of every training step.
+      eval_sampling: the SamplingConfig of evaluation.
+      optimizer: the optax transformation (its state starts from ``policy.params``).
+      train_problems, eval_problems: the prompts trained on and evaluated on.
+    """
+
+    config: object
+    policy: object
+    learner: Learner
+    eval_sampling: SamplingConfig
+    optimizer: optax.GradientTransformation
+    train_problems: list
+    eval_problems: list
+
+    @property
+    def task(self):
+        return self.learner.task
+
+
+def resolve_model_path(name: str) -> str:
+    """A local checkpoint directory as is; otherwise a hub name, downloaded (config, safetensors, tokenizer)."""
+    if Path(name).is_dir():
+        return name
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"])
+
+
+def make_task(config):
+    """(task, policy, train problems, eval problems) for ``config.task``."""
+    if config.task == "arithmetic":
+        task = ArithmeticTask()
+        policy = load_policy(config.model_path) if config.model_path else load_policy()
+        train_problems = generate_problems(config.data.num_prompts, SHIFTED, seed=config.data.seed)
+        held_out = generate_problems(config.data.num_prompts, SHIFTED, seed=config.data.held_out_seed)
+    elif config.task == "math":
+        from optpo_jax.models import load_hf
+        from optpo_jax.tasks.data import load_problems
+        from optpo_jax.tasks.math import MathTask
+
+        if not config.model_path:
+            raise ValueError("config.model_path must name a checkpoint directory or hub model for task 'math'")
+        policy = load_hf(resolve_model_path(config.model_path), dtype=config.model_dtype)
+        task = MathTask(policy.tokenizer, config.math.instruction, config.math.max_prompt_tokens,
+                        config.math.multiple_choice, config.math.timeout_seconds)
+        fields = {"prompt_field": config.data.prompt_field, "answer_field": config.data.answer_field,
+                  "limit": config.data.num_prompts}
+        train_problems = load_problems(config.data.path, **fields)
+        held_out = load_problems(config.data.held_out_path, **fields) if config.data.mode == "held_out" else None
+    else:
+        raise ValueError(f"config.task must be 'arithmetic' or 'math', got {config.task!r}")
+    eval_problems = train_problems if config.data.mode == "transductive" else held_out
+    return task, policy, train_problems, eval_problems
+
+
+def place_policy(policy, config):
+    """The policy with ``config.remat`` applied and its params sharded over ``config.mesh`` (if > 1 device)."""
+    model_config = dataclasses.replace(policy.config, remat=bool(config.get("remat", False)))
+    params = policy.params
+    mesh_sizes = dict(config.get("mesh", {}))
+    if mesh_sizes and mesh_sizes != {"data": 1, "fsdp": 1, "tensor": 1}:
+        try:
+            mesh = make_mesh(**mesh_sizes)
+        except ValueError as error:
+            raise ValueError(f"config.mesh: {error}") from error
+        params = shard_params(params, mesh)
+    return dataclasses.replace(policy, config=model_config, params=params)
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+    """AdamW with a constant or cosine schedule and linear warmup (``warmup_fraction`` of the steps).
+
+    With ``optimizer.float32_master`` the optimizer works on a float32 copy of the params
+    (for bfloat16 params: ``model_dtype = "bfloat16"``).
+    """
+    settings = config.optimizer
+    if settings.schedule not in ("constant", "cosine"):
+        raise ValueError(f"config.optimizer.schedule must be 'constant' or 'cosine', got {settings.schedule!r}")
+    warmup = round(settings.warmup_fraction * config.steps)
+    if settings.schedule == "cosine":
+        schedule = optax.warmup_cosine_decay_schedule(0.0, settings.learning_rate, warmup, max(config.steps, warmup + 1))
+    elif warmup:
+        schedule = optax.warmup_constant_schedule(0.0, settings.learning_rate, warmup)
+    else:
+        schedule = settings.learning_rate
+    optimizer = optax.chain(optax.clip_by_global_norm(settings.max_grad_norm),
+                            optax.adamw(schedule, weight_decay=settings.weight_decay))
+    return float32_master(optimizer) if settings.get("float32_master", False) else optimizer
+
+
+def build_setup(config) -> Setup:
+    """Validates ``config`` (errors name the field and value) and loads the task and policy."""
+    if config.data.mode not in DATA_MODES:
+        raise ValueError(f"config.data.mode must be one of {DATA_MODES}, got {config.data.mode!r}")
+    for name in ("steps", "prompts_per_step", "rows_per_wave"):
+        if int(config[name]) < 1:
+            raise ValueError(f"config.{name} must be >= 1, got {config[name]!r}")
+    # Split evenly over the processes (each fills its share of every wave and micro-batch).
+    local_row_count(int(config.prompts_per_step), "config.prompts_per_step")
+    fields = {"config.rows_per_wave": config.rows_per_wave,
+              "config.policy_update.micro_batch_rows": config.policy_update.micro_batch_rows}
+    rows_per_process = {name: local_row_count(int(value), name) for name, value in fields.items()}
+    if config.optimizer.learning_rate <= 0:
+        raise ValueError(f"config.optimizer.learning_rate must be > 0, got {config.optimizer.learning_rate!r}")
+    task, policy, train_problems, eval_problems = make_task(config)
+    policy = place_policy(policy, config)
+    check_row_layout(mesh_of(policy.params), rows_per_process)
+    if config.prompts_per_step > len(train_problems):
+        raise ValueError(f"config.prompts_per_step={config.prompts_per_step} exceeds the "
+                         f"{len(train_problems)} training prompts")
+    common = {"stop_token_ids": task.stop_token_ids, "pad_token_id": task.pad_token_id}
+    sampling = _build(SamplingConfig, dict(config.sampling, **common), "sampling")
+    eval_sampling = dataclasses.replace(sampling, temperature=config.eval.temperature, top_p=config.eval.top_p)
+    grpo = _build(GRPOConfig, dict(config.grpo, temperature=sampling.temperature,
+                                   token_scale=sampling.max_new_tokens), "grpo")
+    step_config = StepConfig(sprt=_build(SPRTConfig, config.sprt, "sprt"), sampling=sampling,
+                             update=_build(UpdateConfig, config.policy_update, "policy_update"), grpo=grpo,
+                             rows_per_wave=int(config.rows_per_wave))
+    optimizer = make_optimizer(config)
+    update_step = make_update_step(policy.config, optimizer, grpo, step_config.update.grad_accumulation)
+    return Setup(config=config, policy=policy, learner=Learner(task, policy.config, step_config, update_step),
+                 eval_sampling=eval_sampling, optimizer=optimizer, train_problems=train_problems,
+                 eval_problems=eval_problems)

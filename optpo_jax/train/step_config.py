@@ -1,0 +1,66 @@
+"""The static settings of one training step, built once from the experiment config (``setup.py``)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from optpo_jax.grpo import ADVANTAGE_ESTIMATORS, GRPOConfig
+from optpo_jax.sampler import SamplingConfig
+from optpo_jax.sprt import SPRTConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class UpdateConfig:
+    """How retained rollouts become optimizer steps.
+
+    Attributes:
+      train_samples_per_prompt: rollouts of each prompt used for the update, chosen at
+        random after labelling with all of them (TTRL: 32 of 64); 0 uses every one.
+      micro_batch_rows: rows per optimizer step (fixed shape; the last is padded).
+      grad_accumulation: splits each optimizer step's rows into this many micro-batches
+        whose gradients are summed exactly (memory: one micro-batch of activations).
+      epochs: passes over the rollouts per training step.
+      advantage_mode: a key of ``grpo.ADVANTAGE_ESTIMATORS``.
+    """
+
+    train_samples_per_prompt: int = 0
+    micro_batch_rows: int = 256
+    grad_accumulation: int = 1
+    epochs: int = 1
+    advantage_mode: str = "grpo"
+
+    def __post_init__(self):
+        if self.train_samples_per_prompt < 0:
+            raise ValueError(f"train_samples_per_prompt must be >= 0, got {self.train_samples_per_prompt}")
+        if self.micro_batch_rows < 1:
+            raise ValueError(f"micro_batch_rows must be >= 1, got {self.micro_batch_rows}")
+        if self.grad_accumulation < 1 or self.micro_batch_rows % self.grad_accumulation:
+            raise ValueError(f"grad_accumulation={self.grad_accumulation} must be >= 1 and divide "
+                             f"micro_batch_rows={self.micro_batch_rows}")
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.advantage_mode not in ADVANTAGE_ESTIMATORS:
+            raise ValueError(f"advantage_mode must be one of {tuple(ADVANTAGE_ESTIMATORS)}, got {self.advantage_mode!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """Everything static a training step reads (hashable).
+
+    Attributes:
+      sprt: the stopping rule and vote budget.
+      sampling: how rollouts are sampled.
+      update: how rollouts become optimizer steps.
+      grpo: the policy loss.
+      rows_per_wave: rows of every sampler call, over all processes.
+    """
+
+    sprt: SPRTConfig
+    sampling: SamplingConfig
+    update: UpdateConfig
+    grpo: GRPOConfig
+    rows_per_wave: int
+
+    def __post_init__(self):
+        if self.rows_per_wave < 1:
+            raise ValueError(f"rows_per_wave must be >= 1, got {self.rows_per_wave!r}")
