@@ -1,0 +1,63 @@
+"""CPU smoke test of experiments/bench_accelerator.py at a reduced shape: sane outputs, no timing claims."""
+
+import importlib
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    """The script as a module; it imports its sibling bench_common, so experiments/ goes on the path."""
+    sys.path.insert(0, str(EXPERIMENTS))
+    try:
+        yield importlib.import_module("bench_accelerator")
+    finally:
+        sys.path.remove(str(EXPERIMENTS))
+
+
+def test_reduced_run_gives_sane_throughputs_and_table(bench):
+    rows, prompt_len, new_tokens, update_rows = (2, 4), 8, 6, 2
+    # Generous peaks fixed by flag (no CPU reaches 100 GB/s and 1 TFLOP/s on this model), so the fraction bound
+    # below cannot flake on a loaded machine; the measured peaks are checked in the next test.
+    results = bench.run_benchmark(models=("qwen2.5-0.5b-instruct",), rows=rows, prompt_len=prompt_len,
+                                  new_tokens=new_tokens, update_rows=update_rows, small=True,
+                                  bandwidth_gbs=100.0, peak_tflops=1.0)
+    assert [(r["measurement"], r["rows"]) for r in results] == [
+        ("sample", 2), ("sample", 4), (f"update ({prompt_len + new_tokens} tokens/row)", 2)]
+    for r in results:
+        for key in ("tokens_per_s", "roofline_tokens_per_s", "compile_s", "seconds"):
+            assert math.isfinite(r[key]) and r[key] >= 0, (key, r)
+        assert r["tokens_per_s"] > 0 and 0 < r["fraction_of_roofline"] <= 1.5, r
+        assert r["peaks_from"] == "flag" and r["model"] == "qwen2.5-0.5b-instruct (small)"
+    waves, update = results[:2], results[2]
+    for r in waves:
+        # No stop tokens: every row generates all of its new tokens.
+        assert r["generated_tokens"] == r["tokens"] == r["rows"] * new_tokens
+        assert r["bound"] in ("memory", "compute")
+    assert update["tokens"] == update_rows * (prompt_len + new_tokens)
+    assert update["trained_tokens"] == update_rows * new_tokens and not update["skipped"]
+
+    table = bench.markdown_table(results).splitlines()
+    assert table[0].startswith("| model | measurement | rows | tokens/s |") and len(table) == 2 + len(results)
+    assert "qwen2.5-0.5b-instruct (small) | update (14 tokens/row) | 2 |" in table[-1]
+    assert "cpu" in bench.device_description() and "jax " in bench.device_description()
+
+
+def test_peaks_come_from_flags_table_or_measurement(bench):
+    measured = bench.device_peaks()  # a CPU is not in the table: measured
+    assert measured.source == "measured" and measured.bandwidth_gbs > 0 and measured.tflops > 0
+    assert math.isfinite(measured.bandwidth_gbs) and math.isfinite(measured.tflops)
+    assert bench.device_peaks(bandwidth_gbs=3350.0, peak_tflops=989.0) == bench.Peaks(3350.0, 989.0, "flag")
+    assert bench.device_peaks(peak_tflops=5.0).source == "measured + flag"
+
+
+def test_small_flag_fills_the_reduced_shape_and_keeps_explicit_flags(bench):
+    args = bench.parse_args(["--small", "--rows", "3"])
+    assert args.rows == [3] and args.new_tokens == bench.SMALL_SHAPE["new_tokens"]
+    full = bench.parse_args([])
+    assert (tuple(full.rows), full.prompt_len, full.new_tokens) == ((64, 128, 256), 512, 1024)
