@@ -22,6 +22,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from optpo_jax.sprt import SPRTConfig, VoteState, remaining_budget, rule_confidence, stop_condition
 
@@ -78,13 +79,22 @@ def allocate_wave(state: VoteState, num_rows: int, config: SPRTConfig) -> tuple[
 
     Args:
       state: votes of P prompts.
-      num_rows: static wave size R.
+      num_rows: static wave size R >= 1: a Python int or NumPy integer (not a bool,
+        a float or a traced value; under ``jit`` mark it static).
       config: the stopping rule, whose budget and thresholds size the demands.
 
     Returns:
       prompt_ids: [R] int32 prompt of each row, rows of one prompt contiguous.
       valid: [R] bool, False for rows that no active prompt can use.
+
+    Raises:
+      TypeError if ``num_rows`` is not an integer, ValueError if it is below 1.
     """
+    if isinstance(num_rows, (bool, np.bool_)) or not isinstance(num_rows, (int, np.integer)):
+        raise TypeError(
+            f"num_rows must be a Python int (static under jit), got {num_rows!r} of type {type(num_rows).__name__}"
+        )
+    num_rows = int(num_rows)
     if num_rows < 1:
         raise ValueError(f"num_rows must be >= 1, got {num_rows!r}")
     num_prompts = state.counts.shape[0]

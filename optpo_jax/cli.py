@@ -1,12 +1,17 @@
 """The `optpo-jax` command: train, eval and compare experiment configs.
 
-    optpo-jax train   --config configs/arith_optpo.py --workdir runs/optpo [--resume] [--config.sprt.threshold=0.99]
+    optpo-jax train   --config configs/arith_optpo.py --workdir runs/optpo [--resume [--resume_step=N] | --overwrite]
+                      [--config.sprt.threshold=0.99]
     optpo-jax eval    --config configs/arith_optpo.py [--workdir runs/optpo]
     optpo-jax compare [--config configs/arith_optpo.py] [--baseline_config configs/arith_ttrl.py] --workdir runs/compare
+                      [--resume | --overwrite]
+
+A config, workdir or checkpoint error ends the command with one line naming the cause.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import platform
 import sys
@@ -27,7 +32,26 @@ def _default(name: str) -> str | None:
 _CONFIG = config_flags.DEFINE_config_file("config", _default("arith_optpo.py"), "experiment config file (ml_collections)")
 _BASELINE = config_flags.DEFINE_config_file("baseline_config", _default("arith_ttrl.py"), "baseline config for compare")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "directory for metrics, checkpoints and the summary")
-_RESUME = flags.DEFINE_bool("resume", False, "continue from the latest checkpoint in --workdir")
+_RESUME = flags.DEFINE_bool("resume", False, "continue the run in --workdir from its latest checkpoint")
+_RESUME_STEP = flags.DEFINE_integer("resume_step", None, "with --resume: continue from this checkpoint step instead")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "remove the run already in --workdir, then start afresh")
+
+
+def _one_line_errors(command):
+    """Config, workdir and checkpoint errors end the command with their message, not a traceback."""
+
+    @functools.wraps(command)
+    def run(argv):
+        from optpo_jax.train.checkpoints import CheckpointError
+        from optpo_jax.train.config_checks import ConfigError
+        from optpo_jax.train.workdir import WorkdirError
+
+        try:
+            return command(argv)
+        except (ConfigError, WorkdirError, CheckpointError) as error:
+            sys.exit(f"optpo-jax: error: {error}")
+
+    return run
 
 
 def _config_or_default(flag, name: str):
@@ -46,13 +70,16 @@ def _start(config):
     return config
 
 
+@_one_line_errors
 def command_train(_):
     from optpo_jax.train import train
 
-    summary = train(_start(_config_or_default(_CONFIG, "optpo")), _WORKDIR.value, resume=_RESUME.value)
+    summary = train(_start(_config_or_default(_CONFIG, "optpo")), _WORKDIR.value, resume=_RESUME.value,
+                    overwrite=_OVERWRITE.value, resume_step=_RESUME_STEP.value)
     print(json.dumps(summary, indent=1))
 
 
+@_one_line_errors
 def command_eval(_):
     from optpo_jax.train.checkpoints import Checkpointer
     from optpo_jax.train.loop import run_eval
@@ -61,8 +88,9 @@ def command_eval(_):
     config = _start(_config_or_default(_CONFIG, "optpo"))
     setup = build_setup(config)
     params = setup.policy.params
-    checkpoints = Checkpointer(Path(_WORKDIR.value) / "checkpoints")
-    if checkpoints.latest_step() is not None:
+    directory = Path(_WORKDIR.value) / "checkpoints"
+    checkpoints = Checkpointer(directory) if directory.is_dir() else None  # eval never creates a workdir
+    if checkpoints is not None and checkpoints.latest_step() is not None:
         state, _, _ = checkpoints.restore({"params": params, "opt_state": setup.optimizer.init(params)})
         params = state["params"]
         print(f"evaluating {_WORKDIR.value} at step {checkpoints.latest_step()}")
@@ -87,11 +115,16 @@ def comparison_table(summaries: list[dict]) -> str:
     return "\n".join([header, *rows])
 
 
+@_one_line_errors
 def command_compare(_):
     from optpo_jax.train import train
+    from optpo_jax.train.config_checks import validate_config
 
     configs = [_start(_config_or_default(_CONFIG, "optpo")), _config_or_default(_BASELINE, "ttrl")]
-    summaries = [train(config, Path(_WORKDIR.value) / config.method, resume=_RESUME.value) for config in configs]
+    for config in configs:  # both, before the first run starts
+        validate_config(config)
+    summaries = [train(config, Path(_WORKDIR.value) / config.method, resume=_RESUME.value, overwrite=_OVERWRITE.value)
+                 for config in configs]
     table = comparison_table(summaries)
     machine = f"{platform.machine()}, {__import__('os').cpu_count()} CPU cores, jax {__import__('jax').__version__}"
     text = f"{table}\n\nmode: {configs[0].data.mode}; machine: {machine}"

@@ -127,7 +127,7 @@ def group_advantages(
         raise ValueError(f"mode must be one of {tuple(ADVANTAGE_ESTIMATORS)}, got {mode!r}")
     if rewards.ndim != 1 or group_ids.shape != rewards.shape or mask.shape != rewards.shape:
         raise ValueError(f"rewards, group_ids, mask must all be [R]; got {rewards.shape}, {group_ids.shape}, {mask.shape}")
-    rewards = rewards.astype(jnp.float32)
+    rewards = jnp.where(mask, rewards.astype(jnp.float32), 0.0)  # a NaN in a masked row stays out
     weight = mask.astype(jnp.float32)
     group_sum = lambda values: jax.ops.segment_sum(values, group_ids, num_segments=num_groups)
     size = group_sum(weight)
@@ -190,9 +190,8 @@ def aggregate_loss(
     """
     if mode not in LOSS_AGGREGATIONS:
         raise ValueError(f"loss aggregation must be one of {tuple(LOSS_AGGREGATIONS)}, got {mode!r}")
-    weight = loss_mask.astype(jnp.float32)
-    token_sums = jnp.sum(per_token_loss * weight, axis=-1)
-    tokens = jnp.sum(weight, axis=-1)
+    token_sums = jnp.sum(jnp.where(loss_mask, per_token_loss, 0.0), axis=-1)
+    tokens = jnp.sum(loss_mask.astype(jnp.float32), axis=-1)
     return LOSS_AGGREGATIONS[mode](token_sums, tokens, token_scale or per_token_loss.shape[-1])
 
 
@@ -227,21 +226,24 @@ def policy_loss(
         raise ValueError(f"advantages must be [R] = {logprobs.shape[:1]}, got {advantages.shape}")
     if config.kl_coef > 0 and ref_logprobs is None:
         raise ValueError(f"GRPOConfig.kl_coef = {config.kl_coef} needs ref_logprobs, got None")
-    advantage = advantages[:, None].astype(jnp.float32)
+    # Masked entries are replaced, not multiplied by 0: a NaN in padding (NaN * 0 = NaN) must not
+    # poison the loss or its gradient.
+    rows = jnp.any(loss_mask, axis=-1)
+    on_mask = lambda values: jnp.where(loss_mask, values, 0.0)
+    logprobs, old_logprobs = on_mask(logprobs), on_mask(old_logprobs)
+    advantage = jnp.where(rows, advantages, 0.0)[:, None].astype(jnp.float32)
     ratio = jnp.exp(logprobs - old_logprobs)
     unclipped = ratio * advantage
     clipped = jnp.clip(ratio, 1.0 - config.clip_eps, 1.0 + config.clip_eps_high) * advantage
     per_token = -jnp.minimum(unclipped, clipped)
     kl = jnp.zeros_like(per_token)
     if ref_logprobs is not None:
-        log_ratio_ref = ref_logprobs - logprobs
+        log_ratio_ref = on_mask(ref_logprobs) - logprobs
         kl = jnp.exp(log_ratio_ref) - log_ratio_ref - 1.0
         per_token = per_token + config.kl_coef * kl
     loss_sum, denominator = aggregate_loss(per_token, loss_mask, config.loss_aggregation, config.token_scale)
-    weight = loss_mask.astype(jnp.float32)
-    num_tokens = jnp.maximum(jnp.sum(weight), 1.0)
-    token_mean = lambda values: jnp.sum(values * weight) / num_tokens
-    rows = jnp.any(loss_mask, axis=-1)
+    num_tokens = jnp.maximum(jnp.sum(loss_mask.astype(jnp.float32)), 1.0)
+    token_mean = lambda values: jnp.sum(on_mask(values)) / num_tokens
     metrics = {
         "loss_sum": loss_sum,
         "loss_denominator": denominator,
@@ -312,17 +314,20 @@ def accumulate_gradients(
 def apply_update(
     params: Any, opt_state: optax.OptState, grads: Any, loss: jax.Array, optimizer: optax.GradientTransformation
 ) -> tuple[Any, optax.OptState, jax.Array]:
-    """One optimizer update, skipped (params and state unchanged) unless the loss and every gradient are finite.
+    """One optimizer update, skipped (params and state unchanged) unless the loss, every gradient
+    and the new params and optimizer state are all finite.
 
-    Written out rather than ``optax.apply_if_finite``: that checks the gradients only, adds
-    its counters to the optimizer state (so to every checkpoint), and hides the skip from
-    the step's metrics. Returns (params, opt_state, finite).
+    Written out rather than ``optax.apply_if_finite``: that checks the gradients only (an
+    optimizer can still turn finite gradients into non-finite params, e.g. a NaN learning
+    rate), adds its counters to the optimizer state (so to every checkpoint), and hides the
+    skip from the step's metrics. Returns (params, opt_state, finite).
     """
-    finite = jnp.isfinite(loss)
-    for grad in jax.tree.leaves(grads):
-        finite = finite & jnp.all(jnp.isfinite(grad))
     updates, new_opt_state = optimizer.update(grads, opt_state, params)
     new_params = optax.apply_updates(params, updates)
+    finite = jnp.isfinite(loss)
+    for leaf in jax.tree.leaves((grads, new_params, new_opt_state)):
+        if jnp.issubdtype(leaf.dtype, jnp.inexact):
+            finite = finite & jnp.all(jnp.isfinite(leaf))
     keep_if_finite = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     return keep_if_finite(new_params, params), keep_if_finite(new_opt_state, opt_state), finite
 
@@ -349,9 +354,9 @@ def grpo_step(
         micro-batches (memory: one micro-batch of activations).
 
     Returns:
-      (params, opt_state, metrics). When the loss or any gradient is not finite the
-      update is skipped, params and opt_state come back unchanged and
-      ``metrics["skipped"]`` is True. Token-mean metrics (clip_fraction, kl,
+      (params, opt_state, metrics). When the loss, any gradient or the updated params or
+      optimizer state is not finite the update is skipped, params and opt_state come back
+      unchanged and ``metrics["skipped"]`` is True. Token-mean metrics (clip_fraction, kl,
       mean_ratio) and mean_advantage are those of the whole batch.
     """
     grads, loss, metrics = accumulate_gradients(params, batch, apply_fn, config, num_micro_batches)

@@ -34,6 +34,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import checkify
 from scipy import special as scipy_special
 
 # Step in y = sqrt(x). 0.2 gives < 1e-6 error for prior >= 1; smaller priors make
@@ -83,7 +84,21 @@ def quadrature_tables(prior: float, max_count: int) -> tuple[np.ndarray, np.ndar
     )
 
 
-def posterior_mode_prob(counts: jax.Array, prior: float = 1.0, *, max_count: int = 256) -> jax.Array:
+def _check_counts(counts: jax.Array, max_count: int) -> None:
+    """checkify check: every count lies in [0, max_count]; names the first that does not."""
+    bad = (counts < 0) | (counts > max_count)
+    index = jnp.unravel_index(jnp.argmax(bad.reshape(-1)), counts.shape)
+    where = ", ".join(f"{{i{axis}}}" for axis in range(counts.ndim))
+    checkify.check(
+        ~jnp.any(bad),
+        f"posterior_mode_prob: counts[{where}] = {{value}}, outside [0, max_count={max_count}]",
+        value=counts[index], **{f"i{axis}": i for axis, i in enumerate(index)},
+    )
+
+
+def posterior_mode_prob(
+    counts: jax.Array, prior: float = 1.0, *, max_count: int = 256, checked: bool = False
+) -> jax.Array:
     """Posterior probability that the most-voted answer is the policy's mode.
 
     Exact up to quadrature error (< 1e-6 against scipy ``quad`` for up to 256 votes
@@ -100,15 +115,29 @@ def posterior_mode_prob(counts: jax.Array, prior: float = 1.0, *, max_count: int
       prior: Dirichlet concentration a > 0, a static Python float.
       max_count: static bound on any single count; it sizes the quadrature tables.
         A row whose count exceeds it gets NaN rather than a wrong value.
+      checked: static; add a ``jax.experimental.checkify`` check that fails on the
+        first count that is negative or above ``max_count``, naming its index and
+        value. Under ``jit`` wrap the call in ``checkify.checkify`` and call
+        ``error.throw()`` on the result (see ``sprt_update``); eagerly it raises at once.
 
     Returns:
-      [...] float32 probabilities; 0 for rows without any vote.
+      [...] float32 probabilities; 0 for rows without any vote. NaN for a row with a
+      negative count or a count above ``max_count`` (invalid votes), so a stopping
+      rule comparing it with a threshold never stops on it.
+
+    Raises:
+      TypeError at trace time for a non-integer dtype; ValueError for a scalar or an
+      empty answer axis (K = 0).
     """
     counts = jnp.asarray(counts)
     if counts.ndim < 1:
         raise ValueError(f"counts must have an answer axis, got shape {counts.shape}")
     if not jnp.issubdtype(counts.dtype, jnp.integer):
         raise TypeError(f"counts must be integer votes, got dtype {counts.dtype}")
+    if counts.shape[-1] == 0:
+        raise ValueError(f"counts needs at least one answer slot (K >= 1), got shape {counts.shape}")
+    if checked:
+        _check_counts(counts, max_count)
     log_cdf, log_weighted_density = quadrature_tables(float(prior), int(max_count))
     batch_shape, num_slots = counts.shape[:-1], counts.shape[-1]
     flat = counts.reshape(-1, num_slots).astype(jnp.int32)
@@ -125,5 +154,7 @@ def posterior_mode_prob(counts: jax.Array, prior: float = 1.0, *, max_count: int
     log_integrand = log_integrand + jnp.asarray(log_weighted_density)[leader_index]
     prob = jnp.clip(jnp.sum(jnp.exp(log_integrand), axis=-1), 0.0, 1.0)
     prob = jnp.where(leader_count > 0, prob, 0.0)
-    prob = jnp.where(leader_count > max_count, jnp.nan, prob)
+    # In the given dtype, before the int32 cast could wrap a large count into range.
+    invalid = jnp.any((counts < 0) | (counts > max_count), axis=-1).reshape(-1)
+    prob = jnp.where(invalid, jnp.nan, prob)
     return prob.reshape(batch_shape)

@@ -28,6 +28,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import struct
+from jax.experimental import checkify
 from jax.scipy.special import betainc
 
 from optpo_jax.posterior import posterior_mode_prob
@@ -218,12 +219,48 @@ def _update_runs(state: VoteState, prompt_ids, answer_slots, keep):
     )
 
 
+def _require_integer(name: str, values: jax.Array) -> None:
+    """Raises at trace time unless ``values`` has an integer dtype (bool is not one)."""
+    if not jnp.issubdtype(values.dtype, jnp.integer):
+        raise TypeError(f"{name} must have an integer dtype, got {values.dtype}")
+
+
+def _first_failure(bad: jax.Array) -> jax.Array:
+    """Index of the first True of ``bad`` [R] (0 if none), for an error message."""
+    return jnp.argmax(bad).astype(jnp.int32)
+
+
+def _wave_inputs(prompt_ids, answer_slots, valid) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The wave's arrays, checked at trace time: all [R], integer ids and slots, bool (or int != 0) valid."""
+    prompt_ids, answer_slots, valid = jnp.asarray(prompt_ids), jnp.asarray(answer_slots), jnp.asarray(valid)
+    if prompt_ids.ndim != 1 or answer_slots.shape != prompt_ids.shape or valid.shape != prompt_ids.shape:
+        raise ValueError(
+            "prompt_ids, answer_slots and valid must all be [R]; got "
+            f"{prompt_ids.shape}, {answer_slots.shape}, {valid.shape}"
+        )
+    _require_integer("prompt_ids", prompt_ids)
+    _require_integer("answer_slots", answer_slots)
+    if valid.dtype != jnp.bool_:
+        if not jnp.issubdtype(valid.dtype, jnp.integer):
+            raise TypeError(f"valid must be bool (or an integer dtype, read as != 0), got dtype {valid.dtype}")
+        valid = valid != 0
+    return prompt_ids, answer_slots, valid
+
+
+def _check_ranges(bad: jax.Array, values: jax.Array, what: str) -> None:
+    """A checkify check that no row is ``bad``, naming the first such row and its value."""
+    row = _first_failure(bad)
+    checkify.check(~jnp.any(bad), f"sprt_update: row {{row}} has {what}", row=row, value=values[row])
+
+
 def sprt_update(
     state: VoteState,
     prompt_ids: jax.Array,
     answer_slots: jax.Array,
     valid: jax.Array,
     config: SPRTConfig,
+    *,
+    checked: bool = False,
 ) -> VoteState:
     """Adds one wave of R rollouts to the votes and applies the stopping rule.
 
@@ -231,29 +268,53 @@ def sprt_update(
     prompt's ``max_samples`` budget (in row order) are ignored. A row with answer
     slot -1 (no parseable answer) counts as a sample but not as a vote.
 
+    Out-of-range input (nothing is clipped onto a real prompt or slot):
+
+    - A row whose prompt id lies outside [0, P) is dropped: it counts nowhere (no
+      sample, no vote, no budget, no effect on any prompt's run of answers).
+    - A row whose answer slot lies outside [0, K) is treated exactly like slot -1: a
+      sample without a vote that breaks the prompt's run of identical answers.
+
+    Both are silent by default, as ``jit`` cannot raise on values. ``checked=True``
+    adds ``jax.experimental.checkify`` checks that fail on the first valid row with a
+    prompt id outside [0, P) or a slot outside [-1, K), naming the row and the value
+    (padding rows, ``valid`` False, are never checked); the result is unchanged. Under
+    ``jit`` wrap it: ``checkify.checkify(partial(sprt_update, config=c, checked=True))``
+    returns ``(error, state)``; ``error.throw()`` raises on the host (docs/reliability.md).
+
     Args:
       state: votes of P prompts over K slots.
-      prompt_ids: [R] int32 prompt served by each row, in [0, P).
-      answer_slots: [R] int32 answer slot of each row in [0, K), or -1. A slot >= K
-        cannot be stored: such a row counts as a sample without a vote.
-      valid: [R] bool, whether the row carries a rollout.
+      prompt_ids: [R] integer prompt served by each row, in [0, P).
+      answer_slots: [R] integer answer slot of each row in [0, K), or -1.
+      valid: [R] whether the row carries a rollout: bool, or an integer dtype read
+        as ``valid != 0`` (so ``2`` is valid). Any other dtype raises TypeError.
       config: the stopping rule.
+      checked: static; add the checkify check described above.
 
     Returns:
       The new VoteState. Pure, jittable and vmappable; no host synchronisation.
+
+    Raises:
+      TypeError at trace time if ``prompt_ids`` or ``answer_slots`` is not of an
+      integer dtype (floats would be truncated) or ``valid`` is neither bool nor
+      integer; ValueError if the three are not all [R].
     """
-    if prompt_ids.ndim != 1 or answer_slots.shape != prompt_ids.shape or valid.shape != prompt_ids.shape:
-        raise ValueError(
-            "prompt_ids, answer_slots and valid must all be [R]; got "
-            f"{prompt_ids.shape}, {answer_slots.shape}, {valid.shape}"
-        )
+    prompt_ids, answer_slots, valid = _wave_inputs(prompt_ids, answer_slots, valid)
     num_prompts, num_slots = state.counts.shape
-    prompt_ids = jnp.clip(prompt_ids.astype(jnp.int32), 0, num_prompts - 1)
-    answer_slots = answer_slots.astype(jnp.int32)
-    keep = valid & ~state.done[prompt_ids]
+    # Range tests in the given dtype, before any cast could wrap a large id into range.
+    known_prompt = (prompt_ids >= 0) & (prompt_ids < num_prompts)
+    known_slot = (answer_slots >= 0) & (answer_slots < num_slots)
+    if checked:
+        _check_ranges(valid & ~known_prompt, prompt_ids, f"prompt id {{value}}, outside [0, {num_prompts})")
+        _check_ranges(valid & ~known_slot & (answer_slots != -1), answer_slots,
+                      f"answer slot {{value}}, outside [-1, {num_slots})")
+    # Dropped rows get some in-range id (clip: measured faster than where on CPU); ``keep`` is False for them.
+    prompt_ids = jnp.clip(prompt_ids, 0, num_prompts - 1).astype(jnp.int32)
+    answer_slots = jnp.where(known_slot, answer_slots, -1).astype(jnp.int32)
+    keep = valid & known_prompt & ~state.done[prompt_ids]
     keep = keep & (rank_within_prompt(prompt_ids, keep) < remaining_budget(state, config)[prompt_ids])
-    votes = keep & (answer_slots >= 0) & (answer_slots < num_slots)
-    counts = state.counts.at[prompt_ids, jnp.clip(answer_slots, 0, num_slots - 1)].add(votes.astype(jnp.int32))
+    votes = keep & (answer_slots >= 0)
+    counts = state.counts.at[prompt_ids, jnp.maximum(answer_slots, 0)].add(votes.astype(jnp.int32))
     num_samples = state.num_samples + jax.ops.segment_sum(
         keep.astype(jnp.int32), prompt_ids, num_segments=num_prompts
     )

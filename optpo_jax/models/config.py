@@ -6,9 +6,32 @@ import dataclasses
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def dtype_name(value: Any, argument: str = "dtype") -> str:
+    """The name in ``DTYPES`` of a dtype given as a string or as JAX / numpy users pass it.
+
+    Accepts "float32" / "bfloat16", ``jnp.float32`` / ``jnp.bfloat16``, ``np.float32``,
+    ``jnp.dtype("bfloat16")`` and the like; anything else is a ValueError naming ``argument``
+    and listing what is accepted.
+    """
+    if isinstance(value, str):
+        name = value
+    else:
+        try:
+            name = np.dtype(value).name
+        except TypeError:
+            name = None
+    if name not in DTYPES:
+        raise ValueError(
+            f"{argument} must be one of {tuple(DTYPES)} (a string, jnp.float32 / jnp.bfloat16, np.float32, "
+            f"or jnp.dtype('bfloat16')), got {value!r}"
+        )
+    return name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -17,7 +40,8 @@ class ModelConfig:
 
     ``llama3_scaling`` is None or (factor, low_freq_factor, high_freq_factor,
     original_max_position_embeddings) of Llama 3's rope scaling. ``param_dtype`` and
-    ``compute_dtype`` are "float32" or "bfloat16"; softmax and logits are float32.
+    ``compute_dtype`` are "float32" or "bfloat16" (``jnp.bfloat16``, ``np.float32`` and other
+    dtype objects are accepted and stored as these names); softmax and logits are float32.
     ``remat`` recomputes each block's activations in the backward pass (memory for time);
     it is a run option, not part of the checkpoint.
     """
@@ -51,8 +75,8 @@ class ModelConfig:
                 f"ModelConfig.num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
             )
         for name in ("param_dtype", "compute_dtype"):
-            if getattr(self, name) not in DTYPES:
-                raise ValueError(f"ModelConfig.{name} must be one of {tuple(DTYPES)}, got {getattr(self, name)!r}")
+            # Stored as the name (hashable, static under jit) whatever form of dtype was passed.
+            object.__setattr__(self, name, dtype_name(getattr(self, name), f"ModelConfig.{name}"))
 
     def num_params(self) -> int:
         """Number of parameters (embeddings counted once when tied)."""
@@ -83,8 +107,14 @@ def _rope_settings(hf_config: Any) -> tuple[float, tuple[float, float, float, in
     raise ValueError(f"unsupported rope_type {rope_type!r} (supported: default, llama3)")
 
 
-def from_hf_config(hf_config: Any, param_dtype: str = "float32", compute_dtype: str | None = None) -> ModelConfig:
-    """ModelConfig from a transformers PretrainedConfig of a Llama, Qwen2 or Qwen3 model."""
+def from_hf_config(hf_config: Any, param_dtype: Any = "float32", compute_dtype: Any = None) -> ModelConfig:
+    """ModelConfig from a transformers PretrainedConfig of a Llama, Qwen2 or Qwen3 model.
+
+    ``param_dtype`` / ``compute_dtype``: a name ("float32", "bfloat16") or a dtype
+    (``jnp.bfloat16``, ``np.float32``, ...); ``compute_dtype`` defaults to ``param_dtype``.
+    """
+    param_dtype = dtype_name(param_dtype, "param_dtype")
+    compute_dtype = param_dtype if compute_dtype is None else dtype_name(compute_dtype, "compute_dtype")
     model_type = getattr(hf_config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"unsupported model_type {model_type!r}; supported: {SUPPORTED_MODEL_TYPES}")
@@ -114,7 +144,7 @@ def from_hf_config(hf_config: Any, param_dtype: str = "float32", compute_dtype: 
         qk_norm=model_type == "qwen3",
         max_position_embeddings=int(getattr(hf_config, "max_position_embeddings", 32768)),
         param_dtype=param_dtype,
-        compute_dtype=compute_dtype or param_dtype,
+        compute_dtype=compute_dtype,
     )
 
 

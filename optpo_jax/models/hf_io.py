@@ -13,11 +13,15 @@ from flax import nnx
 from safetensors import SafetensorError, safe_open
 from safetensors.flax import save_file
 
-from optpo_jax.models.config import DTYPES, ModelConfig, from_hf_config, to_hf_config
+from optpo_jax.models.config import DTYPES, ModelConfig, dtype_name, from_hf_config, to_hf_config
 from optpo_jax.models.decoder import forward, graphdef_for, init_decoder
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+# Files that hold a tokenizer's vocabulary (fast tokenizers' tokenizer.json; SentencePiece;
+# slow BPE's vocab.json + merges.txt; WordPiece). tokenizer_config.json alone holds none:
+# AutoTokenizer then builds a 1-token tokenizer without complaint.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 
 
 def hf_key(path: tuple) -> str:
@@ -127,34 +131,66 @@ def _fill_params(config: ModelConfig, tensors: dict[str, jax.Array], source: Pat
     return nnx.from_flat_state(expected)
 
 
+def _load_tokenizer(path: Path, vocab_size: int):
+    """AutoTokenizer of ``path``; an error naming the directory and the files when there is none."""
+    from transformers import AutoTokenizer
+
+    if not any((path / name).exists() for name in TOKENIZER_FILES):
+        present = sorted(child.name for child in path.iterdir())
+        raise FileNotFoundError(
+            f"no tokenizer in {path}: none of {', '.join(TOKENIZER_FILES)} exists (the directory holds "
+            f"{', '.join(present)}); copy the tokenizer files of the model there, or pass load_tokenizer=False "
+            "to load the weights only"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        raise ValueError(f"cannot load the tokenizer in {path}: {error}") from error
+    if len(tokenizer) < 2 or len(tokenizer) > vocab_size:
+        raise ValueError(
+            f"the tokenizer in {path} has {len(tokenizer)} tokens; the model's embedding has {vocab_size} rows "
+            "(a tokenizer of another model, or tokenizer files missing?)"
+        )
+    return tokenizer
+
+
 def load_hf(
     path: str | Path,
-    dtype: str = "float32",
-    compute_dtype: str | None = None,
+    dtype: Any = "float32",
+    compute_dtype: Any = None,
     load_tokenizer: bool = True,
 ) -> HFModel:
     """Loads a Llama / Qwen2 / Qwen3 checkpoint directory into our decoder.
 
     Args:
       path: directory with config.json, model.safetensors or a sharded index, and
-        tokenizer files.
-      dtype: parameter dtype, "float32" or "bfloat16".
-      compute_dtype: activation dtype (default: ``dtype``).
-      load_tokenizer: whether to load the tokenizer with AutoTokenizer.
+        tokenizer files (tokenizer.json, or tokenizer.model, or vocab.json + merges.txt).
+      dtype: parameter dtype: "float32" or "bfloat16", or the dtype itself as JAX / numpy
+        users pass it (``jnp.bfloat16``, ``np.float32``, ``jnp.dtype("float32")``).
+      compute_dtype: activation dtype, in the same forms (default: ``dtype``).
+      load_tokenizer: whether to load the tokenizer with AutoTokenizer; False loads the
+        weights only and needs no tokenizer files (``tokenizer`` is then None).
 
     Raises:
-      FileNotFoundError naming the missing file; ValueError naming the key and both
-      shapes on a mismatch, an unused checkpoint weight, or an unfilled parameter.
+      FileNotFoundError naming the missing file (config.json, weights, or, when
+      ``load_tokenizer``, the tokenizer files and the directory); ValueError naming the key
+      and both shapes on a mismatch, an unused checkpoint weight, or an unfilled parameter;
+      ValueError naming the argument for a dtype other than float32 / bfloat16, and naming
+      the directory for a tokenizer that does not load or has more tokens than the
+      embedding has rows.
     """
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
+    dtype = dtype_name(dtype, "load_hf(dtype=...)")
+    compute_dtype = dtype if compute_dtype is None else dtype_name(compute_dtype, "load_hf(compute_dtype=...)")
     path = Path(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path / 'config.json'} does not exist")
     hf_config = AutoConfig.from_pretrained(path)
     config = from_hf_config(hf_config, param_dtype=dtype, compute_dtype=compute_dtype)
+    # The tokenizer first: a missing one is found before the (large) weights are read.
+    tokenizer = _load_tokenizer(path, config.vocab_size) if load_tokenizer else None
     params = _fill_params(config, _read_tensors(_weight_files(path)), path)
-    tokenizer = AutoTokenizer.from_pretrained(path) if load_tokenizer else None
     return HFModel(config=config, params=params, hf_config=hf_config, tokenizer=tokenizer)
 
 

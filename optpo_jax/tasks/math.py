@@ -1,23 +1,43 @@
 """Math benchmarks (AIME, AMC, MATH-500, GPQA): chat prompts, answer extraction and equivalence.
 
 Extraction takes the last ``\\boxed{...}`` (nested braces) or ``\\fbox{...}``, then falls back
-to "the answer is ..."; for multiple choice, a letter A-D. Equivalence first compares a
-normalised string (``\\dfrac`` -> ``\\frac``, ``025`` -> ``25``, ``142.0`` -> ``142``,
-``\\text{}``, degrees, spaces), then asks math-verify under a per-call time limit: a call
-that runs out counts as "not equal" and is counted in ``timeouts``.
+to "the answer is ..."; for multiple choice, a letter A-D. Its work is linear in the
+completion's length whatever the content (about a millisecond for 3,072 tokens), and an
+answer longer than ``MAX_ANSWER_CHARS`` is no answer (``None``), never cut short into a
+different one; ``MathTask`` counts those in ``overlong_answers``.
+
+Equivalence first compares a normalised string (``\\dfrac`` -> ``\\frac``, ``025`` -> ``25``,
+``142.0`` -> ``142``, ``\\text{}``, degrees, spaces) and two different integers, in this
+process; anything else goes to math-verify in a grading worker process
+(``optpo_jax.tasks.grading``) under a hard per-call time limit that works from any thread:
+a call that runs out is "not equal" and is counted in ``timeouts``. An answer must parse as
+a whole: ``\\sin 2 \\cup`` is not ``2`` (``grading_worker.parse_whole``).
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import math
 import re
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
-from math_verify import parse, verify
-from math_verify.errors import TimeoutException
+import numpy as np
+
+from optpo_jax.tasks.grading import GradingPool, default_pool
 
 TTRL_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 CHOICE_INSTRUCTION = "Please reason step by step, and put the letter of your final choice within \\boxed{}."
+
+MAX_ANSWER_CHARS = 1000
+"""Longest extracted answer, in characters (reference answers of the bundled benchmarks have
+at most 53). A longer ``\\boxed{...}`` content, ``\\boxed`` token or "the answer is ..."
+sentence is no answer: never truncated, and no earlier answer is taken in its place."""
+
+MAX_ANSWER_PHRASES = 16
+"""The "the answer is ..." fallback tries at most this many of the last such phrases."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,61 +49,138 @@ class MathProblem:
     id: str = ""
 
 
-def _balanced(text: str, start: int) -> str | None:
-    """The content of the brace group opening at ``text[start] == '{'``, or None if unclosed."""
-    depth = 0
-    for index in range(start, len(text)):
-        if text[index] == "{":
-            depth += 1
-        elif text[index] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[start + 1 : index]
-    return None
+class _Overlong(Exception):
+    """The answer found is longer than MAX_ANSWER_CHARS."""
 
 
-def last_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` / ``\\fbox{...}`` (or ``\\boxed 5``), or None."""
-    for match in reversed(list(re.finditer(r"\\(?:boxed|fbox)\b", text))):
-        rest = match.end()
-        while rest < len(text) and text[rest] == " ":
-            rest += 1
-        if rest < len(text) and text[rest] == "{":
-            content = _balanced(text, rest)
-            if content is not None:
-                return content.strip()
-        elif rest > match.end():
-            token = re.match(r"[^\s$]+", text[rest:])
+_BOX = re.compile(r"\\(?:boxed|fbox)\b( *)")
+_BOX_TOKEN = re.compile(rf"[^\s$]{{1,{MAX_ANSWER_CHARS + 1}}}")
+
+
+class _BraceDepths:
+    """Brace depth after each character (``{`` +1, ``}`` -1), computed once with numpy.
+
+    The ``{`` at ``i`` closes at the first later character where the depth drops below its
+    own: the same brace as counting depth forward from ``i``. Whether it closes at all is
+    one lookup in the suffix minimum, so trying every box of a text is linear.
+    """
+
+    def __init__(self, text: str):
+        codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+        self.depth = np.cumsum((codes == ord("{")).astype(np.int64) - (codes == ord("}")))
+        self.suffix_min = np.minimum.accumulate(self.depth[::-1])[::-1]
+
+    def close(self, index: int) -> int | None:
+        """Index of the ``}`` that closes the ``{`` at ``index``; None if it never closes.
+        Raises _Overlong when it closes more than MAX_ANSWER_CHARS characters later."""
+        level = self.depth[index]
+        if index + 1 >= len(self.depth) or self.suffix_min[index + 1] >= level:
+            return None
+        window = self.depth[index + 1 : index + 2 + MAX_ANSWER_CHARS]
+        below = np.flatnonzero(window < level)
+        if below.size == 0:
+            raise _Overlong
+        return index + 1 + int(below[0])
+
+
+def _last_boxed(text: str) -> str | None:
+    """last_boxed, raising _Overlong when the last answer is longer than MAX_ANSWER_CHARS."""
+    boxes = list(_BOX.finditer(text))
+    depths = None
+    for box in reversed(boxes):
+        rest = box.end()
+        if text.startswith("{", rest):
+            if depths is None:
+                depths = _BraceDepths(text)
+            closing = depths.close(rest)
+            if closing is None:
+                continue  # unclosed: an earlier box may hold the answer
+            return text[rest + 1 : closing].strip()
+        if box.group(1):
+            token = _BOX_TOKEN.match(text, rest)
             if token:
+                if len(token.group(0)) > MAX_ANSWER_CHARS:
+                    raise _Overlong
                 return token.group(0)
     return None
 
 
-_ANSWER_IS = re.compile(r"(?:final answer|the answer)\s*(?:is|:)?\s*:?\s*\$*([^\n$]+?)\$*\s*(?:\.\s|\.$|\n|$)", re.IGNORECASE)
-_CHOICE = re.compile(r"(?:answer|choice|option)\s*(?:is|:)?\s*:?\s*\(?\*{0,2}([A-D])\b", re.IGNORECASE)
+def last_boxed(text: str) -> str | None:
+    """Content of the last ``\\boxed{...}`` / ``\\fbox{...}`` (or ``\\boxed 5``), or None.
+
+    A box whose brace never closes is skipped for the one before it; a last answer longer
+    than ``MAX_ANSWER_CHARS`` gives None. Linear time.
+    """
+    try:
+        return _last_boxed(text)
+    except _Overlong:
+        return None
+
+
+# "the answer is X." - X runs to the first sentence end, newline, "$" or the end of the text.
+# Possessive quantifiers and a capture that must end on a non-space character keep each try
+# linear in the text it reads; the capture is capped at MAX_ANSWER_CHARS.
+_ANSWER_PHRASE = re.compile(r"final answer|the answer", re.IGNORECASE)
+_ANSWER_TAIL = re.compile(
+    rf"\s*+(?:is|:)?\s*+:?\s*+\$*+([^\n$]{{0,{MAX_ANSWER_CHARS - 1}}}?[^\s$])\$*+[^\S\n]*+(?:\.\s|\.$|\n|$)",
+    re.IGNORECASE,
+)
+_ANSWER_START = re.compile(r"\s*+(?:is|:)?\s*+:?\s*+\$*+", re.IGNORECASE)
+_LONG_RUN = re.compile(rf"[^\n$]{{{MAX_ANSWER_CHARS + 1}}}")
+_CHOICE = re.compile(r"(?:answer|choice|option)\s*+(?:is|:)?\s*+:?\s*+\(?\*{0,2}([A-D])\b", re.IGNORECASE)
+
+
+def _answer_phrase(text: str) -> str | None:
+    """X of the last "the answer is X" / "final answer: X" that reads as one; raises _Overlong."""
+    phrases = collections.deque((match.end() for match in _ANSWER_PHRASE.finditer(text)), maxlen=MAX_ANSWER_PHRASES)
+    for end in reversed(phrases):
+        found = _ANSWER_TAIL.match(text, end)
+        if found:
+            return found.group(1).strip()
+        if _LONG_RUN.match(text, _ANSWER_START.match(text, end).end()):
+            raise _Overlong  # no sentence end within MAX_ANSWER_CHARS
+    return None
+
+
+def _extract_math_answer(text: str) -> str | None:
+    boxed = _last_boxed(text)
+    if boxed:
+        return boxed
+    return _answer_phrase(text) or None
 
 
 def extract_math_answer(text: str) -> str | None:
-    """The final answer of a completion as a string, or None. Never raises."""
+    """The final answer of a completion as a string, or None. Never raises; linear time.
+
+    The last ``\\boxed{...}``; without one, the last "the answer is X" (X up to a sentence
+    end, newline or ``$``, of the last ``MAX_ANSWER_PHRASES`` such phrases). An answer
+    longer than ``MAX_ANSWER_CHARS`` gives None.
+    """
     if not isinstance(text, str):
         return None
-    boxed = last_boxed(text)
-    if boxed:
-        return boxed
-    matches = _ANSWER_IS.findall(text)
-    return matches[-1].strip() if matches and matches[-1].strip() else None
-
-
-def extract_choice(text: str) -> str | None:
-    """A multiple-choice letter A-D from a completion, or None. Never raises."""
-    if not isinstance(text, str):
+    try:
+        return _extract_math_answer(text)
+    except _Overlong:
         return None
-    boxed = last_boxed(text)
+
+
+def _extract_choice(text: str) -> str | None:
+    boxed = _last_boxed(text)
     if boxed:
         content = re.sub(r"\\text(?:bf)?\{([^{}]*)\}", r"\1", boxed).strip().strip("()").strip()
         return content.upper() if re.fullmatch(r"[A-Da-d]", content) else None
     matches = _CHOICE.findall(text)
     return matches[-1].upper() if matches else None
+
+
+def extract_choice(text: str) -> str | None:
+    """A multiple-choice letter A-D from a completion, or None. Never raises; linear time."""
+    if not isinstance(text, str):
+        return None
+    try:
+        return _extract_choice(text)
+    except _Overlong:
+        return None
 
 
 def normalize_answer(answer: str) -> str:
@@ -100,38 +197,75 @@ def normalize_answer(answer: str) -> str:
     return text
 
 
-class MathEquivalence:
-    """``equivalence(a, b) -> bool`` with a per-call time limit; counts calls and timeouts."""
+_INTEGER = re.compile(r"-?\d+")
 
-    def __init__(self, timeout_seconds: int = 2):
-        if timeout_seconds < 1:
-            raise ValueError(f"timeout_seconds must be a whole number >= 1, got {timeout_seconds}")
-        self.timeout_seconds = int(timeout_seconds)
+
+class MathEquivalence:
+    """``equivalence(a, b) -> bool`` under a hard per-call time limit; counts calls and timeouts.
+
+    Identical normalised strings are equal and two different integers are not, without a
+    worker; other pairs are checked by math-verify in ``pool`` (default: the process's
+    shared ``grading.default_pool()``) within ``timeout_seconds`` (plus the pool's grace
+    before a stuck worker is killed). Safe to call from any thread. Results are cached per
+    pair (``cache_size`` pairs), so a pathological answer that repeats costs one timeout.
+
+    Counters: ``calls`` (pairs sent to a worker), ``timeouts`` (of those, ran out of time;
+    counted as not equal), ``errors`` (math-verify failed unexpectedly or a worker died; not equal).
+    """
+
+    def __init__(self, timeout_seconds: float = 2, pool: GradingPool | None = None, cache_size: int = 1 << 14):
+        if isinstance(timeout_seconds, bool) or not isinstance(timeout_seconds, (int, float)) \
+                or not math.isfinite(timeout_seconds) or timeout_seconds <= 0:
+            raise ValueError(f"timeout_seconds must be a finite number of seconds > 0, got {timeout_seconds!r}")
+        self.timeout_seconds = float(timeout_seconds)
+        self.pool = pool
+        self.cache_size = int(cache_size)
         self.calls = 0
         self.timeouts = 0
+        self.errors = 0
+        self._cache: collections.OrderedDict = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def _fast(self, first: str, second: str) -> bool | None:
+        one, other = normalize_answer(first), normalize_answer(second)
+        if one == other:
+            return True
+        if _INTEGER.fullmatch(one) and _INTEGER.fullmatch(other):
+            return False  # normalize_answer wrote both without leading zeros or '+': different integers
+        return None
 
     def __call__(self, first: str, second: str) -> bool:
-        if first is None or second is None:
+        if not isinstance(first, str) or not isinstance(second, str):
             return False
-        if normalize_answer(first) == normalize_answer(second):
-            return True
-        self.calls += 1
-        try:
-            gold = parse(f"${first}$", parsing_timeout=self.timeout_seconds, raise_on_error=True)
-            target = parse(f"${second}$", parsing_timeout=self.timeout_seconds, raise_on_error=True)
-            if not gold or not target:
-                return False
-            try:
-                return verify(gold, target, timeout_seconds=self.timeout_seconds, raise_on_error=True)
-            except TimeoutException:
-                raise
-            except Exception:  # noqa: BLE001 - one bad pair: let math-verify compare the others
-                return verify(gold, target, timeout_seconds=self.timeout_seconds, raise_on_error=False)
-        except TimeoutException:
-            self.timeouts += 1
-            return False
-        except Exception:  # noqa: BLE001 - malformed LaTeX is "not equal", never a crash
-            return False
+        fast = self._fast(first, second)
+        if fast is not None:
+            return fast
+        key = (first, second)
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+            self.calls += 1
+        result, status = (self.pool or default_pool()).equal(first, second, self.timeout_seconds)
+        with self._lock:
+            if status == "timeout":
+                self.timeouts += 1
+            elif status == "error":
+                self.errors += 1
+            if self.cache_size > 0:
+                self._cache[key] = result
+                if len(self._cache) > self.cache_size:
+                    self._cache.popitem(last=False)
+        return result
+
+    def many(self, pairs: Iterable[tuple[str, str]]) -> list[bool]:
+        """``[self(a, b) for a, b in pairs]``, checked on all of the pool's workers at once."""
+        pairs = list(pairs)
+        workers = (self.pool or default_pool()).size
+        if len(pairs) < 2 or workers < 2:
+            return [self(first, second) for first, second in pairs]
+        with ThreadPoolExecutor(workers) as executor:
+            return list(executor.map(lambda pair: self(*pair), pairs))
 
 
 class MathTask:
@@ -139,11 +273,14 @@ class MathTask:
 
     Prompts are the tokenizer's chat template around ``question + instruction``; a prompt
     longer than ``max_prompt_tokens`` keeps its last tokens (the template's assistant
-    header) and is counted in ``truncated_prompts``.
+    header) and is counted in ``truncated_prompts``. A completion whose answer is longer than
+    ``MAX_ANSWER_CHARS`` has no answer and is counted in ``overlong_answers``. Creating the
+    task starts the grading workers (``grading.default_pool()``) so that they import
+    math-verify while the model loads.
     """
 
     def __init__(self, tokenizer, instruction: str = TTRL_INSTRUCTION, max_prompt_tokens: int = 1024,
-                 multiple_choice: bool = False, timeout_seconds: int = 2):
+                 multiple_choice: bool = False, timeout_seconds: float = 2):
         self.tokenizer = tokenizer
         self.instruction = instruction
         self.max_prompt_tokens = max_prompt_tokens
@@ -152,10 +289,13 @@ class MathTask:
         self.grader = MathEquivalence(timeout_seconds)  # ground truth, for metrics only
         self.canonical = normalize_answer
         self.truncated_prompts = 0
+        self.overlong_answers = 0
         self._prompt_cache: dict = {}
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         stops = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
         self.stop_token_ids = tuple(sorted(t for t in stops if isinstance(t, int) and t >= 0 and t != tokenizer.unk_token_id))
+        if not multiple_choice:
+            default_pool().start()
 
     def prompt_tokens(self, problem: MathProblem) -> list[int]:
         """The chat-formatted prompt, tokenized once per problem (so each truncation is counted once)."""
@@ -175,7 +315,11 @@ class MathTask:
 
     def extract(self, completion_tokens: Sequence[int]) -> str | None:
         text = self.tokenizer.decode(list(completion_tokens), skip_special_tokens=True)
-        return extract_choice(text) if self.multiple_choice else extract_math_answer(text)
+        try:
+            return _extract_choice(text) if self.multiple_choice else _extract_math_answer(text)
+        except _Overlong:
+            self.overlong_answers += 1
+            return None
 
     def is_correct(self, answer, problem: MathProblem) -> bool:
         if answer is None:

@@ -6,6 +6,8 @@ import copy
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from optpo_jax.train.rollouts import LookaheadCarry
@@ -42,18 +44,103 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state: dict, totals: dict, carry: LookaheadCarry | None = None) -> None:
+        """Saves ``state`` with checksums of every array (checked on restore) and a copy of ``totals``."""
         self._save_carry(step, carry)
         # A copy: Orbax writes asynchronously and the caller goes on updating its totals.
+        saved = dict(copy.deepcopy(totals), checksums=tree_checksums(state))
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                        totals=ocp.args.JsonSave(copy.deepcopy(totals))))
+                                                        totals=ocp.args.JsonSave(saved)))
 
     def restore(self, like: dict, step: int | None = None) -> tuple[dict, dict, LookaheadCarry | None]:
-        """(state, totals, carry) at ``step`` (default: the latest), shaped like ``like``."""
+        """(state, totals, carry) at ``step`` (default: the latest), shaped like ``like``.
+
+        Raises CheckpointError when the step cannot be read, its arrays differ from the
+        checksums written at save time or hold non-finite values; the message names the
+        latest earlier step that verifies.
+        """
         step = self.latest_step() if step is None else step
+        state, totals, problem = self._read(like, step)
+        if problem:
+            earlier = [s for s in sorted(self.manager.all_steps(), reverse=True) if s < step]
+            good = next((s for s in earlier if not self._read(like, s)[2]), None)
+            offer = (f"step {good} verifies: resume from it with --resume_step={good}" if good is not None
+                     else "no earlier step verifies: start again with --overwrite")
+            raise CheckpointError(f"checkpoint step {step} in {self.directory} is corrupt ({problem}); {offer}")
+        try:
+            carry = LookaheadCarry.load(self._carry_path(step))
+        except ValueError as error:
+            raise CheckpointError(str(error)) from error
+        return state, totals, carry
+
+    def _read(self, like: dict, step: int) -> tuple[dict | None, dict | None, str | None]:
+        """(state, totals, problem): problem is None when the step reads and verifies."""
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                                      totals=ocp.args.JsonRestore()))
-        return restored["state"], dict(restored["totals"]), LookaheadCarry.load(self._carry_path(step))
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                                          totals=ocp.args.JsonRestore()))
+        except Exception as error:  # noqa: BLE001 - any read failure means this step cannot be used
+            return None, None, f"it cannot be read: {type(error).__name__}: {str(error)[:200]}"
+        state, totals = restored["state"], dict(restored["totals"])
+        expected = totals.pop("checksums", None)
+        return state, totals, verify_state(state, expected)
+
+    def rewind(self, step: int) -> None:
+        """Deletes every checkpoint and carry after ``step``, so a run resumed there saves those steps anew."""
+        for later in [s for s in self.manager.all_steps() if s > step]:
+            self.manager.delete(later)
+        carry_dir = self._carry_path(step).parent
+        for path in carry_dir.glob("*.npz"):
+            if int(path.name.split(".")[0]) > step:
+                path.unlink()
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be trusted (unreadable, changed since it was saved, non-finite)."""
+
+
+def _leaf_checksum(leaf: jax.Array) -> jax.Array:
+    """Sum of the leaf's bit patterns times odd position weights, mod 2^32 (any one flipped bit changes it)."""
+    if leaf.dtype == jnp.bool_:
+        bits = leaf.astype(jnp.uint32).ravel()
+    else:
+        unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[leaf.dtype.itemsize]
+        bits = jax.lax.bitcast_convert_type(leaf, unsigned).astype(jnp.uint32).ravel()
+    weights = jnp.arange(bits.size, dtype=jnp.uint32) * jnp.uint32(2) + jnp.uint32(1)
+    return jnp.sum(bits * weights, dtype=jnp.uint32)
+
+
+# One call per leaf: leaves may live on different devices (an optimizer's step count on one, params on a mesh).
+_checksum = jax.jit(_leaf_checksum)
+_all_finite = jax.jit(lambda leaf: jnp.all(jnp.isfinite(leaf)))
+
+
+def _read_scalar(value: jax.Array):
+    # Replicated scalars; on several processes only this process's copy can be read.
+    return np.asarray(value.addressable_data(0))
+
+
+def _named_leaves(tree) -> tuple[list[str], list]:
+    paths_and_leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return [jax.tree_util.keystr(path) for path, _ in paths_and_leaves], [leaf for _, leaf in paths_and_leaves]
+
+
+def tree_checksums(tree) -> dict[str, int]:
+    """A checksum per array of ``tree``, keyed by its path (computed on device, a few scalars to the host)."""
+    names, leaves = _named_leaves(tree)
+    return {name: int(_read_scalar(_checksum(jnp.asarray(leaf)))) for name, leaf in zip(names, leaves, strict=True)}
+
+
+def verify_state(state, expected: dict | None) -> str | None:
+    """None when ``state`` matches ``expected`` checksums (if any) and is finite; else what is wrong."""
+    names, leaves = _named_leaves(state)
+    if expected is not None:
+        actual = tree_checksums(state)
+        differing = [name for name in names if actual[name] != expected.get(name)]
+        if differing or set(expected) != set(actual):
+            return f"{len(differing)} of {len(names)} arrays differ from their checksums, e.g. {differing[:1]}"
+    bad = [name for name, leaf in zip(names, leaves, strict=True)
+           if jnp.issubdtype(leaf.dtype, jnp.inexact) and not _read_scalar(_all_finite(leaf))]
+    return f"non-finite values in {len(bad)} arrays, e.g. {bad[0]}" if bad else None

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
@@ -21,6 +22,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from optpo_jax.train.checkpoints import Checkpointer
+from optpo_jax.train.config_checks import validate_config
 from optpo_jax.train.distributed import is_lead_process, mesh_of, process_share, replicate_unplaced
 from optpo_jax.train.evaluation import EvalResult, evaluate
 from optpo_jax.train.metrics import step_metrics
@@ -28,6 +30,7 @@ from optpo_jax.train.metrics_log import MetricsLog
 from optpo_jax.train.rollouts import LookaheadCarry
 from optpo_jax.train.setup import Setup, build_setup
 from optpo_jax.train.step import TrainState, training_step
+from optpo_jax.train.workdir import WorkdirError, WorkdirLock, check_fresh_start, check_resumable
 
 
 def batch_problems(problems: list, step: int, prompts_per_step: int, seed: int) -> list:
@@ -53,8 +56,9 @@ def init_train_state(setup: Setup) -> TrainState:
     return TrainState(params=params, opt_state=opt_state, ref_params=jax.tree.map(jnp.copy, params))
 
 
-def _restore(checkpointer: Checkpointer, state: TrainState) -> tuple[TrainState, dict, LookaheadCarry | None]:
-    saved, totals, carry = checkpointer.restore({"params": state.params, "opt_state": state.opt_state})
+def _restore(checkpointer: Checkpointer, state: TrainState,
+             step: int | None = None) -> tuple[TrainState, dict, LookaheadCarry | None]:
+    saved, totals, carry = checkpointer.restore({"params": state.params, "opt_state": state.opt_state}, step)
     return state.replace(params=saved["params"], opt_state=saved["opt_state"]), totals, carry
 
 
@@ -87,20 +91,51 @@ def _run_step(setup: Setup, state: TrainState, step: int, carry, totals: dict, p
     return state, output.carry, metrics
 
 
-def train(config, workdir: str | Path, resume: bool = False, progress: bool = True) -> dict:
-    """Runs ``config`` in ``workdir``; returns the summary (also written to summary.json)."""
-    setup = build_setup(config)
+def train(config, workdir: str | Path, resume: bool = False, progress: bool = True, overwrite: bool = False,
+          resume_step: int | None = None) -> dict:
+    """Runs ``config`` in ``workdir``; returns the summary (also written to summary.json).
+
+    A workdir holds one run: a new run refuses a workdir that holds one unless ``overwrite``
+    (which removes it first); ``resume`` continues the saved run (from its latest checkpoint,
+    or ``resume_step``) and refuses a config that defines another run; two runs never share
+    a workdir at once (a lock held while this runs).
+    """
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    if is_lead_process():
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
+    validate_config(config)
+    with WorkdirLock(workdir) if is_lead_process() else contextlib.nullcontext():
+        _check_workdir(workdir, config, resume, overwrite, resume_step)
+        setup = build_setup(config)
+        if is_lead_process():
+            (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
+        return _train(setup, workdir, resume, resume_step, progress)
+
+
+def _check_workdir(workdir: Path, config, resume: bool, overwrite: bool, resume_step: int | None) -> None:
+    """The workdir checks that come before any work (see ``workdir.py``)."""
+    if resume_step is not None and not resume:
+        raise WorkdirError("--resume_step needs --resume")
+    if not resume:
+        if is_lead_process():
+            check_fresh_start(workdir, overwrite)
+        return
+    if overwrite:
+        raise WorkdirError("--resume continues the run in the workdir and --overwrite removes it: choose one")
+    checkpoints = workdir / "checkpoints"
+    if not checkpoints.is_dir() or Checkpointer(checkpoints).latest_step() is None:
+        raise WorkdirError(f"--resume: there is no checkpoint in {checkpoints} to resume from; run without --resume "
+                           "(with --overwrite if the workdir holds files of a run that saved none)")
+    check_resumable(workdir, config)
+
+
+def _train(setup: Setup, workdir: Path, resume: bool, resume_step: int | None, progress: bool) -> dict:
+    config = setup.config
     state, carry = init_train_state(setup), None
     totals = {"step": 0, "rollouts": 0, "generated_tokens": 0, "seconds": 0.0, "label_accuracy_sum": 0.0}
     checkpointer = Checkpointer(workdir / "checkpoints", keep=2)
-    resumed = resume and checkpointer.latest_step() is not None
-    if resumed:
-        state, totals, carry = _restore(checkpointer, state)
-    log = MetricsLog(workdir, truncate_after=totals["step"] if resumed else -1, enabled=is_lead_process())
+    if resume:
+        state, totals, carry = _restore(checkpointer, state, resume_step)
+        checkpointer.rewind(totals["step"])  # a run resumed from an earlier step saves the later ones anew
+    log = MetricsLog(workdir, truncate_after=totals["step"] if resume else -1, enabled=is_lead_process())
     if totals["step"] == 0:
         totals["before"] = run_eval(setup, state.params, config.eval.final_samples, config.seed + 1, progress).summary()
         log.write(0, {f"eval/{k}": v for k, v in totals["before"].items()})

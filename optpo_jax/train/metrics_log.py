@@ -26,7 +26,9 @@ class MetricsLog:
             lines = [line for line in self.path.read_text().splitlines()
                      if line and json.loads(line)["step"] <= truncate_after and not _is_final(json.loads(line))]
             self.path.write_text("".join(line + "\n" for line in lines))
-        self.writer = SummaryWriter(str(Path(workdir) / "tb"))
+        # TensorBoard drops the events at and after purge_step written by the interrupted run.
+        purge_step = truncate_after + 1 if truncate_after is not None and truncate_after >= 0 else None
+        self.writer = SummaryWriter(str(Path(workdir) / "tb"), purge_step=purge_step)
 
     def write(self, step: int, metrics: dict) -> None:
         if not self.enabled:

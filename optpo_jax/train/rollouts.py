@@ -14,6 +14,7 @@ import json
 import os
 import time
 import warnings
+import zipfile
 from pathlib import Path
 
 import jax
@@ -102,15 +103,20 @@ class LookaheadCarry:
         if not path.exists():
             warnings.warn(f"no lookahead carry at {path}: the next batch starts its votes afresh", stacklevel=2)
             return None
-        with np.load(path) as arrays:
-            if "tables" not in arrays:
-                return None
-            if int(arrays["process_count"]) != jax.process_count():
-                warnings.warn(f"the carry at {path} was split over {int(arrays['process_count'])} processes, not "
-                              f"{jax.process_count()}: the next batch starts its votes afresh", stacklevel=2)
-                return None
-            fields = lambda prefix: {k.split(".", 1)[1]: arrays[k] for k in arrays if k.startswith(prefix)}
-            return LookaheadCarry(VoteState(**fields("votes.")), json.loads(str(arrays["tables"])), fields("kept."))
+        try:
+            with np.load(path) as npz:
+                arrays = {name: npz[name] for name in npz.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+            raise ValueError(f"the lookahead carry {path} is unreadable ({type(error).__name__}: {error}); it was "
+                             "cut short or overwritten: resume from an earlier step with --resume_step") from error
+        if "tables" not in arrays:
+            return None
+        if int(arrays["process_count"]) != jax.process_count():
+            warnings.warn(f"the carry at {path} was split over {int(arrays['process_count'])} processes, not "
+                          f"{jax.process_count()}: the next batch starts its votes afresh", stacklevel=2)
+            return None
+        fields = lambda prefix: {k.split(".", 1)[1]: arrays[k] for k in arrays if k.startswith(prefix)}
+        return LookaheadCarry(VoteState(**fields("votes.")), json.loads(str(arrays["tables"])), fields("kept."))
 
 
 def _write_npz(path: Path, arrays: dict) -> None:

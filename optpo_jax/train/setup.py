@@ -12,6 +12,7 @@ from optpo_jax.optim import float32_master
 from optpo_jax.sampler import SamplingConfig
 from optpo_jax.sprt import SPRTConfig
 from optpo_jax.tasks.arithmetic import SHIFTED, ArithmeticTask, generate_problems, load_policy
+from optpo_jax.train.config_checks import ConfigError, validate_config
 from optpo_jax.train.distributed import check_row_layout, local_row_count, make_mesh, mesh_of, shard_params
 from optpo_jax.train.step import Learner, make_update_step
 from optpo_jax.train.step_config import StepConfig, UpdateConfig
@@ -24,7 +25,7 @@ def _build(kind, fields, name: str):
     try:
         return kind(**(fields.to_dict() if hasattr(fields, "to_dict") else dict(fields)))
     except (TypeError, ValueError) as error:
-        raise ValueError(f"config.{name}: {error}") from error
+        raise ConfigError(f"config.{name}: {error}") from error
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,7 +126,17 @@ def make_optimizer(config) -> optax.GradientTransformation:
 
 
 def build_setup(config) -> Setup:
-    """Validates ``config`` (errors name the field and value) and loads the task and policy."""
+    """Validates ``config`` (ConfigError naming the field and value) and loads the task and policy."""
+    try:
+        return _build_setup(config)
+    except ConfigError:
+        raise
+    except ValueError as error:  # the checks below and the layout checks all name a config field
+        raise ConfigError(str(error)) from error
+
+
+def _build_setup(config) -> Setup:
+    validate_config(config)
     if config.data.mode not in DATA_MODES:
         raise ValueError(f"config.data.mode must be one of {DATA_MODES}, got {config.data.mode!r}")
     for name in ("steps", "prompts_per_step", "rows_per_wave"):
@@ -136,8 +147,6 @@ def build_setup(config) -> Setup:
     fields = {"config.rows_per_wave": config.rows_per_wave,
               "config.policy_update.micro_batch_rows": config.policy_update.micro_batch_rows}
     rows_per_process = {name: local_row_count(int(value), name) for name, value in fields.items()}
-    if config.optimizer.learning_rate <= 0:
-        raise ValueError(f"config.optimizer.learning_rate must be > 0, got {config.optimizer.learning_rate!r}")
     task, policy, train_problems, eval_problems = make_task(config)
     policy = place_policy(policy, config)
     check_row_layout(mesh_of(policy.params), rows_per_process)

@@ -1,0 +1,382 @@
+"""Grading under hostile input (issue 15, items 8-10).
+
+8: a hard time limit per equivalence check that a swallowed SIGALRM cannot defeat and that
+   works off the main thread (grading worker processes, killed and replaced on overrun).
+9: answer extraction in linear time on any completion, with its own answer-length limit.
+10: an answer must parse as a whole (``\\sin 2 \\cup`` is not ``2``).
+
+The whole file runs under a time budget (``FILE_BUDGET_SECONDS``, checked when the module's
+tests are done); single calls are bounded with a SIGALRM cap or a subprocess timeout, so a
+regression fails fast instead of hanging the suite.
+"""
+
+import contextlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from optpo_jax.tasks import grading
+from optpo_jax.tasks.grading import GradingPool
+from optpo_jax.tasks.grading_worker import parse_whole
+from optpo_jax.tasks.math import (
+    MAX_ANSWER_CHARS,
+    MathEquivalence,
+    MathTask,
+    extract_choice,
+    extract_math_answer,
+    last_boxed,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+FILE_BUDGET_SECONDS = 60.0
+EXTRACTION_BUDGET_SECONDS = 0.010  # one 3,072-token (~12.6k character) completion, any content
+SLOW_PAIR = ("(1+x)^{1000}", "(1+x)^{1001}")  # math-verify expands both: ~16 s unbounded
+
+
+@pytest.fixture(scope="module", autouse=True)
+def file_time_budget():
+    start = time.perf_counter()
+    yield
+    elapsed = time.perf_counter() - start
+    assert elapsed < FILE_BUDGET_SECONDS, f"grading tests took {elapsed:.1f} s (budget {FILE_BUDGET_SECONDS} s)"
+
+
+class Overran(BaseException):
+    pass
+
+
+@contextlib.contextmanager
+def time_cap(seconds: float):
+    """Raises Overran in the main thread after ``seconds`` (so a quadratic regression fails, not hangs)."""
+    def stop(signum, frame):
+        raise Overran(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` is a running (not zombie) process."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def wait_until(predicate, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return bool(predicate())
+
+
+# ---------------------------------------------------------------- item 8: hard time limit
+
+
+def test_equivalence_works_off_the_main_thread():
+    """Item 8: from a threading.Thread, 0.5 equals \\frac{1}{2} (math-verify's SIGALRM limit
+    made it silently "not equal" there), and a slow pair stops at the deadline with a timeout counted."""
+    equal = MathEquivalence(timeout_seconds=1)
+    results = {}
+
+    def grade():
+        results["half"] = equal("0.5", "\\frac{1}{2}")
+        results["third"] = equal("\\frac{1}{3}", "0.5")
+        start = time.perf_counter()
+        results["slow"] = equal(*SLOW_PAIR)
+        results["slow_seconds"] = time.perf_counter() - start
+
+    thread = threading.Thread(target=grade)
+    thread.start()
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+    assert results["half"] is True and results["third"] is False
+    assert results["slow"] is False and results["slow_seconds"] < 1 + 1.5
+    assert equal.timeouts == 1 and equal.errors == 0
+    start = time.perf_counter()
+    assert equal(*SLOW_PAIR) is False  # cached: a repeated pathological answer costs one timeout
+    assert time.perf_counter() - start < 0.1 and equal.timeouts == 1
+
+
+def test_many_threads_share_the_pool():
+    """Item 8: concurrent calls from several threads all get the right answer."""
+    equal = MathEquivalence(timeout_seconds=2)
+    pairs = [("0.5", "\\frac{1}{2}"), ("\\frac{2}{3}", "0.5"), ("\\sqrt{4}", "2"), ("x+1", "1+x"), ("3", "\\pi")] * 4
+    assert equal.many(pairs) == [True, False, True, True, False] * 4
+    assert equal.timeouts == 0
+
+
+SWALLOWED_ALARM = textwrap.dedent(r"""
+    import gc, json, signal, sys, time
+    import jax  # registers its own gc callback, as in training
+    from optpo_jax.tasks.math import MathEquivalence
+
+    equal = MathEquivalence(timeout_seconds=1)
+    assert equal("0.5", "\\frac{1}{2}")  # warm (the grading worker, or math-verify's parsers)
+
+    def collector(phase, info):
+        # While an ITIMER_REAL alarm is pending in this process, let it fire inside this gc
+        # callback: Python prints "Exception ignored in ..." and drops the timeout exception.
+        remaining = signal.getitimer(signal.ITIMER_REAL)[0]
+        if phase == "start" and remaining > 0:
+            time.sleep(remaining + 0.05)
+
+    gc.callbacks.append(collector)
+    start = time.perf_counter()
+    result = equal(sys.argv[1], sys.argv[2])
+    print(json.dumps({"result": result, "seconds": time.perf_counter() - start, "timeouts": equal.timeouts}))
+""")
+
+
+def test_a_swallowed_alarm_cannot_unbound_a_check():
+    """Item 8: a timeout exception swallowed by a gc callback (as JAX's can) does not let a
+    check run on: the call still returns at the deadline and counts a timeout."""
+    process = subprocess.run([sys.executable, "-c", SWALLOWED_ALARM, *SLOW_PAIR], check=False, capture_output=True,
+                             text=True, timeout=40, cwd=ROOT)
+    assert process.returncode == 0, process.stderr[-2000:]
+    report = json.loads(process.stdout.strip().splitlines()[-1])
+    assert report["result"] is False and report["timeouts"] == 1
+    assert report["seconds"] < 1 + 1.5, report
+
+
+def test_a_stuck_worker_is_killed_and_replaced():
+    """Item 8: a worker that does not answer (its own timer cannot fire: SIGSTOP) is killed at
+    seconds + grace, the call reports a timeout, and a fresh worker takes its place."""
+    with GradingPool(workers=1, grace_seconds=0.3) as pool:
+        assert pool.equal("0.5", "\\frac{1}{2}", 2.0) == (True, "ok")
+        [stuck] = pool.pids
+        os.kill(stuck, signal.SIGSTOP)
+        start = time.perf_counter()
+        assert pool.equal("0.5", "\\frac{1}{2}", 0.5) == (False, "timeout")
+        assert time.perf_counter() - start < 0.5 + 0.3 + 0.7
+        assert pool.kills == 1 and not alive(stuck)
+        [fresh] = pool.pids
+        assert fresh != stuck
+        assert pool.equal("0.5", "\\frac{1}{2}", 2.0) == (True, "ok")
+    assert wait_until(lambda: not alive(fresh), 3)
+
+
+POOL_USER = textwrap.dedent(r"""
+    import importlib.util, sys, time
+    spec = importlib.util.spec_from_file_location("grading", sys.argv[1])  # stdlib only: no JAX import
+    grading = importlib.util.module_from_spec(spec)
+    sys.modules["grading"] = grading
+    spec.loader.exec_module(grading)
+    pool = grading.default_pool()
+    assert pool.equal("0.5", "\\frac{1}{2}", 2.0) == (True, "ok")
+    print(" ".join(map(str, pool.pids)), flush=True)
+    if sys.argv[2] == "hang":
+        time.sleep(60)
+""")
+
+
+@pytest.mark.parametrize("ending", ["exit", "sigkill"])
+def test_workers_do_not_outlive_their_parent(ending):
+    """Item 8: grading workers stop when the process that started them exits normally
+    (without closing the pool) or is killed with SIGKILL."""
+    if not Path("/proc/self/stat").exists():
+        pytest.skip("needs /proc")
+    process = subprocess.Popen([sys.executable, "-c", POOL_USER, str(Path(grading.__file__)),
+                                "hang" if ending == "sigkill" else "exit"], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        pids = [int(pid) for pid in process.stdout.readline().split()]
+        assert len(pids) == grading.DEFAULT_WORKERS and all(alive(pid) for pid in pids)
+        if ending == "sigkill":
+            process.kill()
+        process.wait(timeout=20)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert wait_until(lambda: not any(alive(pid) for pid in pids), 5), [pid for pid in pids if alive(pid)]
+
+
+def test_closing_the_default_pool_stops_its_workers_and_a_new_one_starts_on_demand():
+    """Item 8: close_default_pool() stops the shared workers; the next check starts new ones."""
+    equal = MathEquivalence()
+    assert equal("0.5", "\\frac{1}{2}")
+    pids = grading.default_pool().pids
+    grading.close_default_pool()
+    assert wait_until(lambda: not any(alive(pid) for pid in pids), 3)
+    assert equal("0.25", "\\frac{1}{4}")
+    assert set(grading.default_pool().pids).isdisjoint(pids)
+
+
+def test_fast_path_needs_no_worker():
+    """Item 8: identical normalised strings and two different integers are decided in-process."""
+    pool = GradingPool(workers=1)  # never started: a call that reached it would start a worker
+    equal = MathEquivalence(pool=pool)
+    assert equal("025", "25") and equal("\\dfrac{1}{2}", "\\frac{1}{2}") and equal("142.0", "142")
+    assert not equal("25", "250") and not equal("-3", "3")
+    assert equal.calls == 0 and pool.pids == []
+    pool.close()
+    with pytest.raises(ValueError, match="timeout_seconds"):
+        MathEquivalence(timeout_seconds=0)
+
+
+# ---------------------------------------------------------------- item 9: linear-time extraction
+
+N = 12_600  # characters in a 3,072-token completion
+_rng = random.Random(0)
+_SOUP = ["\\frac{", "}", "{", "\\boxed{", "\\sqrt", "^", "_", "\\left(", "\\right)", "1", "x", "+", "=", "\\pi", "\\dfrac",
+         "\\text{", "$", " ", ",", ".", "\\infty", "the answer is ", "\n", "\\fbox", "\\boxed ", "final answer: ", "answer: ("]
+ADVERSARIAL = {
+    "repeated 'the answer is ' then $y": ("the answer is " * 1000)[: N - 2] + "$y",
+    "repeated \\boxed{": ("\\boxed{" * 2000)[:N],
+    "repeated \\boxed{{}": ("\\boxed{{}" * 1500)[:N],
+    "repeated \\fbox, space, newline": ("\\fbox \n" * 2000)[:N],
+    "repeated closed boxes": ("\\boxed{1}" * 1500)[:N],
+    "spaces after an answer, then $": "the answer is 5" + " " * (N - 20) + "x$z",
+    "'answer' then spaces": ("answer" + " " * 3000 + "x") * 4,
+    "repeated 'final answer: $'": ("final answer: $" * 900)[:N],
+    "open braces": "\\boxed{" + "{" * (N - 7),
+    "random LaTeX soup": "".join(_rng.choice(_SOUP) for _ in range(5000))[:N],
+    "normal": ("We compute $x^2 + 1 = 5$, so x = 2. " * 400)[: N - 40] + " The final answer is \\boxed{\\frac{1}{2}}.",
+}
+
+
+def best_seconds(function, text, repeats=3):
+    function(text)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function(text)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+@pytest.mark.parametrize("name", list(ADVERSARIAL))
+def test_extraction_of_a_3072_token_completion_takes_under_10_ms(name):
+    """Item 9: any content of completion length (~12.6k characters) is read in < 10 ms
+    (2 s for a 12.6k-character one before; repeated \\boxed{ was quadratic)."""
+    text = ADVERSARIAL[name]
+    with time_cap(2.0):
+        for function in (extract_math_answer, extract_choice, last_boxed):
+            seconds = best_seconds(function, text)
+            assert seconds < EXTRACTION_BUDGET_SECONDS, (function.__name__, name, seconds)
+
+
+def test_extraction_of_long_hostile_texts_is_linear():
+    """Item 9: 'the answer is ' * 10000 + '$y' (over 4 minutes before) and '\\boxed{' * 10000
+    (18 s before) take milliseconds."""
+    with time_cap(5.0):
+        assert best_seconds(extract_math_answer, "the answer is " * 10000 + "$y", repeats=1) < 0.2
+        assert best_seconds(extract_math_answer, "\\boxed{" * 10000, repeats=1) < 0.2
+        assert best_seconds(extract_choice, "answer" + " " * 100_000 + "x", repeats=1) < 0.2
+    assert extract_math_answer("the answer is " * 10000 + "$y") == "y"
+    assert extract_math_answer("\\boxed{" * 10000) is None
+
+
+class _FakeTokenizer:
+    pad_token_id, eos_token_id, unk_token_id = 0, 0, None
+
+    def convert_tokens_to_ids(self, token):
+        return 0
+
+    def decode(self, tokens, skip_special_tokens=True):
+        return "".join(tokens)
+
+
+def test_an_overlong_answer_is_no_answer_never_a_truncated_one():
+    """Item 9: an answer longer than MAX_ANSWER_CHARS gives None (not a prefix, not an earlier
+    box), and MathTask counts it in overlong_answers."""
+    fits, too_long = "1" * MAX_ANSWER_CHARS, "1" * (MAX_ANSWER_CHARS + 1)
+    assert extract_math_answer(f"\\boxed{{{fits}}}") == fits
+    assert extract_math_answer(f"\\boxed{{7}} then \\boxed{{{too_long}}}") is None
+    assert extract_math_answer(f"\\boxed {too_long}") is None and extract_math_answer(f"\\boxed {fits}") == fits
+    assert extract_math_answer(f"The answer is {fits}.") == fits
+    assert extract_math_answer(f"The answer is 7.\nThe answer is {too_long}") is None
+    assert extract_choice(f"\\boxed{{{too_long}}}") is None
+    task = MathTask(_FakeTokenizer(), multiple_choice=True)
+    assert task.extract(["\\boxed{", too_long, "}"]) is None and task.overlong_answers == 1
+    assert task.extract(["\\boxed{B}"]) == "B" and task.overlong_answers == 1
+
+
+def _reference_last_boxed(text):
+    """The previous (quadratic) last_boxed, for comparison on short texts."""
+    import re
+
+    for match in reversed(list(re.finditer(r"\\(?:boxed|fbox)\b", text))):
+        rest = match.end()
+        while rest < len(text) and text[rest] == " ":
+            rest += 1
+        if rest < len(text) and text[rest] == "{":
+            depth = 0
+            for index in range(rest, len(text)):
+                depth += {"{": 1, "}": -1}.get(text[index], 0)
+                if depth == 0:
+                    return text[rest + 1 : index].strip()
+        elif rest > match.end():
+            token = re.match(r"[^\s$]+", text[rest:])
+            if token:
+                return token.group(0)
+    return None
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(["\\boxed", "\\fbox", "{", "}", " ", "a", "1", "$", "\n", "\\boxedx"]), max_size=40)
+       .map("".join))
+def test_linear_last_boxed_reads_what_the_old_one_did(text):
+    """Item 9: the linear brace matcher returns the same box content as the old forward scan."""
+    assert last_boxed(text) == _reference_last_boxed(text)
+
+
+# ---------------------------------------------------------------- item 10: parse as a whole
+
+
+def test_junk_after_a_number_is_not_that_number():
+    """Item 10: math-verify used to read the first number out of unparseable LaTeX."""
+    equal = MathEquivalence(timeout_seconds=2)
+    for reference, junk in [("2", "\\sin 2 \\cup"), ("\\frac{1}{2}", "\\log 0.5 \\times"), ("2", "2 \\cup"),
+                            ("2", "2 +"), ("\\frac{1}{2}", "\\frac{1}{2} \\cap"), ("5", "= 5 \\times")]:
+        assert not equal(reference, junk), (reference, junk)
+        assert not equal(junk, reference), (junk, reference)
+        assert len(parse_whole(junk)) < 2  # no expression: only the normalised string
+    for reference, same in [("2", "1+1"), ("\\frac{1}{2}", "0.5"), ("2", "x = 2"), ("\\{1,2\\}", "\\{2,1\\}"),
+                            ("\\left( 3, \\frac{\\pi}{2} \\right)", "(3, \\pi/2)"), ("50\\%", "0.5"),
+                            ("2", "= 2"), ("2", "2~\\text{km}"), ("2", "\\left. 2 \\right."), ("2", "x=2,")]:
+        assert equal(reference, same), (reference, same)
+    assert equal.timeouts == 0
+
+
+def test_random_latex_matches_a_reference_only_when_it_parses_as_a_whole():
+    """Item 10: random LaTeX strings that grade equal to "2" or "\\frac{1}{2}" are whole expressions."""
+    rng = random.Random(1)
+    pieces = ["\\sin", "\\log", "\\cup", "\\times", "2", "0.5", "\\frac{1}{2}", "+", "-", "(", ")", "x", "1", " ", "^",
+              "\\pi", "=", ","]
+    texts = sorted({"".join(rng.choice(pieces) for _ in range(rng.randint(1, 5))) for _ in range(150)})
+    pairs = [(reference, text) for text in texts for reference in ("2", "\\frac{1}{2}")]
+    equal = MathEquivalence(timeout_seconds=1)
+    matched = [pair for pair, same in zip(pairs, equal.many(pairs), strict=True) if same]
+    assert matched  # e.g. "0.5", "+0.5", "1+1"
+    for reference, text in matched:
+        assert len(parse_whole(text)) == 2, (reference, text)  # an expression, read from the whole string
+
+
+def test_a_finite_answer_never_equals_an_infinite_one():
+    """Item 10: math-verify's symbolic check sometimes finds 1/2 - 2*oo "zero" (sympy's
+    simplify on infinities): about 2 in 170 such pairs graded equal, differently per process."""
+    pairs = [pair for k in range(2, 202) for pair in [("\\frac{1}{2}", f"\\infty{k}"), (str(k), f"{k}\\infty"),
+                                                       ("\\frac{1}{3}", f"-\\infty {k}")]]
+    equal = MathEquivalence(timeout_seconds=2)
+    assert [pair for pair, same in zip(pairs, equal.many(pairs), strict=True) if same] == []
+    assert equal("(2,\\infty)", "(2, \\infty)") and equal("\\infty", "+\\infty") and not equal("\\infty", "-\\infty")
