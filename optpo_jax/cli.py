@@ -4,7 +4,7 @@
                       [--config.sprt.threshold=0.99]
     optpo-jax eval    --config configs/arith_optpo.py [--workdir runs/optpo]
     optpo-jax compare [--config configs/arith_optpo.py] [--baseline_config configs/arith_ttrl.py] --workdir runs/compare
-                      [--resume | --overwrite]
+                      [--seeds N] [--resume | --overwrite]
 
 A config, workdir or checkpoint error ends the command with one line naming the cause.
 """
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import json
-import platform
 import sys
 from pathlib import Path
 
@@ -35,6 +34,9 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "directory for metrics
 _RESUME = flags.DEFINE_bool("resume", False, "continue the run in --workdir from its latest checkpoint")
 _RESUME_STEP = flags.DEFINE_integer("resume_step", None, "with --resume: continue from this checkpoint step instead")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "remove the run already in --workdir, then start afresh")
+_SEEDS = flags.DEFINE_integer("seeds", 1, "compare: training seeds 0..N-1 per method, in --workdir/seed{s}/{method}, "
+                              "with paired statistics; 1 = one run per method with its config.seed, in "
+                              "--workdir/{method}", lower_bound=1)
 
 
 def _one_line_errors(command):
@@ -98,38 +100,26 @@ def command_eval(_):
 
 
 def comparison_table(summaries: list[dict]) -> str:
-    """The markdown table `compare` prints."""
-    k = None
-    rows = []
-    for summary in summaries:
-        before, after = summary["before"], summary["after"]
-        k = next(name for name in before if name.startswith("maj@"))
-        rows.append(
-            f"| {summary['method']} | {100 * before['pass@1']:.1f} | {100 * after['pass@1']:.1f} "
-            f"± {100 * after['pass@1_stderr']:.1f} | {100 * before[k]:.1f} | {100 * after[k]:.1f} "
-            f"| {100 * summary['label_accuracy']:.1f} | {summary['total_rollouts']:,} "
-            f"| {summary['total_generated_tokens']:,} | {summary['train_seconds']:.0f} |"
-        )
-    header = (f"| method | pass@1 before | pass@1 after | {k} before | {k} after | label accuracy | rollouts "
-              "| generated tokens | train wall-clock (s) |\n|---|---|---|---|---|---|---|---|---|")
-    return "\n".join([header, *rows])
+    """The markdown table `compare` prints for one run per method (``train.compare.summary_table``)."""
+    from optpo_jax.train.compare import summary_table
+
+    return summary_table(summaries)
 
 
 @_one_line_errors
 def command_compare(_):
-    from optpo_jax.train import train
-    from optpo_jax.train.config_checks import validate_config
+    """Both configs, one run each (``--seeds 1``) or seeds 0..N-1 each; prints and writes the comparison."""
+    from optpo_jax.train.compare import compare_methods
 
     configs = [_start(_config_or_default(_CONFIG, "optpo")), _config_or_default(_BASELINE, "ttrl")]
-    for config in configs:  # both, before the first run starts
-        validate_config(config)
-    summaries = [train(config, Path(_WORKDIR.value) / config.method, resume=_RESUME.value, overwrite=_OVERWRITE.value)
-                 for config in configs]
-    table = comparison_table(summaries)
-    machine = f"{platform.machine()}, {__import__('os').cpu_count()} CPU cores, jax {__import__('jax').__version__}"
-    text = f"{table}\n\nmode: {configs[0].data.mode}; machine: {machine}"
-    print(text)
-    (Path(_WORKDIR.value) / "comparison.md").write_text(text + "\n")
+    seeds = None if _SEEDS.value == 1 else list(range(_SEEDS.value))
+    if seeds is not None and any(config.seed != 0 for config in configs):
+        from optpo_jax.train.config_checks import ConfigError
+
+        raise ConfigError(f"--seeds {_SEEDS.value} runs config.seed 0..{_SEEDS.value - 1} for both methods: leave "
+                          "config.seed at 0 (it would be replaced)")
+    report = compare_methods(configs, _WORKDIR.value, seeds, resume=_RESUME.value, overwrite=_OVERWRITE.value)
+    print(report["markdown"])
 
 
 COMMANDS = {"train": command_train, "eval": command_eval, "compare": command_compare}

@@ -50,6 +50,9 @@ def arithmetic_config(method: str = "optpo") -> ml_collections.ConfigDict:
         "train_samples_per_prompt": 0 if method == "optpo" else 32, "micro_batch_rows": 256,
         "grad_accumulation": 1, "epochs": 1,
         "advantage_mode": "grpo",
+        # Micro-batches train at their longest sequence (rounded up to 16) and at the
+        # smallest of 256 / 128 / 64 rows that holds them.
+        "width_bucket": 16, "row_buckets": 3,
     })
     config.optimizer = ml_collections.ConfigDict({
         "learning_rate": 1e-4, "schedule": "constant", "warmup_fraction": 0.0, "weight_decay": 0.0,

@@ -1,7 +1,8 @@
-"""Figures of training runs: pass@1 curves of a ``compare`` run and rollouts per prompt.
+"""Figures of training runs: pass@1 curves of a ``compare`` run, against compute over seeds, and rollouts per prompt.
 
 The functions read what ``train.loop.train`` writes (``metrics.jsonl`` and
-``config.json`` in a run's workdir) and return matplotlib ``Figure`` objects built
+``config.json`` in a run's workdir; ``plot_compute_curves`` takes the curves that
+``train.compare.load_curves`` reads from a multi-seed compare) and return matplotlib ``Figure`` objects built
 without pyplot, so they neither need a display nor keep global state; ``save_figure``
 writes one as PNG. The experiments/ scripts and colab/quickstart.ipynb share them.
 matplotlib is the optional extra ``plots`` (``pip install 'optpo-jax[plots]'``);
@@ -146,4 +147,71 @@ def plot_rollouts_histogram(workdir: str | Path) -> Figure:
     axis.grid(alpha=0.3, axis="y")
     axis.set_title(f"Rollouts per prompt under {METHOD_NAMES.get(config['method'], config['method'])} on the embedded task "
                    f"({config['steps']} steps x {config['prompts_per_step']} prompts)")
+    return figure
+
+
+COMPUTE_AXES = ("rollouts", "generated_tokens", "trained_tokens", "train_seconds")
+
+
+def compute_curve_rows(curves: list[list[dict]], methods: list[str], axes: tuple[str, ...] = COMPUTE_AXES) -> list[dict]:
+    """The mean curves of ``plot_compute_curves`` as rows: method, axis, x, mean pass@1, its stderr over seeds, seeds.
+
+    ``curves[m][s]``: ``seed_stats.evaluation_curve`` of seed s of ``methods[m]``. The mean is
+    over seeds on a grid every seed covers (``seed_stats.mean_curve``); stderr is empty with one seed.
+    """
+    from optpo_jax.train.seed_stats import mean_curve
+
+    rows = []
+    for method, method_curves in zip(methods, curves, strict=True):
+        for axis in axes:
+            mean = mean_curve(method_curves, axis)
+            for index, x in enumerate(mean["grid"]):
+                stderr = "" if mean["stderr"] is None else float(mean["stderr"][index])
+                rows.append({"method": method, "axis": axis, "x": float(x), "pass@1": float(mean["mean"][index]),
+                             "pass@1_stderr_over_seeds": stderr, "seeds": mean["n"]})
+    return rows
+
+
+def plot_compute_curves(curves: list[list[dict]], methods: list[str], axes: tuple[str, ...] = COMPUTE_AXES) -> Figure:
+    """pass@1 against each compute axis (one panel each), every method on every panel, mean over seeds.
+
+    ``curves[m][s]``: ``seed_stats.evaluation_curve`` of seed s of ``methods[m]``
+    (``train.compare.load_curves`` reads them from a compare workdir). Per method: each
+    seed's curve (thin), the mean over seeds on the range every seed covers (seeds' x values
+    differ, so each curve is interpolated linearly between its evaluations onto a common grid
+    first) with a +- 1 standard error band over seeds, and the seeds' final point (mean, with
+    +- 1 stderr bars in x and y).
+    """
+    from optpo_jax.train.seed_stats import AXIS_LABELS, final_point, mean_curve
+
+    columns = min(len(axes), 2)
+    rows = -(-len(axes) // columns)
+    figure = Figure(figsize=(6.2 * columns, 4.2 * rows), layout="constrained")
+    panels = np.atleast_1d(figure.subplots(rows, columns, sharey=True, squeeze=False)).ravel()
+    seeds = {len(method_curves) for method_curves in curves}
+    for method, method_curves in zip(methods, curves, strict=True):
+        color = METHOD_COLORS.get(method)
+        for panel, axis in zip(panels, axes, strict=False):
+            for curve in method_curves:
+                panel.plot(curve[axis], 100 * curve["pass@1"], color=color, alpha=0.25, linewidth=0.8)
+            mean, end = mean_curve(method_curves, axis), final_point(method_curves, axis)
+            label = f"{METHOD_LABELS.get(method, method)}, {len(method_curves)} seeds"
+            panel.plot(mean["grid"], 100 * mean["mean"], color=color, linewidth=2, label=label)
+            if mean["stderr"] is not None:
+                panel.fill_between(mean["grid"], 100 * (mean["mean"] - mean["stderr"]),
+                                   100 * (mean["mean"] + mean["stderr"]), color=color, alpha=0.2)
+            panel.errorbar(end["x"]["mean"], 100 * end["pass@1"]["mean"], xerr=end["x"]["stderr"],
+                           yerr=None if end["pass@1"]["stderr"] is None else 100 * end["pass@1"]["stderr"],
+                           color=color, marker="o", markersize=5, capsize=3)
+    for panel, axis in zip(panels, axes, strict=False):
+        panel.set_xlabel(AXIS_LABELS[axis])
+        panel.grid(alpha=0.3)
+    for panel in panels[len(axes):]:
+        panel.set_visible(False)
+    for panel in panels[::columns]:
+        panel.set_ylabel("pass@1 on the test prompts (%)")
+    panels[0].legend(loc="lower right", fontsize=8)
+    count = "/".join(str(n) for n in sorted(seeds))
+    figure.suptitle(f"pass@1 against compute, mean over {count} seeds (band: ± 1 standard error over seeds; "
+                    "thin: each seed; dot: final)")
     return figure

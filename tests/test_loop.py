@@ -210,3 +210,42 @@ def test_padded_rollout_advantages_equal_the_unpadded_ones(mode):
         got = rollout_advantages(rewards, prompt_index, 3, mode)
         assert got.shape == (num_rollouts,) and np.any(got != 0)
         np.testing.assert_allclose(got, np.asarray(expected), rtol=1e-6, atol=1e-6)
+
+
+def test_micro_batch_shapes_follow_the_rows_and_the_longest_sequence():
+    from optpo_jax.train.step import micro_batch_shape
+
+    config = UpdateConfig(micro_batch_rows=256, width_bucket=16, row_buckets=3)
+    assert micro_batch_shape(256, 40, 256, 55, config) == (256, 48)
+    assert micro_batch_shape(70, 10, 256, 55, config) == (128, 16)
+    assert micro_batch_shape(64, 50, 256, 55, config) == (64, 55)  # never wider than the arrays
+    assert micro_batch_shape(10, 10, 256, 55, config, row_multiple=128) == (128, 16)
+    assert micro_batch_shape(10, 10, 256, 55, UpdateConfig(width_bucket=0, row_buckets=1)) == (256, 55)
+
+
+def test_fitted_micro_batches_train_like_padded_ones(setup):
+    """The update at fitted widths and row counts equals the one padded to the full micro-batch (float tolerance)."""
+    import dataclasses as dc
+
+    from optpo_jax.train.loop import init_train_state
+    from optpo_jax.train.step import update_policy
+
+    problems = setup.train_problems[:4]
+    rollouts, _ = collect_rollouts(setup.policy.params, setup.policy.config, setup.task, problems,
+                                   setup.learner.config, jax.random.key(5))
+    advantages = np.random.default_rng(0).standard_normal(len(rollouts.prompt_index)).astype(np.float32)
+    arrays = grpo_arrays(rollouts, np.arange(len(advantages)), advantages)
+    results = []
+    for width_bucket, row_buckets in ((0, 1), (8, 3)):
+        update = dc.replace(setup.learner.config.update, width_bucket=width_bucket, row_buckets=row_buckets,
+                            micro_batch_rows=16)
+        learner = dc.replace(setup.learner, config=dc.replace(setup.learner.config, update=update))
+        state = init_train_state(setup)
+        state = state.replace(params=jax.tree.map(jnp.copy, state.params))  # the update donates what it is given
+        state, metrics = update_policy(state, arrays, learner, np.random.default_rng(1))
+        results.append((jax.tree.leaves(state.params), metrics))
+    (padded, padded_metrics), (fitted, fitted_metrics) = results
+    assert padded_metrics["optimizer_steps"] == fitted_metrics["optimizer_steps"] > 1
+    np.testing.assert_allclose(fitted_metrics["loss"], padded_metrics["loss"], rtol=1e-5, atol=1e-6)
+    for a, b in zip(padded, fitted, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)

@@ -42,6 +42,8 @@ LIMITS = {
     "policy_update.micro_batch_rows": (_INT, 1, 65536, True, True),
     "policy_update.grad_accumulation": (_INT, 1, 65536, True, True),
     "policy_update.epochs": (_INT, 1, 1000, True, True),
+    "policy_update.width_bucket": (_INT, 0, 65536, True, True),
+    "policy_update.row_buckets": (_INT, 1, 16, True, True),
     "optimizer.learning_rate": (_REAL, 0.0, 1.0, False, True),
     "optimizer.warmup_fraction": (_REAL, 0.0, 1.0, True, False),
     "optimizer.weight_decay": (_REAL, 0.0, 1e3, True, True),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -81,10 +82,12 @@ def _run_step(setup: Setup, state: TrainState, step: int, carry, totals: dict, p
     metrics = step_metrics(output, problems, setup.task)
     totals.update(step=step + 1, rollouts=totals["rollouts"] + metrics["rollouts"],
                   generated_tokens=totals["generated_tokens"] + metrics["generated_tokens"],
+                  trained_tokens=totals.get("trained_tokens", 0) + metrics["trained_tokens"],
                   seconds=totals["seconds"] + time.perf_counter() - start,
                   label_accuracy_sum=totals["label_accuracy_sum"] + metrics["label_accuracy"])
-    # Running totals, so curves can be drawn against rollouts and training wall-clock (evaluation excluded).
-    metrics.update(total_rollouts=totals["rollouts"], train_seconds=totals["seconds"])
+    # Running totals, so curves can be drawn against compute (evaluation excluded from the seconds).
+    metrics.update(total_rollouts=totals["rollouts"], total_generated_tokens=totals["generated_tokens"],
+                   total_trained_tokens=totals["trained_tokens"], train_seconds=totals["seconds"])
     if config.eval.every_steps and (step + 1) % config.eval.every_steps == 0 and step + 1 < config.steps:
         result = run_eval(setup, state.params, config.eval.samples, config.seed + 2 + step, progress)
         metrics.update({f"eval/{k}": v for k, v in result.summary().items()})
@@ -130,7 +133,8 @@ def _check_workdir(workdir: Path, config, resume: bool, overwrite: bool, resume_
 def _train(setup: Setup, workdir: Path, resume: bool, resume_step: int | None, progress: bool) -> dict:
     config = setup.config
     state, carry = init_train_state(setup), None
-    totals = {"step": 0, "rollouts": 0, "generated_tokens": 0, "seconds": 0.0, "label_accuracy_sum": 0.0}
+    totals = {"step": 0, "rollouts": 0, "generated_tokens": 0, "trained_tokens": 0, "seconds": 0.0,
+              "label_accuracy_sum": 0.0}
     checkpointer = Checkpointer(workdir / "checkpoints", keep=2)
     if resume:
         state, totals, carry = _restore(checkpointer, state, resume_step)
@@ -152,7 +156,13 @@ def _train(setup: Setup, workdir: Path, resume: bool, resume_step: int | None, p
 
 
 def _finish(setup: Setup, state: TrainState, totals: dict, log: MetricsLog, workdir: Path, progress: bool) -> dict:
-    """The final evaluation, logged and summarised in summary.json."""
+    """The final evaluation, logged and summarised in summary.json; its per-prompt results in final_eval.json.
+
+    final_eval.json (written before summary.json, so a summary always has the per-prompt
+    results of the same evaluation) holds, in the order of the evaluation prompts, each
+    prompt's pass@1 (share of its samples right) and whether its majority vote was right,
+    with a fingerprint of the prompts: ``train.seed_stats`` pairs runs prompt by prompt.
+    """
     config = setup.config
     after = run_eval(setup, state.params, config.eval.final_samples, config.seed + 1, progress)
     log.write(config.steps, {f"final/{k}": v for k, v in after.summary().items()})
@@ -160,9 +170,15 @@ def _finish(setup: Setup, state: TrainState, totals: dict, log: MetricsLog, work
     summary = {
         "method": config.method, "steps": config.steps, "before": totals.get("before"),
         "after": after.summary(), "total_rollouts": totals["rollouts"],
-        "total_generated_tokens": totals["generated_tokens"], "train_seconds": totals["seconds"],
+        "total_generated_tokens": totals["generated_tokens"], "total_trained_tokens": totals.get("trained_tokens", 0),
+        "train_seconds": totals["seconds"],
         "label_accuracy": totals["label_accuracy_sum"] / max(config.steps, 1),
     }
     if is_lead_process():
+        prompts = hashlib.sha256(repr(list(setup.eval_problems)).encode()).hexdigest()[:16]
+        final_eval = {"samples": int(after.correct.shape[1]), "prompts_sha256": prompts,
+                      "per_prompt_pass@1": after.per_prompt_accuracy.tolist(),
+                      "per_prompt_majority_correct": after.majority_correct.tolist()}
+        (workdir / "final_eval.json").write_text(json.dumps(final_eval))
         (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary

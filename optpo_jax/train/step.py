@@ -124,9 +124,34 @@ def grpo_arrays(rollouts: Rollouts, rows: np.ndarray, advantages: np.ndarray) ->
     }
 
 
-def _pad_rows(arrays: dict, num_rows: int) -> dict:
-    """Pads every [n, ...] array to ``num_rows`` rows of zeros (zero loss mask: no effect)."""
-    return {name: np.pad(a, [(0, num_rows - len(a))] + [(0, 0)] * (a.ndim - 1)) for name, a in arrays.items()}
+def micro_batch_shape(num_rows: int, longest: int, chunk_rows: int, full_width: int, config: UpdateConfig,
+                      row_multiple: int = 1) -> tuple[int, int]:
+    """(rows, width) a micro-batch of ``num_rows`` rows, the longest ``longest`` columns wide, trains at.
+
+    Rows: the smallest of chunk_rows, chunk_rows / 2, ... (``config.row_buckets`` sizes,
+    each a multiple of ``row_multiple``) that holds them, so a last micro-batch is not
+    mostly padding. Width: ``longest`` rounded up to a multiple of ``config.width_bucket``
+    (at most ``full_width``; 0 trains at the full width). Few sizes: each is one compilation.
+    """
+    sizes = [chunk_rows >> k for k in range(config.row_buckets) if (chunk_rows >> k) % row_multiple == 0]
+    rows = min((size for size in sizes if size >= num_rows), default=chunk_rows)
+    bucket = config.width_bucket
+    width = full_width if not bucket else min(-(-max(longest, 1) // bucket) * bucket, full_width)
+    return rows, width
+
+
+def _fit_micro_batch(chunk: dict, chunk_rows: int, config: UpdateConfig, mesh) -> dict:
+    """The chunk cut to its micro-batch shape (agreed over processes) and padded with zero-mask rows."""
+    full_width = chunk["input_tokens"].shape[1]
+    used_columns = np.flatnonzero(chunk["positions"].max(axis=0, initial=-1) >= 0)
+    longest = int(used_columns[-1]) + 1 if used_columns.size else 1
+    row_multiple = config.grad_accumulation * (
+        1 if mesh is None else mesh.local_mesh.shape["data"] * mesh.local_mesh.shape["fsdp"])
+    rows, width = micro_batch_shape(process_max(len(chunk["advantages"])), process_max(longest), chunk_rows,
+                                    full_width, config, row_multiple)
+    return {name: np.pad(values[:, :width] if values.ndim == 2 else values,
+                         [(0, rows - len(values))] + [(0, 0)] * (values.ndim - 1))
+            for name, values in chunk.items()}
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2))
@@ -181,8 +206,8 @@ def update_policy(state: TrainState, arrays: dict, learner: Learner,
     for _ in range(config.epochs if num_chunks else 0):
         order = rng.permutation(num_rows)
         for start in range(0, num_chunks * chunk_rows, chunk_rows):
-            chunk = _pad_rows({k: v[order[start : start + chunk_rows]] for k, v in arrays.items()}, chunk_rows)
-            chunk = rows_to_global(chunk, mesh)
+            chunk = {name: values[order[start : start + chunk_rows]] for name, values in arrays.items()}
+            chunk = rows_to_global(_fit_micro_batch(chunk, chunk_rows, config, mesh), mesh)
             ref = None
             if grpo_config.kl_coef > 0:
                 ref = _reference_logprobs(learner.model_config, state.ref_params, grpo_config.temperature,
@@ -218,4 +243,5 @@ def training_step(state: TrainState, learner: Learner, problems: list, key: jax.
     state, update_metrics = update_policy(state, grpo_arrays(rollouts, rows, advantages), learner, rng)
     update_metrics["update_seconds"] = time.perf_counter() - start
     update_metrics["trained_rollouts"] = int(process_sum(len(rows)))
+    update_metrics["trained_tokens"] = int(process_sum(int(rollouts.completion_lengths[rows].sum())))
     return state, StepOutput(rollouts, rewards, labels, update_metrics, next_carry)

@@ -21,6 +21,10 @@ class UpdateConfig:
         whose gradients are summed exactly (memory: one micro-batch of activations).
       epochs: passes over the rollouts per training step.
       advantage_mode: a key of ``grpo.ADVANTAGE_ESTIMATORS``.
+      width_bucket: a micro-batch trains at the width of its longest sequence rounded up
+        to a multiple of this (0: always prompt bucket + max_new_tokens).
+      row_buckets: micro-batch row counts allowed: micro_batch_rows, its half, ... (this
+        many sizes; 1: every micro-batch is padded to micro_batch_rows).
     """
 
     train_samples_per_prompt: int = 0
@@ -28,6 +32,8 @@ class UpdateConfig:
     grad_accumulation: int = 1
     epochs: int = 1
     advantage_mode: str = "grpo"
+    width_bucket: int = 16
+    row_buckets: int = 3
 
     def __post_init__(self):
         if self.train_samples_per_prompt < 0:
@@ -39,6 +45,9 @@ class UpdateConfig:
                              f"micro_batch_rows={self.micro_batch_rows}")
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.width_bucket < 0 or self.row_buckets < 1:
+            raise ValueError(f"width_bucket must be >= 0 and row_buckets >= 1, got {self.width_bucket}, "
+                             f"{self.row_buckets}")
         if self.advantage_mode not in ADVANTAGE_ESTIMATORS:
             raise ValueError(f"advantage_mode must be one of {tuple(ADVANTAGE_ESTIMATORS)}, got {self.advantage_mode!r}")
 

@@ -17,7 +17,7 @@ import shutil
 from pathlib import Path
 
 # What a run writes; --overwrite removes exactly these.
-RUN_FILES = ("checkpoints", "carry", "tb", "metrics.jsonl", "config.json", "summary.json")
+RUN_FILES = ("checkpoints", "carry", "tb", "metrics.jsonl", "config.json", "summary.json", "final_eval.json")
 
 # Fields a resumed run may change: they decide how long it runs and what it evaluates or
 # how it is laid out on devices, not what it computes up to the restored step. ``steps``
