@@ -1,5 +1,19 @@
+import os
+import tempfile
+
 import jax
 import pytest
+
+# One persistent compilation cache for the whole test session, shared with the subprocesses the
+# tests start (CLI runs, the multi-process cluster, the notebook's kernel): every tiny training
+# run builds its own jitted update step and sampler, which would otherwise compile the same
+# programs again each time (most of a tiny run's seconds on 2 CPU cores).
+_CACHE = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="optpo_jax_test_cache_"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+jax.config.update("jax_compilation_cache_dir", _CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 @pytest.fixture(params=["eager", "jit"])

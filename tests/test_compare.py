@@ -3,7 +3,6 @@ and `compare_methods` end to end on two seeds of a tiny config (including resume
 
 import json
 
-import jax
 import numpy as np
 import pytest
 from scipy import stats
@@ -151,25 +150,7 @@ def tiny(method, **overrides):
 
 
 @pytest.fixture(scope="module")
-def compiled_once(tmp_path_factory):
-    """A persistent compilation cache for this module: every run builds its own jitted update step, so the
-    four runs below would each compile it (about 10 s each on 2 cores); the cache compiles it once."""
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
-    before = {name: getattr(jax.config, name) for name in names}
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    yield
-    for name, value in before.items():
-        jax.config.update(name, value)
-    from jax._src import compilation_cache
-
-    compilation_cache.reset_cache()
-
-
-@pytest.fixture(scope="module")
-def two_seeds(tmp_path_factory, compiled_once):
+def two_seeds(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("compare")
     report = compare_methods([tiny("optpo"), tiny("ttrl")], workdir, seeds=[0, 1], progress=False)
     return workdir, report
