@@ -1,4 +1,5 @@
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -27,7 +28,8 @@ def printed(output: str, tag: str):
 def run_cluster(workdir: Path, steps: int, resume: bool = False) -> list[str]:
     """Runs the worker on a 2-process cluster; returns each process's output."""
     port = str(free_port())
-    env = {"PYTHONPATH": f"{Path(__file__).parent}:{Path(__file__).parents[1]}", "PATH": "/usr/bin:/bin"}
+    env = {"PYTHONPATH": f"{Path(__file__).parent}:{Path(__file__).parents[1]}", "PATH": "/usr/bin:/bin",
+           **{name: value for name, value in os.environ.items() if name.startswith("JAX_")}}  # the session's cache
     command = [str(workdir), str(steps)] + (["--resume"] if resume else [])
     workers = [subprocess.Popen([sys.executable, str(WORKER), str(i), port, *command], stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, env=env) for i in range(2)]
