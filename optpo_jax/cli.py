@@ -99,13 +99,6 @@ def command_eval(_):
     print(json.dumps(run_eval(setup, params, config.eval.final_samples, config.seed + 1).summary(), indent=1))
 
 
-def comparison_table(summaries: list[dict]) -> str:
-    """The markdown table `compare` prints for one run per method (``train.compare.summary_table``)."""
-    from optpo_jax.train.compare import summary_table
-
-    return summary_table(summaries)
-
-
 @_one_line_errors
 def command_compare(_):
     """Both configs, one run each (``--seeds 1``) or seeds 0..N-1 each; prints and writes the comparison."""

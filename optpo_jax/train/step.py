@@ -242,6 +242,6 @@ def training_step(state: TrainState, learner: Learner, problems: list, key: jax.
     rows = training_rows(rollouts, advantages, update, rng)
     state, update_metrics = update_policy(state, grpo_arrays(rollouts, rows, advantages), learner, rng)
     update_metrics["update_seconds"] = time.perf_counter() - start
-    update_metrics["trained_rollouts"] = int(process_sum(len(rows)))
-    update_metrics["trained_tokens"] = int(process_sum(int(rollouts.completion_lengths[rows].sum())))
+    trained = process_sum(np.array([len(rows), rollouts.completion_lengths[rows].sum()], np.int64))  # one exchange
+    update_metrics["trained_rollouts"], update_metrics["trained_tokens"] = int(trained[0]), int(trained[1])
     return state, StepOutput(rollouts, rewards, labels, update_metrics, next_carry)
