@@ -48,6 +48,8 @@ def arithmetic_config(method: str = "optpo") -> ml_collections.ConfigDict:
     })
     config.policy_update = ml_collections.ConfigDict({
         "train_samples_per_prompt": 0 if method == "optpo" else 32, "micro_batch_rows": 256,
+        # Rollouts a prompt draws for the update after its vote stopped (the paper's N; 0 = votes only).
+        "min_rollouts_per_prompt": 0,
         "grad_accumulation": 1, "epochs": 1,
         "advantage_mode": "grpo",
         # Micro-batches train at their longest sequence (rounded up to 16) and at the

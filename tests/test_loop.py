@@ -95,6 +95,37 @@ def test_lookahead_prompts_use_spare_rows_and_carry_their_votes(setup):
         np.testing.assert_array_equal(np.bincount(slots[slots >= 0], minlength=8), np.asarray(later.votes.counts[prompt]))
 
 
+def test_min_rollouts_per_prompt_draws_for_the_update_without_changing_the_vote(setup):
+    """policy_update.min_rollouts_per_prompt (the paper's N): after a prompt's vote stopped it still draws
+    up to N rollouts; the vote (counts, label) is exactly what it was without them."""
+    args = (setup.policy.params, setup.policy.config, setup.task, setup.train_problems[:5])
+    config = dataclasses.replace(setup.learner.config, sprt=SPRTConfig(threshold=0.6, min_samples=2, max_samples=8))
+    plain, _ = collect_rollouts(*args, config, jax.random.key(4))
+    topped_config = dataclasses.replace(config, update=dataclasses.replace(config.update, min_rollouts_per_prompt=7))
+    topped, _ = collect_rollouts(*args, topped_config, jax.random.key(4), lookahead=setup.train_problems[5:8])
+    votes = np.asarray(topped.votes.num_samples)
+    np.testing.assert_array_equal(votes, np.asarray(plain.votes.num_samples))
+    np.testing.assert_array_equal(np.asarray(topped.votes.counts), np.asarray(plain.votes.counts))
+    per_prompt = np.bincount(topped.prompt_index, minlength=5)
+    np.testing.assert_array_equal(per_prompt, np.maximum(votes, 7))
+    assert (votes < 7).any()  # some vote stopped early, so some rollouts were drawn for the update only
+    rewards, leader = consensus_rewards(topped)
+    np.testing.assert_array_equal(leader, np.asarray(consensus_rewards(plain)[1]))
+    for row in range(len(rewards)):  # the extra rollouts are rewarded against the vote's label
+        slot = topped.slots[row]
+        assert rewards[row] == (slot >= 0 and slot == leader[topped.prompt_index[row]])
+        completion = topped.completion_tokens[row, : topped.completion_lengths[row]]
+        assert slot < 0 or topped.answer_slots.answer(int(topped.prompt_index[row]), int(slot)) == \
+            setup.task.extract(completion)
+
+
+def test_min_rollouts_per_prompt_above_the_budget_is_a_config_error():
+    from optpo_jax.train.config_checks import ConfigError
+
+    with pytest.raises(ConfigError, match=r"min_rollouts_per_prompt=9 must not exceed sprt.max_samples=8"):
+        build_setup(tiny_config(**{"policy_update.min_rollouts_per_prompt": 9}))
+
+
 def test_rewards_rows_and_old_logprobs_line_up(setup):
     problems = setup.train_problems[:4]
     rollouts, _ = collect_rollouts(setup.policy.params, setup.policy.config, setup.task, problems,

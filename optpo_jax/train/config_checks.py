@@ -39,6 +39,7 @@ LIMITS = {
     "grpo.clip_eps_high": (_REAL, 0.0, 100.0, False, True),
     "grpo.kl_coef": (_REAL, 0.0, 1e6, True, True),
     "policy_update.train_samples_per_prompt": (_INT, 0, 1024, True, True),
+    "policy_update.min_rollouts_per_prompt": (_INT, 0, 1024, True, True),
     "policy_update.micro_batch_rows": (_INT, 1, 65536, True, True),
     "policy_update.grad_accumulation": (_INT, 1, 65536, True, True),
     "policy_update.epochs": (_INT, 1, 1000, True, True),

@@ -10,7 +10,7 @@ import numpy as np
 from optpo_jax.train.distributed import process_sum
 from optpo_jax.train.step import StepOutput
 
-_SUMMED = ("prompts", "rollouts", "generated_tokens", "rows_used", "rows_total", "labels_right", "rewards_right",
+_SUMMED = ("prompts", "rollouts", "vote_rollouts", "generated_tokens", "rows_used", "rows_total", "labels_right", "rewards_right",
            "majority_share_sum", "negative_logprob_sum")
 
 
@@ -26,15 +26,18 @@ def step_metrics(output: StepOutput, problems: list, task) -> dict:
     label_right = np.array([task.is_correct(label, problem) for label, problem in zip(labels, problems, strict=True)])
     answer_right = np.array([task.is_correct(rollouts.answer_slots.answer(p, int(s)), problems[p])
                              for p, s in zip(rollouts.prompt_index, rollouts.slots, strict=True)])
-    counts = np.asarray(rollouts.votes.counts)
-    local = [len(problems), len(rollouts.prompt_index), rollouts.completion_lengths.sum(), rollouts.rows_used,
-             rollouts.rows_total, label_right.sum(), np.sum(rewards == answer_right),
-             np.sum(counts.max(axis=1) / np.maximum(per_prompt, 1)), -np.sum(rollouts.policy_logprobs)]
+    counts, votes = np.asarray(rollouts.votes.counts), np.asarray(rollouts.votes.num_samples)
+    local = [len(problems), len(rollouts.prompt_index), votes.sum(), rollouts.completion_lengths.sum(),
+             rollouts.rows_used, rollouts.rows_total, label_right.sum(), np.sum(rewards == answer_right),
+             np.sum(counts.max(axis=1) / np.maximum(votes, 1)), -np.sum(rollouts.policy_logprobs)]
     total = dict(zip(_SUMMED, process_sum(np.array(local, np.float64)).tolist(), strict=True))
     # A prompt keeps at most max_samples (= vote slots) rollouts: one histogram length on every process.
     histogram = np.trim_zeros(process_sum(np.bincount(per_prompt, minlength=counts.shape[1] + 1)), "b")
     return {
+        # rollouts: every completion drawn; vote_rollouts: those the vote counted (the rest were drawn
+        # for the update after the vote stopped: policy_update.min_rollouts_per_prompt).
         "rollouts": int(total["rollouts"]), "rollouts_per_prompt": total["rollouts"] / total["prompts"],
+        "vote_rollouts": int(total["vote_rollouts"]),
         "rollouts_per_prompt_histogram": histogram.tolist(),
         "generated_tokens": int(total["generated_tokens"]), "waves": rollouts.waves,
         "wave_utilization": total["rows_used"] / max(total["rows_total"], 1),

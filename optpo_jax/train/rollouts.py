@@ -155,24 +155,29 @@ def collect_rollouts(params, model_config, task, problems: list, config: StepCon
     num_rows = local_row_count(config.rows_per_wave, "rows_per_wave")
     prompts = tokenize_prompts(task, all_problems, config.sampling)
     votes, answer_slots, kept = _start_votes(task, num_prompts, len(all_problems), config.sprt, carry)
+    drawn = np.bincount(np.concatenate(kept["prompt_index"]).astype(np.int64) if kept["prompt_index"] else
+                        np.zeros(0, np.int64), minlength=len(all_problems))
     rows_used = waves = 0
     sampling_seconds = 0.0
     bar = tqdm(desc="waves", unit="wave", leave=False, disable=not progress)
-    # Every process takes part in every wave until the last undecided prompt anywhere stops.
-    while process_max(int(not np.all(np.asarray(votes.done)[:num_prompts]))):
-        prompt_ids, valid = _allocate_with_lookahead(votes, num_prompts, num_rows, config.sprt)
+    # Every process takes part in every wave until the last unfinished prompt anywhere is finished.
+    while process_max(int(np.any(_rows_wanted(votes, drawn, num_prompts, config) > 0))):
+        extra = _extra_demand(votes, drawn, num_prompts, config.update.min_rollouts_per_prompt)
+        prompt_ids, valid = _allocate_with_lookahead(votes, num_prompts, num_rows, config.sprt, extra)
         start = time.perf_counter()
         wave = sample_wave(params, model_config, task, prompts, prompt_ids, valid, jax.random.fold_in(key, waves),
                            config.sampling)
         sampling_seconds += time.perf_counter() - start
         before = int(np.asarray(votes.num_samples).sum())
+        voting = valid & ~np.asarray(votes.done)[prompt_ids]
         votes, slots = count_votes(votes, answer_slots, wave, config.sprt)
-        # allocate_wave grants rows only within each prompt's budget, so every valid row is kept.
-        assert int(np.asarray(votes.num_samples).sum()) - before == int(valid.sum())
+        # allocate_wave grants rows only within each prompt's budget, so every voting row is counted.
+        assert int(np.asarray(votes.num_samples).sum()) - before == int(voting.sum())
         rows = np.flatnonzero(valid)
         for name, values in zip(KEPT_FIELDS, (prompt_ids, wave.completions, wave.completion_lengths,
                                               wave.policy_logprobs, slots), strict=True):
             kept[name].append(values[rows])
+        drawn += np.bincount(prompt_ids[rows], minlength=len(drawn))
         rows_used, waves = rows_used + len(rows), waves + 1
         bar.update(1)
         bar.set_postfix(undecided=int(np.sum(~np.asarray(votes.done)[:num_prompts])))
@@ -217,19 +222,38 @@ def _carry_of_lookahead(votes: VoteState, answer_slots: AnswerSlots, kept: dict,
     return LookaheadCarry(jax.tree.map(np.asarray, votes.select(lookahead)), answer_slots.tables[lookahead], early)
 
 
-def _allocate_with_lookahead(votes: VoteState, num_prompts: int, num_rows: int, config: SPRTConfig):
-    """The batch's allocation over its own prompts, then its unused rows to the lookahead prompts in order.
+def _extra_demand(votes: VoteState, drawn: np.ndarray, num_prompts: int, min_rollouts: int) -> np.ndarray:
+    """[num_prompts] rollouts each batch prompt whose vote has stopped still draws for the update."""
+    done = np.asarray(votes.done)[:num_prompts]
+    return np.where(done, np.maximum(min_rollouts - drawn[:num_prompts], 0), 0)
+
+
+def _rows_wanted(votes: VoteState, drawn: np.ndarray, num_prompts: int, config: StepConfig) -> np.ndarray:
+    """[num_prompts] > 0 for the batch's unfinished prompts: voting, or drawing rollouts for the update."""
+    voting = ~np.asarray(votes.done)[:num_prompts]
+    return voting + _extra_demand(votes, drawn, num_prompts, config.update.min_rollouts_per_prompt)
+
+
+def _allocate_with_lookahead(votes: VoteState, num_prompts: int, num_rows: int, config: SPRTConfig,
+                             extra: np.ndarray | None = None):
+    """The batch's allocation over its own prompts, then ``extra[p]`` rows for each batch prompt p
+    whose vote has stopped (rollouts for the update), then the unused rows to the lookahead prompts
+    in order.
 
     The batch gets exactly the rows it would get alone, so lookahead never delays it.
     """
     prompt_ids, valid = (np.asarray(x) for x in _allocate(votes.select(slice(None, num_prompts)), num_rows, config))
+    prompt_ids, valid = prompt_ids.copy(), valid.copy()
+    if extra is not None and extra.any():
+        extra_ids = np.repeat(np.arange(num_prompts), extra)
+        rows = np.flatnonzero(~valid)[: len(extra_ids)]
+        prompt_ids[rows], valid[rows] = extra_ids[: len(rows)], True
     spare = num_rows - int(valid.sum())
     if spare == 0 or votes.counts.shape[0] == num_prompts:
         return prompt_ids, valid
     early_ids, early_valid = (np.asarray(x) for x in _allocate(votes.select(slice(num_prompts, None)), num_rows,
                                                                 config))
-    extra = early_ids[early_valid][:spare] + num_prompts
-    rows = np.flatnonzero(~valid)[: len(extra)]
-    prompt_ids, valid = prompt_ids.copy(), valid.copy()
-    prompt_ids[rows], valid[rows] = extra, True
+    extra_ids = early_ids[early_valid][:spare] + num_prompts
+    rows = np.flatnonzero(~valid)[: len(extra_ids)]
+    prompt_ids[rows], valid[rows] = extra_ids, True
     return prompt_ids, valid

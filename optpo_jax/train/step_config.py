@@ -16,6 +16,9 @@ class UpdateConfig:
     Attributes:
       train_samples_per_prompt: rollouts of each prompt used for the update, chosen at
         random after labelling with all of them (TTRL: 32 of 64); 0 uses every one.
+      min_rollouts_per_prompt: rollouts each prompt draws for the update even after its
+        vote has stopped (the OptPO paper's N). The extra ones are rewarded against the
+        vote's label and do not change it; 0: a prompt trains on its votes only.
       micro_batch_rows: rows per optimizer step (fixed shape; the last is padded).
       grad_accumulation: splits each optimizer step's rows into this many micro-batches
         whose gradients are summed exactly (memory: one micro-batch of activations).
@@ -28,6 +31,7 @@ class UpdateConfig:
     """
 
     train_samples_per_prompt: int = 0
+    min_rollouts_per_prompt: int = 0
     micro_batch_rows: int = 256
     grad_accumulation: int = 1
     epochs: int = 1
@@ -38,6 +42,8 @@ class UpdateConfig:
     def __post_init__(self):
         if self.train_samples_per_prompt < 0:
             raise ValueError(f"train_samples_per_prompt must be >= 0, got {self.train_samples_per_prompt}")
+        if self.min_rollouts_per_prompt < 0:
+            raise ValueError(f"min_rollouts_per_prompt must be >= 0, got {self.min_rollouts_per_prompt}")
         if self.micro_batch_rows < 1:
             raise ValueError(f"micro_batch_rows must be >= 1, got {self.micro_batch_rows}")
         if self.grad_accumulation < 1 or self.micro_batch_rows % self.grad_accumulation:
@@ -73,3 +79,7 @@ class StepConfig:
     def __post_init__(self):
         if self.rows_per_wave < 1:
             raise ValueError(f"rows_per_wave must be >= 1, got {self.rows_per_wave!r}")
+        # A prompt's rollouts share its answer table, max_samples slots wide.
+        if self.update.min_rollouts_per_prompt > self.sprt.max_samples:
+            raise ValueError(f"policy_update.min_rollouts_per_prompt={self.update.min_rollouts_per_prompt} must not "
+                             f"exceed sprt.max_samples={self.sprt.max_samples}")
