@@ -38,7 +38,9 @@ def arithmetic_config(method: str = "optpo") -> ml_collections.ConfigDict:
     config.distributed = False  # jax.distributed.initialize() first: one process per host of a pod / cluster
     config.sprt = ml_collections.ConfigDict({
         "rule": "dirichlet" if method == "optpo" else "fixed", "threshold": 0.95, "prior": 1.0,
-        "min_samples": 4, "max_samples": 64, "esc_window": 8,
+        "min_samples": 4, "max_samples": 64, "esc_window": 8, "margin_p0": 0.75,
+        # Fit the prior's concentration to the votes of finished prompts, step after step (sprt.prior until then).
+        "learn_prior": False,
     })
     config.sampling = ml_collections.ConfigDict({
         "max_new_tokens": 32, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "prompt_buckets": (24,),

@@ -12,6 +12,12 @@ each, ``(counts [..., K], run_length [...], config) -> [...]``):
   runner-up under Beta(v1 + a, v2 + a), i.e. 1 - I_0.5(v1 + a, v2 + a).
 - ``esc`` (Early-Stopping Self-Consistency, arXiv 2401.10480): stop once the last
   ``esc_window`` answers all agree. Confidence is 1 then, else 0.
+- ``margin`` (the OptPO paper's sequential test; Wald's SPRT on the vote margin as in
+  ConSol, arXiv 2503.17587): the posterior of "the leader is the right answer" among
+  the hypotheses "answer j is right" (``margin_confidence``).
+- ``predictive``: the probability that the leader is still the plurality once the
+  budget is spent, under the Dirichlet-multinomial predictive of the remaining votes
+  (``predictive.plurality_at_budget_prob``): it targets the full-budget label itself.
 - ``fixed`` (TTRL, arXiv 2504.16084): draw exactly ``max_samples``; confidence is the
   Dirichlet one, for reporting only.
 
@@ -32,6 +38,7 @@ from jax.experimental import checkify
 from jax.scipy.special import betainc
 
 from optpo_jax.posterior import posterior_mode_prob
+from optpo_jax.predictive import plurality_at_budget_prob
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +52,10 @@ class SPRTConfig:
       min_samples: rollouts a prompt draws before it may stop, >= 1.
       max_samples: budget per prompt; a prompt stops there whatever its confidence.
       esc_window: number of trailing answers that must agree for ``esc``.
+      learn_prior: the training loop fits the concentration to finished prompts' votes
+        (``prior.PriorState``) and passes it to the rule; ``prior`` until the first fit.
+      margin_p0: for ``margin``, the right answer's share against any other answer
+        under its hypothesis, in (0.5, 1): each vote moves the log-odds by log(p0 / (1 - p0)).
     """
 
     rule: str = "dirichlet"
@@ -53,6 +64,8 @@ class SPRTConfig:
     min_samples: int = 4
     max_samples: int = 64
     esc_window: int = 8
+    margin_p0: float = 0.75
+    learn_prior: bool = False
 
     def __post_init__(self):
         if self.rule not in RULES:
@@ -70,6 +83,8 @@ class SPRTConfig:
             )
         if self.esc_window < 1:
             raise ValueError(f"SPRTConfig.esc_window must be >= 1, got {self.esc_window!r}")
+        if not 0.5 < self.margin_p0 < 1.0:
+            raise ValueError(f"SPRTConfig.margin_p0 must lie in (0.5, 1), got {self.margin_p0!r}")
 
 
 @struct.dataclass
@@ -141,6 +156,39 @@ def esc_confidence(counts: jax.Array, run_length: jax.Array, config: SPRTConfig)
     return (run_length >= config.esc_window).astype(jnp.float32)
 
 
+def margin_confidence(counts: jax.Array, run_length: jax.Array, config: SPRTConfig) -> jax.Array:
+    """Posterior of H_leader among H_j = "answer j is right", j over the answers seen plus one not seen yet.
+
+    Under H_j answer j has share p0 against any other answer i, whose own probability q_i
+    is the same under every hypothesis but H_i. The likelihood ratio of H_a to H_b is then
+    (p0 / q)^(n_a - n_b) with q = 1 - p0 the share of the other side of a pair: every other
+    answer's factor cancels. With a uniform prior over the hypotheses,
+    P(H_a | votes) = r^(n_a) / (sum_j r^(n_j) + 1), r = p0 / (1 - p0), the + 1 being the
+    hypothesis that the right answer has not been drawn yet (count 0; without it a single
+    vote would be certainty). With two answers the test stops when the margin
+    n_a - n_b >= log(t / (1 - t)) / log r: Wald's SPRT on the margin. 0 before the first vote.
+    """
+    del run_length
+    log_ratio = jnp.log(config.margin_p0 / (1.0 - config.margin_p0))
+    counts = counts.astype(jnp.float32)
+    leader = jnp.max(counts, axis=-1)
+    # Relative to the leader, so nothing overflows: r^(n_j - n_a) <= 1.
+    others = jnp.where(counts > 0, jnp.exp((counts - leader[..., None]) * log_ratio), 0.0)
+    confidence = 1.0 / (jnp.sum(others, axis=-1) + jnp.exp(-leader * log_ratio))
+    return jnp.where(leader > 0, confidence, 0.0)
+
+
+def predictive_confidence(counts: jax.Array, run_length: jax.Array, config: SPRTConfig) -> jax.Array:
+    """P(the leader is strictly the plurality after the budget's remaining votes), under Dir(counts + prior).
+
+    The remaining votes are ``max_samples`` minus the votes so far (rollouts without an
+    answer are not in ``counts``, so this may count a few votes too many: the safe side).
+    """
+    del run_length
+    remaining = jnp.maximum(config.max_samples - jnp.sum(counts, axis=-1), 0)
+    return plurality_at_budget_prob(counts, remaining, config.prior, config.max_samples)
+
+
 class Rule(NamedTuple):
     """A stopping rule: its confidence, and whether reaching the threshold stops a prompt
     (False: only the budget does, and the confidence is reported, not acted on)."""
@@ -153,6 +201,8 @@ RULES: dict[str, Rule] = {
     "dirichlet": Rule(dirichlet_confidence),
     "beta": Rule(beta_confidence),
     "esc": Rule(esc_confidence),
+    "margin": Rule(margin_confidence),
+    "predictive": Rule(predictive_confidence),
     "fixed": Rule(dirichlet_confidence, stops_early=False),
 }
 

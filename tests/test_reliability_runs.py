@@ -72,6 +72,21 @@ def test_item2_resume_may_extend_a_run_with_a_constant_schedule(run_copy):
         train(cosine, run_copy, resume=True, progress=False)
 
 
+def test_item2_a_run_saved_before_a_field_existed_resumes_only_with_its_old_value(run_copy):
+    """A config.json written before ``ADDED_FIELDS`` existed resumes when the new fields hold the
+    values that reproduce it, and is refused when they do not."""
+    from optpo_jax.train.workdir import ADDED_FIELDS, check_resumable
+
+    saved = json.loads((run_copy / "config.json").read_text())
+    for name in ADDED_FIELDS:
+        section, field = name.split(".")
+        del saved[section][field]
+    (run_copy / "config.json").write_text(json.dumps(saved))
+    check_resumable(run_copy, tiny_config(steps=2))
+    with pytest.raises(WorkdirError, match=r"config.policy_update.min_rollouts_per_prompt: 0 -> 3"):
+        check_resumable(run_copy, tiny_config(steps=2, **{"policy_update.min_rollouts_per_prompt": 3}))
+
+
 def test_item3_a_second_run_in_a_locked_workdir_names_the_holder(run_copy):
     with WorkdirLock(run_copy), pytest.raises(WorkdirError, match=f"pid {os.getpid()}"):
         train(tiny_config(steps=2), run_copy, resume=True, progress=False)

@@ -30,6 +30,7 @@ LIMITS = {
     "sprt.min_samples": (_INT, 1, 1024, True, True),
     "sprt.max_samples": (_INT, 1, 1024, True, True),
     "sprt.esc_window": (_INT, 1, 1024, True, True),
+    "sprt.margin_p0": (_REAL, 0.5, 1.0, False, False),
     "sampling.max_new_tokens": (_INT, 1, 131072, True, True),
     # Training divides logits by it and trains on the sampled distribution: greedy (0) cannot be trained on.
     "sampling.temperature": (_REAL, 0.0, 100.0, False, True),

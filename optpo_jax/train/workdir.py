@@ -92,6 +92,11 @@ def flatten(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
+# Fields added after runs were saved, with the value that reproduces those runs: a saved config
+# without the field resumes with this value (and only with it).
+ADDED_FIELDS = {"policy_update.min_rollouts_per_prompt": 0, "sprt.margin_p0": 0.75, "sprt.learn_prior": False}
+
+
 def check_resumable(workdir: Path, config) -> None:
     """Refuses to resume with a config that defines another run than the one saved in ``workdir``.
 
@@ -100,8 +105,8 @@ def check_resumable(workdir: Path, config) -> None:
     saved_path = Path(workdir) / "config.json"
     if not saved_path.exists():
         raise WorkdirError(f"--resume: {saved_path} is missing, so this cannot be checked to be the same run")
-    saved = flatten(json.loads(saved_path.read_text()))
-    new = flatten(json.loads(config.to_json_best_effort()))
+    saved = {**ADDED_FIELDS, **flatten(json.loads(saved_path.read_text()))}
+    new = {**ADDED_FIELDS, **flatten(json.loads(config.to_json_best_effort()))}
     allowed = set(RESUMABLE_FIELDS)
     schedule_uses_steps = new.get("optimizer.schedule") != "constant" or new.get("optimizer.warmup_fraction", 0) > 0
     if schedule_uses_steps:
