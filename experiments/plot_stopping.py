@@ -54,9 +54,9 @@ def plot_pareto(rows: list[dict], wave_size: int):
     for rule, style in STYLE.items():
         style = dict(style)
         offset = style.pop("offset")
-        points = sorted((r for r in rows if r["rule"] == rule), key=lambda r: r["rollouts"])
+        points = sorted((r for r in rows if r["rule"] == rule), key=lambda r: r["rollouts_per_question"])
         for axis, (key, _) in zip(axes, panels, strict=True):
-            x = [r["rollouts"] for r in points]
+            x = [r["rollouts_per_question"] for r in points]
             y = [100 * r[key] for r in points]
             axis.plot(x, y, markersize=5, linewidth=1.2, **style)
             for point, xi, yi in zip(points, x, y, strict=True):
@@ -94,7 +94,7 @@ def main():
     print("| data | rule | setting | rollouts/question | agrees with full vote | accuracy |")
     print("|---|---|---|---:|---:|---:|")
     for row in all_rows:
-        print(f"| {row['data']} | {row['rule']} | {row['setting']} | {row['rollouts']:.2f} "
+        print(f"| {row['data']} | {row['rule']} | {row['setting']} | {row["rollouts_per_question"]:.2f} "
               f"| {row['agreement']:.2%} | {row['accuracy']:.2%} |")
     print(f"\n({time.perf_counter() - started:.1f} s)")
 

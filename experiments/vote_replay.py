@@ -31,10 +31,18 @@ class VoteSamples:
 
 
 def load_vote_samples(name: str, data_dir: Path = DEFAULT_DATA_DIR) -> VoteSamples:
-    """Loads one data set of recorded votes; raises naming the file and line on bad rows."""
+    """Loads one of the shared data sets of recorded votes (``DATASETS``) from ``data_dir``."""
     path = Path(data_dir) / DATASETS[name]
     if not path.exists():
         raise FileNotFoundError(f"vote samples not found at {path} (pass --data-dir)")
+    return load_vote_file(path, name)
+
+
+def load_vote_file(path: Path, name: str | None = None) -> VoteSamples:
+    """Loads recorded votes from a .jsonl file (one question a line: ``answers`` in sampling order,
+    ``truth``); raises naming the file and line on bad rows. ``name`` defaults to the file's stem."""
+    path = Path(path)
+    name = name or path.stem
     slots, truth_slots = [], []
     with path.open() as lines:
         for line_number, line in enumerate(lines, 1):

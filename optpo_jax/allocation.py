@@ -24,10 +24,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from optpo_jax.prior import PriorState
 from optpo_jax.sprt import SPRTConfig, VoteState, remaining_budget, rule_confidence, stop_condition
 
 
-def rollouts_to_stop(state: VoteState, config: SPRTConfig) -> jax.Array:
+def rollouts_to_stop(state: VoteState, config: SPRTConfig, prior_state: PriorState | None = None) -> jax.Array:
     """Fewest further rollouts after which each prompt stops if all agree with its leader.
 
     Binary search over n in [1, budget]; stopping is monotone in n because more
@@ -43,7 +44,7 @@ def rollouts_to_stop(state: VoteState, config: SPRTConfig) -> jax.Array:
     def stops_after(num_more):
         counts = state.counts + leader_onehot * num_more[:, None]
         run_length = jnp.where(run_continues, state.run_length, 0) + num_more
-        confidence = rule_confidence(counts, run_length, config)
+        confidence = rule_confidence(counts, run_length, config, prior_state)
         return stop_condition(confidence, state.num_samples + num_more, config)
 
     low = jnp.zeros(num_prompts, jnp.int32)  # known not to stop (or done)
@@ -74,7 +75,8 @@ def rows_to_prompts(rows_per_prompt: jax.Array, num_rows: int) -> tuple[jax.Arra
     return jnp.where(valid, prompt_ids, 0), valid
 
 
-def allocate_wave(state: VoteState, num_rows: int, config: SPRTConfig) -> tuple[jax.Array, jax.Array]:
+def allocate_wave(state: VoteState, num_rows: int, config: SPRTConfig,
+                  prior_state: PriorState | None = None) -> tuple[jax.Array, jax.Array]:
     """Gives each row of a wave of ``num_rows`` rows to an active prompt.
 
     Args:
@@ -82,6 +84,7 @@ def allocate_wave(state: VoteState, num_rows: int, config: SPRTConfig) -> tuple[
       num_rows: static wave size R >= 1: a Python int or NumPy integer (not a bool,
         a float or a traced value; under ``jit`` mark it static).
       config: the stopping rule, whose budget and thresholds size the demands.
+      prior_state: the learned prior the rule uses (``sprt_update``'s), or None.
 
     Returns:
       prompt_ids: [R] int32 prompt of each row, rows of one prompt contiguous.
@@ -99,7 +102,7 @@ def allocate_wave(state: VoteState, num_rows: int, config: SPRTConfig) -> tuple[
         raise ValueError(f"num_rows must be >= 1, got {num_rows!r}")
     num_prompts = state.counts.shape[0]
     budget = remaining_budget(state, config)
-    demand = rollouts_to_stop(state, config)
+    demand = rollouts_to_stop(state, config, prior_state)
     prompt_order = jnp.arange(num_prompts)
     granted = _fill_in_order(demand, prompt_order, num_rows)
     spare = num_rows - jnp.sum(granted)

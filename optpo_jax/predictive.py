@@ -3,9 +3,9 @@
 Under the Dirichlet posterior of the votes (``counts + prior`` for every answer seen, one
 slot of weight ``prior`` for all answers not seen yet), the remaining ``m`` votes follow
 the Dirichlet-multinomial predictive. ``plurality_at_budget_prob`` is the probability that
-after them the leader has strictly more votes than every other answer: exactly the label a
-full-budget vote would give (a tie counts as a loss, so the value is a lower bound where
-the full vote would break the tie the leader's way).
+after them the leader is still the label a full-budget vote would give: more votes than
+every other answer, or as many as an answer that appeared after it (``consensus`` breaks a
+tie in favour of the lower slot, the answer seen first).
 
 Computed exactly and deterministically (no sampling), by conditioning on the leader's
 share of the remaining votes ``x`` (Beta-binomial) and then giving the rest to the other
@@ -48,10 +48,14 @@ def _share_pmf(taken, total, a, b):
 
 def _single_prompt(counts: jax.Array, remaining: jax.Array, prior: float, max_remaining: int) -> jax.Array:
     """plurality_at_budget_prob for one prompt: counts [K] -> scalar."""
+    num_slots = counts.shape[-1]
+    padded = jnp.concatenate([counts.astype(jnp.int32), jnp.zeros(COMPETITORS + 2, jnp.int32)])
+    # Most votes first, then the lower slot (the earlier answer): the order ``consensus`` breaks ties in.
+    order_key = padded * (num_slots + COMPETITORS + 3) + (num_slots + COMPETITORS + 2 - jnp.arange(padded.shape[0]))
+    top = jax.lax.top_k(order_key, COMPETITORS + 2)[1]
+    top_counts = padded[top].astype(jnp.float32)
+    leader, competitors, pool_count = top_counts[0], top_counts[1 : COMPETITORS + 1], top_counts[COMPETITORS + 1]
     counts = counts.astype(jnp.float32)
-    padded = jnp.concatenate([counts, jnp.zeros(COMPETITORS + 2, jnp.float32)])
-    top = jax.lax.top_k(padded, COMPETITORS + 2)[0]
-    leader, competitors, pool_count = top[0], top[1 : COMPETITORS + 1], top[COMPETITORS + 1]
     weight = lambda c: jnp.where(c > 0, c + prior, 0.0)
     seen_weight = jnp.sum(weight(counts))
     pool_weight = jnp.maximum(seen_weight - weight(leader) - jnp.sum(weight(competitors)), 0.0)
@@ -59,6 +63,9 @@ def _single_prompt(counts: jax.Array, remaining: jax.Array, prior: float, max_re
     other_counts = jnp.concatenate([competitors, pool_count[None], jnp.zeros(1)])
     other_weights = jnp.concatenate([weight(competitors), pool_weight[None], jnp.full(1, prior, jnp.float32)])
     later_weights = jnp.cumsum(other_weights[::-1])[::-1] - other_weights  # weight of the answers after each
+    # A final tie goes to the lower slot: the leader wins it against later answers (and every unseen one).
+    # The pool may hold earlier answers, so it must stay strictly below.
+    wins_tie = jnp.concatenate([top[1 : COMPETITORS + 1] > top[0], jnp.array([False, True])])
 
     remaining = remaining.astype(jnp.float32)
     votes = jnp.arange(max_remaining + 1, dtype=jnp.float32)
@@ -68,7 +75,7 @@ def _single_prompt(counts: jax.Array, remaining: jax.Array, prior: float, max_re
     left = (votes[None, :] == remaining - leader_takes[:, None]).astype(jnp.float32)
     before, after = votes[:, None], votes[None, :]  # r -> r'
     for j in range(COMPETITORS + 2):
-        cap = leader + leader_takes - other_counts[j] - 1.0  # [X]: most votes answer j may take
+        cap = leader + leader_takes - other_counts[j] - jnp.where(wins_tie[j], 0.0, 1.0)  # [X]: most votes j may take
         taken = before - after
         if j == COMPETITORS + 1:  # the unseen slot takes every vote left
             share = (after == 0).astype(jnp.float32) * jnp.ones_like(taken)
@@ -77,13 +84,14 @@ def _single_prompt(counts: jax.Array, remaining: jax.Array, prior: float, max_re
         allowed = taken[None] <= cap[:, None, None]
         left = jnp.einsum("xr,xrs->xs", left, jnp.where(allowed, share[None], 0.0))
     win = jnp.sum(leader_pmf * left[:, 0])
-    # Certain once the runner-up cannot reach the leader; no vote yet: no leader.
-    win = jnp.where(leader - competitors[0] > remaining, 1.0, jnp.clip(win, 0.0, 1.0))
+    # Certain once the runner-up cannot catch the leader; no vote yet: no leader.
+    win = jnp.where(leader - competitors[0] - jnp.where(wins_tie[0], 0.0, 1.0) >= remaining, 1.0,
+                    jnp.clip(win, 0.0, 1.0))
     return jnp.where(leader > 0, win, 0.0)
 
 
 def plurality_at_budget_prob(counts: jax.Array, remaining: jax.Array, prior: float, max_remaining: int) -> jax.Array:
-    """P(the leader of ``counts`` is strictly the plurality after ``remaining`` more votes).
+    """P(the leader of ``counts`` is still the consensus after ``remaining`` more votes).
 
     Args:
       counts: [..., K] votes per answer slot (slots with 0 votes are not answers).
@@ -100,5 +108,8 @@ def plurality_at_budget_prob(counts: jax.Array, remaining: jax.Array, prior: flo
     batch_shape = counts.shape[:-1]
     flat_counts = counts.reshape(-1, counts.shape[-1])
     flat_remaining = jnp.broadcast_to(jnp.asarray(remaining), batch_shape).reshape(-1)
-    result = jax.vmap(lambda c, m: _single_prompt(c, m, prior, max_remaining))(flat_counts, flat_remaining)
+    # A sequential map over small batches: vmap over all prompts at once materialises
+    # [P, X, R, R] tensors (measured 3.6x slower on CPU for 1318 prompts at budget 40).
+    result = jax.lax.map(lambda args: _single_prompt(*args, prior, max_remaining), (flat_counts, flat_remaining),
+                         batch_size=8)
     return result.reshape(batch_shape)

@@ -28,6 +28,7 @@ num_samples >= max_samples.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -39,6 +40,7 @@ from jax.scipy.special import betainc
 
 from optpo_jax.posterior import posterior_mode_prob
 from optpo_jax.predictive import plurality_at_budget_prob
+from optpo_jax.prior import PRIOR_GRID, PriorState, prior_branch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,9 +209,24 @@ RULES: dict[str, Rule] = {
 }
 
 
-def rule_confidence(counts: jax.Array, run_length: jax.Array, config: SPRTConfig) -> jax.Array:
-    """The configured rule's confidence for votes ``counts [..., K]`` and ``run_length [...]``."""
-    return RULES[config.rule].confidence(counts, run_length, config)
+PRIOR_RULES = ("dirichlet", "beta", "predictive", "fixed")  # the rules whose confidence reads config.prior
+
+
+def rule_confidence(counts: jax.Array, run_length: jax.Array, config: SPRTConfig,
+                    prior_state: PriorState | None = None) -> jax.Array:
+    """The configured rule's confidence for votes ``counts [..., K]`` and ``run_length [...]``.
+
+    With ``prior_state`` the rule's concentration is the one fitted there (``config.prior``
+    before any prompt finished): one compiled branch per concentration of ``PRIOR_GRID``.
+    """
+    confidence = RULES[config.rule].confidence
+    if prior_state is None:
+        return confidence(counts, run_length, config)
+    if config.rule not in PRIOR_RULES:
+        raise ValueError(f"a learned prior needs a rule with a prior {PRIOR_RULES}, got rule {config.rule!r}")
+    configs = [config] + [dataclasses.replace(config, prior=value) for value in PRIOR_GRID]
+    branches = [functools.partial(lambda c, r, cfg: confidence(c, r, cfg), cfg=cfg) for cfg in configs]
+    return jax.lax.switch(prior_branch(prior_state), branches, counts, run_length)
 
 
 def stop_condition(confidence, num_samples, config: SPRTConfig) -> jax.Array:
@@ -311,6 +328,7 @@ def sprt_update(
     config: SPRTConfig,
     *,
     checked: bool = False,
+    prior_state: PriorState | None = None,
 ) -> VoteState:
     """Adds one wave of R rollouts to the votes and applies the stopping rule.
 
@@ -340,6 +358,8 @@ def sprt_update(
         as ``valid != 0`` (so ``2`` is valid). Any other dtype raises TypeError.
       config: the stopping rule.
       checked: static; add the checkify check described above.
+      prior_state: a learned prior (``prior.update_prior``) for the rule's concentration;
+        None uses ``config.prior``.
 
     Returns:
       The new VoteState. Pure, jittable and vmappable; no host synchronisation.
@@ -369,6 +389,6 @@ def sprt_update(
         keep.astype(jnp.int32), prompt_ids, num_segments=num_prompts
     )
     run_slot, run_length = _update_runs(state, prompt_ids, answer_slots, keep)
-    confidence = rule_confidence(counts, run_length, config)
+    confidence = rule_confidence(counts, run_length, config, prior_state)
     done = state.done | stop_condition(confidence, num_samples, config)
     return VoteState(counts, num_samples, done, confidence, run_slot, run_length)
