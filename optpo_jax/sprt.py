@@ -85,6 +85,8 @@ class SPRTConfig:
             )
         if self.esc_window < 1:
             raise ValueError(f"SPRTConfig.esc_window must be >= 1, got {self.esc_window!r}")
+        if self.learn_prior and self.rule not in PRIOR_RULES:
+            raise ValueError(f"SPRTConfig.learn_prior needs a rule with a prior {PRIOR_RULES}, got rule {self.rule!r}")
         if not 0.5 < self.margin_p0 < 1.0:
             raise ValueError(f"SPRTConfig.margin_p0 must lie in (0.5, 1), got {self.margin_p0!r}")
 

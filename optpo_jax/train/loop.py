@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from optpo_jax.prior import fitted_concentration, init_prior_state, prior_from_json, prior_to_json
 from optpo_jax.train.checkpoints import Checkpointer
 from optpo_jax.train.config_checks import validate_config
 from optpo_jax.train.distributed import is_lead_process, mesh_of, process_share, replicate_unplaced
@@ -54,13 +55,15 @@ def init_train_state(setup: Setup) -> TrainState:
     params = setup.policy.params
     opt_state = replicate_unplaced(setup.optimizer.init(params), mesh_of(params))
     # A copy: the update step donates the params it is given.
-    return TrainState(params=params, opt_state=opt_state, ref_params=jax.tree.map(jnp.copy, params))
+    prior = init_prior_state() if setup.learner.config.sprt.learn_prior else None
+    return TrainState(params=params, opt_state=opt_state, ref_params=jax.tree.map(jnp.copy, params), prior=prior)
 
 
 def _restore(checkpointer: Checkpointer, state: TrainState,
              step: int | None = None) -> tuple[TrainState, dict, LookaheadCarry | None]:
     saved, totals, carry = checkpointer.restore({"params": state.params, "opt_state": state.opt_state}, step)
-    return state.replace(params=saved["params"], opt_state=saved["opt_state"]), totals, carry
+    prior = prior_from_json(totals["prior"]) if state.prior is not None else None
+    return state.replace(params=saved["params"], opt_state=saved["opt_state"], prior=prior), totals, carry
 
 
 def _step_batches(setup: Setup, step: int) -> tuple[list, list]:
@@ -85,6 +88,9 @@ def _run_step(setup: Setup, state: TrainState, step: int, carry, totals: dict, p
                   trained_tokens=totals.get("trained_tokens", 0) + metrics["trained_tokens"],
                   seconds=totals["seconds"] + time.perf_counter() - start,
                   label_accuracy_sum=totals["label_accuracy_sum"] + metrics["label_accuracy"])
+    if state.prior is not None:  # saved with the step's totals, so a resumed run stops as this one would
+        totals["prior"] = prior_to_json(state.prior)
+        metrics["fitted_prior"] = fitted_concentration(state.prior, config.sprt.prior)
     # Running totals, so curves can be drawn against compute (evaluation excluded from the seconds).
     metrics.update(total_rollouts=totals["rollouts"], total_generated_tokens=totals["generated_tokens"],
                    total_trained_tokens=totals["trained_tokens"], train_seconds=totals["seconds"])

@@ -128,7 +128,7 @@ def _write_npz(path: Path, arrays: dict) -> None:
 
 def collect_rollouts(params, model_config, task, problems: list, config: StepConfig, key: jax.Array,
                      lookahead: list = (), carry: LookaheadCarry | None = None,
-                     progress: bool = False) -> tuple[Rollouts, LookaheadCarry | None]:
+                     progress: bool = False, prior_state=None) -> tuple[Rollouts, LookaheadCarry | None]:
     """Samples waves for ``problems`` until the stopping rule has finished every one.
 
     Rows the batch cannot use go to ``lookahead`` prompts (the next batch): they start
@@ -146,6 +146,7 @@ def collect_rollouts(params, model_config, task, problems: list, config: StepCon
       lookahead: prompts that may use spare rows.
       carry: what the previous call returned for these ``problems``.
       progress: show a progress bar over waves (undecided prompts in its postfix).
+      prior_state: the stopping rule's learned prior (``sprt.learn_prior``), or None.
 
     Returns:
       The batch's Rollouts (including rollouts carried in) and the carry for ``lookahead``
@@ -163,14 +164,14 @@ def collect_rollouts(params, model_config, task, problems: list, config: StepCon
     # Every process takes part in every wave until the last unfinished prompt anywhere is finished.
     while process_max(int(np.any(_rows_wanted(votes, drawn, num_prompts, config) > 0))):
         extra = _extra_demand(votes, drawn, num_prompts, config.update.min_rollouts_per_prompt)
-        prompt_ids, valid = _allocate_with_lookahead(votes, num_prompts, num_rows, config.sprt, extra)
+        prompt_ids, valid = _allocate_with_lookahead(votes, num_prompts, num_rows, config.sprt, extra, prior_state)
         start = time.perf_counter()
         wave = sample_wave(params, model_config, task, prompts, prompt_ids, valid, jax.random.fold_in(key, waves),
                            config.sampling)
         sampling_seconds += time.perf_counter() - start
         before = int(np.asarray(votes.num_samples).sum())
         voting = valid & ~np.asarray(votes.done)[prompt_ids]
-        votes, slots = count_votes(votes, answer_slots, wave, config.sprt)
+        votes, slots = count_votes(votes, answer_slots, wave, config.sprt, prior_state)
         # allocate_wave grants rows only within each prompt's budget, so every voting row is counted.
         assert int(np.asarray(votes.num_samples).sum()) - before == int(voting.sum())
         rows = np.flatnonzero(valid)
@@ -235,14 +236,15 @@ def _rows_wanted(votes: VoteState, drawn: np.ndarray, num_prompts: int, config: 
 
 
 def _allocate_with_lookahead(votes: VoteState, num_prompts: int, num_rows: int, config: SPRTConfig,
-                             extra: np.ndarray | None = None):
+                             extra: np.ndarray | None = None, prior_state=None):
     """The batch's allocation over its own prompts, then ``extra[p]`` rows for each batch prompt p
     whose vote has stopped (rollouts for the update), then the unused rows to the lookahead prompts
     in order.
 
     The batch gets exactly the rows it would get alone, so lookahead never delays it.
     """
-    prompt_ids, valid = (np.asarray(x) for x in _allocate(votes.select(slice(None, num_prompts)), num_rows, config))
+    prompt_ids, valid = (np.asarray(x) for x in _allocate(votes.select(slice(None, num_prompts)), num_rows, config,
+                                                                    prior_state))
     prompt_ids, valid = prompt_ids.copy(), valid.copy()
     if extra is not None and extra.any():
         extra_ids = np.repeat(np.arange(num_prompts), extra)
@@ -252,7 +254,7 @@ def _allocate_with_lookahead(votes: VoteState, num_prompts: int, num_rows: int, 
     if spare == 0 or votes.counts.shape[0] == num_prompts:
         return prompt_ids, valid
     early_ids, early_valid = (np.asarray(x) for x in _allocate(votes.select(slice(num_prompts, None)), num_rows,
-                                                                config))
+                                                                config, prior_state))
     extra_ids = early_ids[early_valid][:spare] + num_prompts
     rows = np.flatnonzero(~valid)[: len(extra_ids)]
     prompt_ids[rows], valid[rows] = extra_ids, True

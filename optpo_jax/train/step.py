@@ -19,6 +19,7 @@ from flax import struct
 
 from optpo_jax.grpo import GRPOBatch, GRPOConfig, group_advantages, grpo_step, token_logprobs
 from optpo_jax.models.decoder import forward
+from optpo_jax.prior import PriorState, prior_log_likelihood
 from optpo_jax.sprt import consensus
 from optpo_jax.train.distributed import local_row_count, mesh_of, process_max, process_sum, rows_to_global
 from optpo_jax.train.rollouts import LookaheadCarry, Rollouts, collect_rollouts
@@ -33,11 +34,13 @@ class TrainState:
       params: the policy's parameters (``nnx.State``), possibly sharded over a mesh.
       opt_state: the optimizer's state.
       ref_params: the initial params (a copy: the update donates ``params``).
+      prior: the learned prior of the stopping rule (``sprt.learn_prior``), else None.
     """
 
     params: Any
     opt_state: Any
     ref_params: Any
+    prior: PriorState | None = None
 
 
 @dataclasses.dataclass
@@ -225,6 +228,15 @@ def update_policy(state: TrainState, arrays: dict, learner: Learner,
     return state, summary
 
 
+def learned_prior(prior: PriorState, rollouts: Rollouts) -> PriorState:
+    """The prior after the batch's finished prompts, their votes added over every process (identical everywhere)."""
+    counts = np.asarray(rollouts.votes.counts)
+    local = np.concatenate([np.asarray(prior_log_likelihood(counts), np.float64), [np.sum(counts.sum(-1) > 0)]])
+    total = process_sum(local)
+    return PriorState(prior.log_likelihood + total[:-1].astype(np.float32),
+                      prior.num_prompts + np.int32(total[-1]))
+
+
 def training_step(state: TrainState, learner: Learner, problems: list, key: jax.Array, rng: np.random.Generator,
                   lookahead: list = (), carry: LookaheadCarry | None = None,
                   progress: bool = False) -> tuple[TrainState, StepOutput]:
@@ -234,7 +246,10 @@ def training_step(state: TrainState, learner: Learner, problems: list, key: jax.
     ``rng`` the update's row subsample and order.
     """
     rollouts, next_carry = collect_rollouts(state.params, learner.model_config, learner.task, problems,
-                                            learner.config, key, lookahead, carry, progress=progress)
+                                            learner.config, key, lookahead, carry, progress=progress,
+                                            prior_state=state.prior)
+    if state.prior is not None:
+        state = state.replace(prior=learned_prior(state.prior, rollouts))
     start = time.perf_counter()
     rewards, labels = consensus_rewards(rollouts)
     update = learner.config.update

@@ -82,10 +82,10 @@ def sample_wave(params, model_config, task, prompts: PromptTable, prompt_ids: np
 
 
 def count_votes(votes: VoteState, answer_slots: AnswerSlots, wave: Wave,
-                sprt: SPRTConfig) -> tuple[VoteState, np.ndarray]:
+                sprt: SPRTConfig, prior_state=None) -> tuple[VoteState, np.ndarray]:
     """Adds a wave's answers to the votes: their slots in the answer tables, then ``sprt_update``.
 
     Returns the new votes and the [R] slot of each row's answer (-1 without one).
     """
     slots = answer_slots.assign(wave.prompt_ids, wave.answers)
-    return _update_votes(votes, wave.prompt_ids, slots, wave.valid, sprt), slots
+    return _update_votes(votes, wave.prompt_ids, slots, wave.valid, sprt, prior_state=prior_state), slots
