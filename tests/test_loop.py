@@ -199,13 +199,18 @@ def _final_metrics(workdir):
     return lines, json.loads((workdir / "summary.json").read_text())
 
 
+RESUMED_RUN = {"sprt.learn_prior": True, "policy_update.min_rollouts_per_prompt": 4}
+
+
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
-    config = tiny_config(steps=4)
+    """Also with the state a run carries besides params: the learned prior (in the checkpoint's totals)."""
+    config = tiny_config(steps=4, **RESUMED_RUN)
     full = tmp_path / "full"
     train(config, full, progress=False)
     config_file = tmp_path / "tiny.py"
     config_file.write_text(
-        "from tests.test_loop import tiny_config\n\ndef get_config():\n    return tiny_config(steps=4)\n"
+        "from tests.test_loop import RESUMED_RUN, tiny_config\n\n"
+        "def get_config():\n    return tiny_config(steps=4, **RESUMED_RUN)\n"
     )
     args = ("train", f"--config={config_file}", f"--workdir={tmp_path / 'killed'}")
     env = dict(os.environ, PYTHONPATH=os.getcwd())
@@ -223,6 +228,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     resumed_lines, resumed_summary = _final_metrics(tmp_path / "killed")
     drop_times = lambda line: {k: v for k, v in line.items() if "seconds" not in k}
     assert [drop_times(line) for line in resumed_lines] == [drop_times(line) for line in full_lines]
+    assert [line.get("fitted_prior") for line in full_lines[1:4]] != [None] * 3  # the prior was learned
     for name in ("after", "before", "total_rollouts", "total_generated_tokens", "label_accuracy"):
         assert resumed_summary[name] == full_summary[name]
 
