@@ -77,30 +77,35 @@ def _jitted_update(config: SPRTConfig, learned: bool):
         state, ids, slots, valid, config, prior_state=prior if learned else None))
 
 
-def replay(samples: VoteSamples, config: SPRTConfig, wave_size: int, chunk: int = 64) -> dict:
-    """Rollouts and label quality of ``config`` on ``samples`` (learned online when ``config.learn_prior``)."""
-    num_questions, num_answers = samples.slots.shape
+def replay_questions(samples: VoteSamples, config: SPRTConfig, wave_size: int, chunk: int = 64):
+    """Each question's early label and rollouts under ``config``: (labels [Q], rollouts [Q], fitted prior or None).
+
+    With ``config.learn_prior`` the questions go in a shuffled order (``SHUFFLE_SEED``), ``chunk`` at a time,
+    each chunk stopped with the prior fitted to the chunks before it; the arrays are in the original order.
+    """
+    num_questions = samples.slots.shape[0]
     if not config.learn_prior:
         state = _replay_chunk(samples.slots, config, wave_size)
-        label, rollouts, order, concentration = np.asarray(consensus(state)), np.asarray(state.num_samples), None, None
-    else:
-        order = np.random.default_rng(SHUFFLE_SEED).permutation(num_questions)
-        prior_state, labels, spent = init_prior_state(), [], []
-        for start in range(0, num_questions, chunk):
-            state = _replay_chunk(samples.slots[order[start : start + chunk]], config, wave_size, prior_state)
-            labels.append(np.asarray(consensus(state)))
-            spent.append(np.asarray(state.num_samples))
-            prior_state = update_prior(prior_state, state.counts)
-        label, rollouts = np.concatenate(labels), np.concatenate(spent)
-        concentration = fitted_concentration(prior_state, config.prior)
-    full, truth = samples.full_majority, samples.truth_slots
-    if order is not None:
-        full, truth = full[order], truth[order]
+        return np.asarray(consensus(state)), np.asarray(state.num_samples), None
+    order = np.random.default_rng(SHUFFLE_SEED).permutation(num_questions)
+    prior_state = init_prior_state()
+    labels, rollouts = np.zeros(num_questions, np.int32), np.zeros(num_questions, np.int32)
+    for start in range(0, num_questions, chunk):
+        questions = order[start : start + chunk]
+        state = _replay_chunk(samples.slots[questions], config, wave_size, prior_state)
+        labels[questions], rollouts[questions] = np.asarray(consensus(state)), np.asarray(state.num_samples)
+        prior_state = update_prior(prior_state, state.counts)
+    return labels, rollouts, fitted_concentration(prior_state, config.prior)
+
+
+def replay(samples: VoteSamples, config: SPRTConfig, wave_size: int, chunk: int = 64) -> dict:
+    """Rollouts and label quality of ``config`` on ``samples`` (learned online when ``config.learn_prior``)."""
+    label, rollouts, concentration = replay_questions(samples, config, wave_size, chunk)
     return {
         "rollouts_per_question": float(rollouts.mean()),
-        "saving": float(1.0 - rollouts.mean() / num_answers),
-        "agreement": float(np.mean(label == full)),
-        "accuracy": float(np.mean((label == truth) & (label >= 0))),
+        "saving": float(1.0 - rollouts.mean() / samples.slots.shape[1]),
+        "agreement": float(np.mean(label == samples.full_majority)),
+        "accuracy": float(np.mean((label == samples.truth_slots) & (label >= 0))),
         "fitted_prior": concentration,
     }
 
