@@ -3,7 +3,8 @@
 Replays the recorded gpt-4o-mini answers of ../shared/data/vote_samples through
 ``sprt_update`` (``bench_stopping.replay_rules``) for every rule over a sweep of its
 knob: thresholds for ``dirichlet`` and ``beta``, the window for ``esc``, and the budget
-for ``fixed`` (the first k votes, TTRL's fixed budget at smaller sizes). One figure per
+for ``fixed`` (the first k votes, TTRL's fixed budget at smaller sizes); thresholds for ``margin``
+(p0 0.75) and ``predictive`` (prior 0.3). One figure per
 data set: agreement of the early label with the all-votes majority, and its accuracy,
 against mean rollouts per question.
 
@@ -28,6 +29,8 @@ SWEEP = {
     "dirichlet": [{"threshold": t} for t in THRESHOLDS],
     "beta": [{"threshold": t} for t in THRESHOLDS],
     "esc": [{"esc_window": w} for w in (2, 3, 4, 8, 16)],
+    "margin": [{"threshold": t, "margin_p0": 0.75} for t in THRESHOLDS],
+    "predictive": [{"threshold": t, "prior": 0.3} for t in (0.8, 0.9, 0.93, 0.95, 0.99)],
     "fixed": [{"max_samples": k} for k in (4, 8, 16, 24, 32, 40)],
 }
 # Drawn in this order: dirichlet last, on top of beta, which lies almost on it. offset: where each point's knob is written.
@@ -36,13 +39,16 @@ STYLE = {
     "esc": {"color": "tab:purple", "marker": "^", "label": "esc (ESC), window", "offset": (4, -9)},
     "beta": {"color": "tab:green", "marker": "s", "label": "beta (Adaptive-Consistency), threshold",
              "offset": (-6, 6), "linestyle": "--", "markerfacecolor": "none"},
+    "margin": {"color": "tab:brown", "marker": "v", "label": "margin (paper's SPRT, p0 0.75), threshold",
+               "offset": (4, 4)},
+    "predictive": {"color": "tab:red", "marker": "*", "label": "predictive (prior 0.3), threshold", "offset": (-6, 6)},
     "dirichlet": {"color": "tab:blue", "marker": "o", "label": "dirichlet (OptPO), threshold", "offset": (4, -10)},
 }
 
 
 def knob_value(setting: str) -> str:
-    """'threshold=0.95' -> '0.95': the text written next to each point."""
-    return setting.split("=")[1]
+    """'threshold=0.95, prior=0.3' -> '0.95': the first knob's value, written next to each point."""
+    return setting.split(",")[0].split("=")[1]
 
 
 def plot_pareto(rows: list[dict], wave_size: int):
@@ -94,7 +100,7 @@ def main():
     print("| data | rule | setting | rollouts/question | agrees with full vote | accuracy |")
     print("|---|---|---|---:|---:|---:|")
     for row in all_rows:
-        print(f"| {row['data']} | {row['rule']} | {row['setting']} | {row["rollouts_per_question"]:.2f} "
+        print(f"| {row['data']} | {row['rule']} | {row['setting']} | {row['rollouts_per_question']:.2f} "
               f"| {row['agreement']:.2%} | {row['accuracy']:.2%} |")
     print(f"\n({time.perf_counter() - started:.1f} s)")
 
