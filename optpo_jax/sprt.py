@@ -227,7 +227,7 @@ def rule_confidence(counts: jax.Array, run_length: jax.Array, config: SPRTConfig
     if config.rule not in PRIOR_RULES:
         raise ValueError(f"a learned prior needs a rule with a prior {PRIOR_RULES}, got rule {config.rule!r}")
     configs = [config] + [dataclasses.replace(config, prior=value) for value in PRIOR_GRID]
-    branches = [functools.partial(lambda c, r, cfg: confidence(c, r, cfg), cfg=cfg) for cfg in configs]
+    branches = [functools.partial(confidence, config=cfg) for cfg in configs]
     return jax.lax.switch(prior_branch(prior_state), branches, counts, run_length)
 
 
