@@ -84,19 +84,19 @@ def command_train(_):
 @_one_line_errors
 def command_eval(_):
     from optpo_jax.train.checkpoints import Checkpointer
-    from optpo_jax.train.loop import run_eval
+    from optpo_jax.train.loop import init_train_state, restore_state, run_eval
     from optpo_jax.train.setup import build_setup
 
     config = _start(_config_or_default(_CONFIG, "optpo"))
     setup = build_setup(config)
-    params = setup.policy.params
+    state = init_train_state(setup)
     directory = Path(_WORKDIR.value) / "checkpoints"
     checkpoints = Checkpointer(directory) if directory.is_dir() else None  # eval never creates a workdir
     if checkpoints is not None and checkpoints.latest_step() is not None:
-        state, _, _ = checkpoints.restore({"params": params, "opt_state": setup.optimizer.init(params)})
-        params = state["params"]
+        state, _, _ = restore_state(checkpoints, state)
         print(f"evaluating {_WORKDIR.value} at step {checkpoints.latest_step()}")
-    print(json.dumps(run_eval(setup, params, config.eval.final_samples, config.seed + 1).summary(), indent=1))
+    summary = run_eval(setup, state.policy_params(), config.eval.final_samples, config.seed + 1).summary()
+    print(json.dumps(summary, indent=1))
 
 
 @_one_line_errors

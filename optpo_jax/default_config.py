@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import ml_collections
 
+from optpo_jax.models.lora import PROJECTIONS
 from optpo_jax.tasks.math import CHOICE_INSTRUCTION, TTRL_INSTRUCTION
 
 METHODS = ("optpo", "ttrl")
+
+
+def lora_section(rank: int = 0, alpha: float = 16.0) -> ml_collections.ConfigDict:
+    """LoRA settings: rank 0 trains every parameter; rank > 0 trains adapters on ``targets`` only."""
+    return ml_collections.ConfigDict({"rank": rank, "alpha": alpha, "targets": ",".join(PROJECTIONS)})
 
 
 def arithmetic_config(method: str = "optpo") -> ml_collections.ConfigDict:
@@ -58,6 +64,7 @@ def arithmetic_config(method: str = "optpo") -> ml_collections.ConfigDict:
         # smallest of 256 / 128 / 64 rows that holds them.
         "width_bucket": 16, "row_buckets": 3,
     })
+    config.lora = lora_section()
     config.optimizer = ml_collections.ConfigDict({
         "learning_rate": 1e-4, "schedule": "constant", "warmup_fraction": 0.0, "weight_decay": 0.0,
         "max_grad_norm": 1.0, "float32_master": False,

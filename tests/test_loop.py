@@ -199,11 +199,12 @@ def _final_metrics(workdir):
     return lines, json.loads((workdir / "summary.json").read_text())
 
 
-RESUMED_RUN = {"sprt.learn_prior": True, "policy_update.min_rollouts_per_prompt": 4}
+RESUMED_RUN = {"sprt.learn_prior": True, "policy_update.min_rollouts_per_prompt": 4, "lora.rank": 8}
 
 
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
-    """Also with the state a run carries besides params: the learned prior (in the checkpoint's totals)."""
+    """Also with the state a run carries besides params (the learned prior, in the checkpoint's totals) and
+    with LoRA (only the adapters and their optimizer state are saved; the base is reloaded)."""
     config = tiny_config(steps=4, **RESUMED_RUN)
     full = tmp_path / "full"
     train(config, full, progress=False)

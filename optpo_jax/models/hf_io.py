@@ -15,6 +15,7 @@ from safetensors.flax import save_file
 
 from optpo_jax.models.config import DTYPES, ModelConfig, dtype_name, from_hf_config, to_hf_config
 from optpo_jax.models.decoder import forward, graphdef_for, init_decoder
+from optpo_jax.models.lora import merged_params, save_peft_adapters
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -194,8 +195,23 @@ def load_hf(
     return HFModel(config=config, params=params, hf_config=hf_config, tokenizer=tokenizer)
 
 
-def save_hf(model: HFModel, out_dir: str | Path) -> None:
-    """Writes config.json, model.safetensors and the tokenizer for transformers / vLLM."""
+def save_hf(model: HFModel, out_dir: str | Path, adapters: dict | None = None, lora=None,
+            adapters_only: bool = False, base_model: str = "") -> None:
+    """Writes config.json, model.safetensors and the tokenizer for transformers / vLLM.
+
+    With LoRA ``adapters`` (and their ``lora`` LoRAConfig, see ``models.lora``): the merged
+    model by default, or with ``adapters_only`` the adapters alone in PEFT's layout
+    (adapter_config.json naming ``base_model``, adapter_model.safetensors).
+    """
+    if (adapters is None) != (lora is None):
+        raise ValueError("save_hf: pass both adapters and lora (their LoRAConfig), or neither")
+    if adapters_only:
+        if adapters is None:
+            raise ValueError("save_hf(adapters_only=True) needs the adapters and their LoRAConfig")
+        save_peft_adapters(adapters, lora, out_dir, base_model)
+        return
+    if adapters is not None:
+        model = dataclasses.replace(model, params=merged_params(model.params, adapters, lora))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     hf_config = model.hf_config if model.hf_config is not None else to_hf_config(model.config)

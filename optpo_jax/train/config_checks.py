@@ -47,6 +47,8 @@ LIMITS = {
     "policy_update.width_bucket": (_INT, 0, 65536, True, True),
     "policy_update.row_buckets": (_INT, 1, 16, True, True),
     "optimizer.learning_rate": (_REAL, 0.0, 1.0, False, True),
+    "lora.rank": (_INT, 0, 65536, True, True),
+    "lora.alpha": (_REAL, 0.0, 1e6, False, True),
     "optimizer.warmup_fraction": (_REAL, 0.0, 1.0, True, False),
     "optimizer.weight_decay": (_REAL, 0.0, 1e3, True, True),
     "optimizer.max_grad_norm": (_REAL, 0.0, 1e9, False, True),

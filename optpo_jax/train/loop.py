@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from optpo_jax.models.lora import init_adapters
 from optpo_jax.prior import fitted_concentration, init_prior_state, prior_from_json, prior_to_json
 from optpo_jax.train.checkpoints import Checkpointer
 from optpo_jax.train.config_checks import validate_config
@@ -51,16 +52,26 @@ def run_eval(setup: Setup, params, num_samples: int, seed: int, progress: bool =
 
 
 def init_train_state(setup: Setup) -> TrainState:
-    """The initial policy, its optimizer state and a copy of it as the KL reference."""
-    params = setup.policy.params
-    opt_state = replicate_unplaced(setup.optimizer.init(params), mesh_of(params))
-    # A copy: the update step donates the params it is given.
+    """The initial policy, its optimizer state and the KL reference.
+
+    Full fine-tuning trains the params against a copy of them; with ``config.lora`` the
+    optimizer trains fresh adapters (B = 0) and the frozen base is the reference.
+    """
+    params, lora = setup.policy.params, setup.learner.lora
+    if lora is None:
+        trained, reference = params, jax.tree.map(jnp.copy, params)  # a copy: the update donates the params
+    else:
+        trained = replicate_unplaced(init_adapters(params, lora, seed=setup.config.seed), mesh_of(params))
+        reference = params
+    opt_state = replicate_unplaced(setup.optimizer.init(trained), mesh_of(params))
     prior = init_prior_state() if setup.learner.config.sprt.learn_prior else None
-    return TrainState(params=params, opt_state=opt_state, ref_params=jax.tree.map(jnp.copy, params), prior=prior)
+    return TrainState(params=trained, opt_state=opt_state, ref_params=reference, prior=prior, lora=lora)
 
 
-def _restore(checkpointer: Checkpointer, state: TrainState,
-             step: int | None = None) -> tuple[TrainState, dict, LookaheadCarry | None]:
+def restore_state(checkpointer: Checkpointer, state: TrainState,
+                  step: int | None = None) -> tuple[TrainState, dict, LookaheadCarry | None]:
+    """``state`` with the trained params (or adapters), optimizer state and prior of a checkpoint
+    (the latest, or ``step``); also the saved totals and lookahead carry."""
     saved, totals, carry = checkpointer.restore({"params": state.params, "opt_state": state.opt_state}, step)
     prior = prior_from_json(totals["prior"]) if state.prior is not None else None
     return state.replace(params=saved["params"], opt_state=saved["opt_state"], prior=prior), totals, carry
@@ -95,7 +106,7 @@ def _run_step(setup: Setup, state: TrainState, step: int, carry, totals: dict, p
     metrics.update(total_rollouts=totals["rollouts"], total_generated_tokens=totals["generated_tokens"],
                    total_trained_tokens=totals["trained_tokens"], train_seconds=totals["seconds"])
     if config.eval.every_steps and (step + 1) % config.eval.every_steps == 0 and step + 1 < config.steps:
-        result = run_eval(setup, state.params, config.eval.samples, config.seed + 2 + step, progress)
+        result = run_eval(setup, state.policy_params(), config.eval.samples, config.seed + 2 + step, progress)
         metrics.update({f"eval/{k}": v for k, v in result.summary().items()})
     return state, output.carry, metrics
 
@@ -143,11 +154,11 @@ def _train(setup: Setup, workdir: Path, resume: bool, resume_step: int | None, p
               "label_accuracy_sum": 0.0}
     checkpointer = Checkpointer(workdir / "checkpoints", keep=2)
     if resume:
-        state, totals, carry = _restore(checkpointer, state, resume_step)
+        state, totals, carry = restore_state(checkpointer, state, resume_step)
         checkpointer.rewind(totals["step"])  # a run resumed from an earlier step saves the later ones anew
     log = MetricsLog(workdir, truncate_after=totals["step"] if resume else -1, enabled=is_lead_process())
     if totals["step"] == 0:
-        totals["before"] = run_eval(setup, state.params, config.eval.final_samples, config.seed + 1, progress).summary()
+        totals["before"] = run_eval(setup, state.policy_params(), config.eval.final_samples, config.seed + 1, progress).summary()
         log.write(0, {f"eval/{k}": v for k, v in totals["before"].items()})
     steps = tqdm(range(totals["step"], config.steps), desc=f"train {config.method}", disable=not progress,
                  initial=totals["step"], total=config.steps)
@@ -170,7 +181,7 @@ def _finish(setup: Setup, state: TrainState, totals: dict, log: MetricsLog, work
     with a fingerprint of the prompts: ``train.seed_stats`` pairs runs prompt by prompt.
     """
     config = setup.config
-    after = run_eval(setup, state.params, config.eval.final_samples, config.seed + 1, progress)
+    after = run_eval(setup, state.policy_params(), config.eval.final_samples, config.seed + 1, progress)
     log.write(config.steps, {f"final/{k}": v for k, v in after.summary().items()})
     log.close()
     summary = {

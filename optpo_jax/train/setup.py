@@ -8,6 +8,7 @@ from pathlib import Path
 import optax
 
 from optpo_jax.grpo import GRPOConfig
+from optpo_jax.models.lora import LoRAConfig
 from optpo_jax.optim import float32_master
 from optpo_jax.sampler import SamplingConfig
 from optpo_jax.sprt import SPRTConfig
@@ -125,6 +126,14 @@ def make_optimizer(config) -> optax.GradientTransformation:
     return float32_master(optimizer) if settings.get("float32_master", False) else optimizer
 
 
+def lora_config(config) -> LoRAConfig | None:
+    """``config.lora`` as a LoRAConfig, or None for full fine-tuning (rank 0, or no section)."""
+    settings = config.get("lora")
+    if settings is None or int(settings.rank) == 0:
+        return None
+    return _build(LoRAConfig, settings, "lora")
+
+
 def build_setup(config) -> Setup:
     """Validates ``config`` (ConfigError naming the field and value) and loads the task and policy."""
     try:
@@ -162,7 +171,8 @@ def _build_setup(config) -> Setup:
                              update=_build(UpdateConfig, config.policy_update, "policy_update"), grpo=grpo,
                              rows_per_wave=int(config.rows_per_wave))
     optimizer = make_optimizer(config)
-    update_step = make_update_step(policy.config, optimizer, grpo, step_config.update.grad_accumulation)
-    return Setup(config=config, policy=policy, learner=Learner(task, policy.config, step_config, update_step),
+    lora = lora_config(config)
+    update_step = make_update_step(policy.config, optimizer, grpo, step_config.update.grad_accumulation, lora)
+    return Setup(config=config, policy=policy, learner=Learner(task, policy.config, step_config, update_step, lora),
                  eval_sampling=eval_sampling, optimizer=optimizer, train_problems=train_problems,
                  eval_problems=eval_problems)

@@ -19,6 +19,7 @@ from flax import struct
 
 from optpo_jax.grpo import GRPOBatch, GRPOConfig, group_advantages, grpo_step, token_logprobs
 from optpo_jax.models.decoder import forward
+from optpo_jax.models.lora import LoRAConfig, merge_adapters, merged_params
 from optpo_jax.prior import PriorState, prior_log_likelihood
 from optpo_jax.sprt import consensus
 from optpo_jax.train.distributed import local_row_count, mesh_of, process_max, process_sum, rows_to_global
@@ -31,16 +32,24 @@ class TrainState:
     """What a training step changes, and the fixed reference policy of the KL term.
 
     Attributes:
-      params: the policy's parameters (``nnx.State``), possibly sharded over a mesh.
-      opt_state: the optimizer's state.
-      ref_params: the initial params (a copy: the update donates ``params``).
+      params: what the optimizer trains: the policy's parameters (``nnx.State``, possibly
+        sharded over a mesh) or, with ``lora``, the LoRA adapters (``models.lora``).
+      opt_state: the optimizer's state (of ``params`` only).
+      ref_params: the initial policy: a copy of the params (the update donates ``params``) or,
+        with LoRA, the frozen base itself (adapters off = the initial policy).
       prior: the learned prior of the stopping rule (``sprt.learn_prior``), else None.
+      lora: the LoRAConfig of the adapters, or None for full fine-tuning (static).
     """
 
     params: Any
     opt_state: Any
     ref_params: Any
     prior: PriorState | None = None
+    lora: LoRAConfig | None = struct.field(pytree_node=False, default=None)
+
+    def policy_params(self):
+        """The current policy's full params: ``params``, or the base with the adapters merged in."""
+        return self.params if self.lora is None else merged_params(self.ref_params, self.params, self.lora)
 
 
 @dataclasses.dataclass
@@ -163,14 +172,22 @@ def _reference_logprobs(model_config, ref_params, temperature, input_tokens, tar
     return token_logprobs(logits, target_tokens, temperature)
 
 
-def make_update_step(model_config, optimizer, grpo_config: GRPOConfig, num_micro_batches: int = 1):
-    """A jitted ``(params, opt_state, batch) -> (params, opt_state, metrics)`` GRPO step."""
+def make_update_step(model_config, optimizer, grpo_config: GRPOConfig, num_micro_batches: int = 1,
+                     lora: LoRAConfig | None = None):
+    """A jitted ``(trained, opt_state, batch, base) -> (trained, opt_state, metrics)`` GRPO step.
 
-    def apply_fn(params, batch: GRPOBatch):
-        return forward(model_config, params, batch.input_tokens, batch.positions)[0]
+    ``trained`` is the full params (``base`` None) or, with ``lora``, the adapters over the
+    frozen ``base`` params, which get no gradient and no optimizer state.
+    """
 
-    step = functools.partial(grpo_step, apply_fn=apply_fn, optimizer=optimizer, config=grpo_config,
-                             num_micro_batches=num_micro_batches)
+    def step(trained, opt_state, batch: GRPOBatch, base):
+        def apply_fn(params, batch: GRPOBatch):
+            policy = params if lora is None else merge_adapters(base, params, lora)
+            return forward(model_config, policy, batch.input_tokens, batch.positions)[0]
+
+        return grpo_step(trained, opt_state, batch, apply_fn=apply_fn, optimizer=optimizer, config=grpo_config,
+                         num_micro_batches=num_micro_batches)
+
     return jax.jit(step, donate_argnums=(0, 1))
 
 
@@ -183,12 +200,14 @@ class Learner:
       model_config: the policy's architecture.
       config: the step's static settings.
       update_step: ``make_update_step(model_config, optimizer, config.grpo, ...)``.
+      lora: the LoRAConfig when only adapters are trained (``config.lora.rank`` > 0), else None.
     """
 
     task: Any
     model_config: Any
     config: StepConfig
     update_step: Callable
+    lora: LoRAConfig | None = None
 
 
 def update_policy(state: TrainState, arrays: dict, learner: Learner,
@@ -215,8 +234,9 @@ def update_policy(state: TrainState, arrays: dict, learner: Learner,
             if grpo_config.kl_coef > 0:
                 ref = _reference_logprobs(learner.model_config, state.ref_params, grpo_config.temperature,
                                           chunk["input_tokens"], chunk["target_tokens"], chunk["positions"])
+            base = state.ref_params if state.lora is not None else None
             params, opt_state, step_metrics = learner.update_step(params, opt_state, GRPOBatch(ref_logprobs=ref,
-                                                                                               **chunk))
+                                                                                               **chunk), base)
             metrics.append(step_metrics)
     state = state.replace(params=params, opt_state=opt_state)
     if not metrics:
@@ -245,7 +265,7 @@ def training_step(state: TrainState, learner: Learner, problems: list, key: jax.
     ``lookahead`` / ``carry`` as in ``collect_rollouts``; ``key`` drives sampling and
     ``rng`` the update's row subsample and order.
     """
-    rollouts, next_carry = collect_rollouts(state.params, learner.model_config, learner.task, problems,
+    rollouts, next_carry = collect_rollouts(state.policy_params(), learner.model_config, learner.task, problems,
                                             learner.config, key, lookahead, carry, progress=progress,
                                             prior_state=state.prior)
     if state.prior is not None:

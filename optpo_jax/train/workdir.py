@@ -15,6 +15,9 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Self
+
+from optpo_jax.models.lora import PROJECTIONS
 
 # What a run writes; --overwrite removes exactly these.
 RUN_FILES = ("checkpoints", "carry", "tb", "metrics.jsonl", "config.json", "summary.json", "final_eval.json")
@@ -37,7 +40,7 @@ class WorkdirLock:
         self.path = Path(workdir) / ".lock"
         self.handle = None
 
-    def __enter__(self) -> WorkdirLock:
+    def __enter__(self) -> Self:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         handle = open(self.path, "a+")
         try:
@@ -94,7 +97,8 @@ def flatten(tree: dict, prefix: str = "") -> dict:
 
 # Fields added after runs were saved, with the value that reproduces those runs: a saved config
 # without the field resumes with this value (and only with it).
-ADDED_FIELDS = {"policy_update.min_rollouts_per_prompt": 0, "sprt.margin_p0": 0.75, "sprt.learn_prior": False}
+ADDED_FIELDS = {"policy_update.min_rollouts_per_prompt": 0, "sprt.margin_p0": 0.75, "sprt.learn_prior": False,
+                "lora.rank": 0, "lora.alpha": 16.0, "lora.targets": ",".join(PROJECTIONS)}
 
 
 def check_resumable(workdir: Path, config) -> None:
