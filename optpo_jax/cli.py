@@ -5,6 +5,7 @@
     optpo-jax eval    --config configs/arith_optpo.py [--workdir runs/optpo]
     optpo-jax compare [--config configs/arith_optpo.py] [--baseline_config configs/arith_ttrl.py] --workdir runs/compare
                       [--seeds N] [--resume | --overwrite]
+    optpo-jax plan    --config configs/qwen2p5_math_1p5b_math500_lora.py [--device_memory 16GB] [--devices 1]
 
 A config, workdir or checkpoint error ends the command with one line naming the cause.
 """
@@ -37,6 +38,9 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "remove the run already in --
 _SEEDS = flags.DEFINE_integer("seeds", 1, "compare: training seeds 0..N-1 per method, in --workdir/seed{s}/{method}, "
                               "with paired statistics; 1 = one run per method with its config.seed, in "
                               "--workdir/{method}", lower_bound=1)
+_DEVICE_MEMORY = flags.DEFINE_string("device_memory", None, "plan: the device's memory (16GB, 16GiB), to say "
+                                     "whether the run fits and what to change if not")
+_DEVICES = flags.DEFINE_integer("devices", None, "plan: devices of the mesh (default: the devices here)")
 
 
 def _one_line_errors(command):
@@ -115,7 +119,25 @@ def command_compare(_):
     print(report["markdown"])
 
 
-COMMANDS = {"train": command_train, "eval": command_eval, "compare": command_compare}
+@_one_line_errors
+def command_plan(_):
+    """The memory plan of --config per device (no weights loaded, nothing compiled)."""
+    import jax
+
+    from optpo_jax.train.memory_plan import format_plan, parse_bytes, plan_memory, run_shape
+
+    config = _config_or_default(_CONFIG, "optpo")
+    device_bytes = parse_bytes(_DEVICE_MEMORY.value) if _DEVICE_MEMORY.value else None
+    shape = run_shape(config, num_devices=_DEVICES.value or jax.device_count())
+    print(f"{shape.model.model_type}, {shape.model.num_params() / 1e9:.3f}B parameters ({shape.model.param_dtype}), "
+          f"LoRA rank {shape.lora_rank or 'off'}; waves of {shape.rows_per_wave} rows x "
+          f"{shape.prompt_tokens}+{shape.max_new_tokens} tokens; micro-batches of "
+          f"{shape.micro_batch_rows // shape.grad_accumulation} rows; {shape.batch_shards} batch shard(s), "
+          f"{shape.model_shards} weight shard(s)")
+    print(format_plan(plan_memory(shape), device_bytes))
+
+
+COMMANDS = {"train": command_train, "eval": command_eval, "compare": command_compare, "plan": command_plan}
 
 
 def main():

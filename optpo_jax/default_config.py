@@ -113,3 +113,19 @@ def math_config(benchmark: str, method: str = "optpo") -> ml_collections.ConfigD
                              "float32_master": True})
     config.eval.update({"every_steps": 50, "samples": 16, "final_samples": 16, "temperature": 0.6, "top_p": 0.95})
     return config
+
+
+def math_lora_config(benchmark: str, method: str = "optpo") -> ml_collections.ConfigDict:
+    """``math_config`` made to fit one 16 GB device (free Colab T4, TPU v5e chip): LoRA rank 32 on
+    every projection over the frozen bfloat16 base, remat, waves of 64 rows, 2048 new tokens
+    (TTRL: 3072) and one-row update micro-batches. ``optpo-jax plan --config ...`` prints the bytes.
+    """
+    config = math_config(benchmark, method)
+    config.lora = lora_section(rank=32, alpha=64.0)
+    config.remat = True
+    config.rows_per_wave = 64
+    config.sampling.max_new_tokens = 2048
+    config.policy_update.grad_accumulation = config.policy_update.micro_batch_rows  # one row per micro-batch
+    # Adapters train in float32 (no master copy needed) and take a larger step than full fine-tuning.
+    config.optimizer.update({"learning_rate": 1e-5, "float32_master": False})
+    return config

@@ -122,6 +122,17 @@ def test_remat_gives_the_same_gradients(params):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
 
 
+
+def test_sampling_with_remat_on_equals_off(params):
+    """A run with ``remat`` samples too (it once failed inside the decode loop); remat changes no token."""
+    tokens, lengths = right_padded([[5, 6, 7], [8, 9]])
+    config = SamplingConfig(max_new_tokens=6, temperature=1.0, stop_token_ids=(2,), pad_token_id=0)
+    plain = sample(params, CONFIG, tokens, lengths, np.ones(2, bool), jax.random.key(0), config)
+    remat = sample(params, dataclasses.replace(CONFIG, remat=True), tokens, lengths, np.ones(2, bool),
+                   jax.random.key(0), config)
+    np.testing.assert_array_equal(np.asarray(remat.tokens), np.asarray(plain.tokens))
+
+
 @needs_8
 def test_sharded_loop_checkpoints_restore_onto_another_mesh(tmp_path):
     from test_loop import tiny_config

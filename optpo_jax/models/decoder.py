@@ -229,7 +229,9 @@ class Decoder(nnx.Module):
             slot_positions = jax.lax.dynamic_update_slice(cache.slot_positions, positions, (0, cache.write_index))
             write_index, cached_keys, cached_values = cache.write_index, cache.keys, cache.values
         new_keys, new_values = [], []
-        apply_block = _remat_block if self.config.remat else Block.__call__
+        # Remat pays off only in a backward pass; cached forwards (sampling) have none, and nnx.remat
+        # inside the sampler's decode loop fails to merge its Variables.
+        apply_block = _remat_block if self.config.remat and cache is None else Block.__call__
         for block, layer_keys, layer_values in zip(self.layers, cached_keys, cached_values, strict=True):
             x, keys, values = apply_block(block, x, positions, layer_keys, layer_values, slot_positions, write_index)
             new_keys.append(keys)

@@ -28,6 +28,7 @@ from optpo_jax.train.checkpoints import Checkpointer
 from optpo_jax.train.config_checks import validate_config
 from optpo_jax.train.distributed import is_lead_process, mesh_of, process_share, replicate_unplaced
 from optpo_jax.train.evaluation import EvalResult, evaluate
+from optpo_jax.train.memory_plan import check_fits, device_memory_limit
 from optpo_jax.train.metrics import step_metrics
 from optpo_jax.train.metrics_log import MetricsLog
 from optpo_jax.train.rollouts import LookaheadCarry
@@ -125,6 +126,7 @@ def train(config, workdir: str | Path, resume: bool = False, progress: bool = Tr
     with WorkdirLock(workdir) if is_lead_process() else contextlib.nullcontext():
         _check_workdir(workdir, config, resume, overwrite, resume_step)
         setup = build_setup(config)
+        check_fits(config, setup.policy.config, device_memory_limit())  # before an out-of-memory in XLA
         if is_lead_process():
             (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
         return _train(setup, workdir, resume, resume_step, progress)

@@ -1,0 +1,269 @@
+"""Bytes per device of a run, from its config alone, before any weight is loaded or compiled.
+
+A run holds, all the time: the policy's params, the KL reference (a copy for full
+fine-tuning; the frozen base itself with LoRA), the trained leaves' optimizer state (and
+a float32 master copy with ``optimizer.float32_master``). On top of that, one phase at a
+time: sampling a wave (its KV cache, one layer's keys and values again as they are
+rewritten, the logits; with LoRA the merged params) or one
+update micro-batch (gradients, the activations kept for the backward pass; with LoRA the
+merged params). The plan is the persistent bytes plus the larger phase.
+
+Activations per token and layer are counted from what the backward pass needs: the
+block's inputs and norms, q/k/v before and after rope, the attention weights (float32
+and compute dtype, [heads, T] per token), the attention output, and the MLP's gate, up,
+their product and silu's output; the logits' float32 log-softmax and its gradient per
+token. With remat a block keeps only its input and one block is live at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+from optpo_jax.models.config import DTYPES, ModelConfig
+
+_GIB = 1024**3
+_UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4,
+          "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4}
+
+
+def parse_bytes(text: str) -> int:
+    """'16GB' (10^9), '16GiB' (2^30), '1.5e9' -> bytes; ValueError naming the text otherwise."""
+    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([A-Za-z]*)\s*", str(text))
+    unit = match.group(2).upper() if match else None
+    if not match or unit not in _UNITS:
+        raise ValueError(f"--device_memory must be a size such as 16GB or 16GiB, got {text!r}")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def _bytes_of(dtype_name: str) -> int:
+    return DTYPES[dtype_name](0).dtype.itemsize
+
+
+@dataclasses.dataclass(frozen=True)
+class RunShape:
+    """The sizes a plan needs, read from an experiment config (see ``run_shape``)."""
+
+    model: ModelConfig
+    rows_per_wave: int
+    prompt_tokens: int
+    max_new_tokens: int
+    micro_batch_rows: int
+    grad_accumulation: int
+    lora_rank: int = 0
+    lora_targets: tuple[str, ...] = ()
+    float32_master: bool = False
+    remat: bool = False
+    batch_shards: int = 1  # devices the rows are split over (mesh data x fsdp)
+    model_shards: int = 1  # devices each weight is split over (mesh fsdp x tensor)
+
+
+def lora_parameter_count(model: ModelConfig, rank: int, targets: tuple[str, ...]) -> int:
+    """Adapter parameters: rank x (in + out) per targeted projection and layer."""
+    hidden, inner, heads, kv_heads, head_dim = (model.hidden_size, model.intermediate_size, model.num_heads,
+                                                model.num_kv_heads, model.head_dim)
+    sizes = {"q_proj": (hidden, heads * head_dim), "k_proj": (hidden, kv_heads * head_dim),
+             "v_proj": (hidden, kv_heads * head_dim), "o_proj": (heads * head_dim, hidden),
+             "gate_proj": (hidden, inner), "up_proj": (hidden, inner), "down_proj": (inner, hidden)}
+    return model.num_layers * sum(rank * sum(sizes[name]) for name in targets)
+
+
+def _kernel_count(model: ModelConfig) -> int:
+    """Parameters of the projection kernels (what a LoRA merge materialises)."""
+    attention = model.hidden_size * model.head_dim * (2 * model.num_heads + 2 * model.num_kv_heads)
+    return model.num_layers * (attention + 3 * model.hidden_size * model.intermediate_size)
+
+
+def _activation_bytes_per_token(model: ModelConfig, width: int, remat: bool) -> int:
+    """Bytes one token keeps for the backward pass (whole model; see the module docstring)."""
+    compute = _bytes_of(model.compute_dtype)
+    hidden, inner = model.hidden_size, model.intermediate_size
+    queries, kv = model.num_heads * model.head_dim, model.num_kv_heads * model.head_dim
+    per_layer = (compute * (4 * hidden + 2 * (queries + 2 * kv) + queries + 4 * inner)
+                 + 4 * 2 * hidden  # the norms' float32 inputs
+                 + (4 + compute) * model.num_heads * width)
+    logits = 3 * 4 * model.vocab_size  # float32 logits, log-softmax, and their gradient
+    if remat:
+        return compute * hidden * model.num_layers + per_layer + logits
+    return per_layer * model.num_layers + logits
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryPlan:
+    """Bytes per device. ``persistent`` is held throughout; each phase adds its own part."""
+
+    params: int
+    reference: int
+    trained: int
+    optimizer_state: int
+    kv_cache: int
+    sampling_other: int
+    gradients: int
+    activations: int
+    activations_with_remat: int
+    update_other: int
+    remat: bool
+
+    @property
+    def persistent(self) -> int:
+        return self.params + self.reference + self.trained + self.optimizer_state
+
+    @property
+    def sampling(self) -> int:
+        return self.kv_cache + self.sampling_other
+
+    @property
+    def update(self) -> int:
+        return self.gradients + (self.activations_with_remat if self.remat else self.activations) + self.update_other
+
+    @property
+    def total(self) -> int:
+        return self.persistent + max(self.sampling, self.update)
+
+
+def plan_memory(shape: RunShape) -> MemoryPlan:
+    """The per-device bytes of a run of ``shape`` (see the module docstring for what is counted)."""
+    model = shape.model
+    param_bytes = _bytes_of(model.param_dtype)
+    params = model.num_params() * param_bytes // shape.model_shards
+    if shape.lora_rank:
+        trained_count = lora_parameter_count(model, shape.lora_rank, shape.lora_targets)
+        trained, trained_bytes, reference = trained_count * 4, 4, 0
+        merged = _kernel_count(model) * param_bytes // shape.model_shards
+    else:
+        trained_count = model.num_params() // shape.model_shards
+        trained, trained_bytes, reference, merged = 0, param_bytes, params, 0
+    master = 4 * trained_count if shape.float32_master and trained_bytes < 4 else 0
+    moments = 2 * trained_count * (4 if master else trained_bytes)
+    sequence = shape.prompt_tokens + shape.max_new_tokens
+    wave_rows = math.ceil(shape.rows_per_wave / shape.batch_shards)
+    kv_cache = (wave_rows * sequence * model.num_layers * 2 * model.num_kv_heads * model.head_dim
+                * _bytes_of(model.compute_dtype))
+    micro_rows = math.ceil(shape.micro_batch_rows / shape.grad_accumulation / shape.batch_shards)
+    tokens = micro_rows * sequence
+    gradients = trained_count * (4 if master else trained_bytes) * (2 if shape.grad_accumulation > 1 else 1)
+    return MemoryPlan(
+        params=params, reference=reference, trained=trained, optimizer_state=master + moments, kv_cache=kv_cache,
+        # Besides the cache: one layer's keys and values as they are rewritten, and the float32 logits.
+        sampling_other=merged + kv_cache // model.num_layers + 2 * 4 * wave_rows * model.vocab_size,
+        gradients=gradients,
+        activations=tokens * _activation_bytes_per_token(model, sequence, remat=False),
+        activations_with_remat=tokens * _activation_bytes_per_token(model, sequence, remat=True),
+        update_other=merged, remat=shape.remat,
+    )
+
+
+def _gib(value: int) -> str:
+    return f"{value / _GIB:8.2f} GiB"
+
+
+def format_plan(plan: MemoryPlan, device_bytes: int | None = None) -> str:
+    """The plan as a table; with ``device_bytes``, whether it fits and, if not, what to change."""
+    lines = [
+        f"params                      {_gib(plan.params)}",
+        f"KL reference (copy)         {_gib(plan.reference)}",
+        f"trained adapters            {_gib(plan.trained)}",
+        f"optimizer state             {_gib(plan.optimizer_state)}",
+        f"= held throughout           {_gib(plan.persistent)}",
+        f"sampling: KV cache of a wave {_gib(plan.kv_cache)}",
+        f"sampling: other             {_gib(plan.sampling_other)}",
+        f"update: gradients           {_gib(plan.gradients)}",
+        f"update: activations         {_gib(plan.activations)}  (with remat {_gib(plan.activations_with_remat).strip()})",
+        f"update: other               {_gib(plan.update_other)}",
+        f"= total per device          {_gib(plan.total)}  (remat {'on' if plan.remat else 'off'})",
+    ]
+    if device_bytes is not None:
+        verdict = "fits" if plan.total <= device_bytes else "does NOT fit"
+        lines.append(f"device memory               {_gib(device_bytes)}: {verdict}")
+        if plan.total > device_bytes:
+            lines.append(suggestions(plan, device_bytes))
+    return "\n".join(lines)
+
+
+def suggestions(plan: MemoryPlan, device_bytes: int) -> str:
+    """Which config fields to change, largest saving first, when ``plan`` exceeds ``device_bytes``."""
+    ideas = []
+    if not plan.remat and plan.activations > plan.activations_with_remat:
+        ideas.append((plan.activations - plan.activations_with_remat, "config.remat = True"))
+    update_share = plan.activations_with_remat if plan.remat else plan.activations
+    ideas.append((update_share // 2, "halve the update's micro-batch rows: double "
+                  "config.policy_update.grad_accumulation (or halve policy_update.micro_batch_rows)"))
+    ideas.append((plan.kv_cache // 2, "halve config.rows_per_wave (or sampling.max_new_tokens)"))
+    if plan.reference or plan.optimizer_state > plan.params:
+        ideas.append((plan.reference + plan.optimizer_state, "train LoRA adapters: config.lora.rank = 16 (or 64)"))
+    ideas.append((plan.persistent // 2, "shard the weights: config.mesh.fsdp = number of devices"))
+    ideas.sort(key=lambda idea: -idea[0])
+    over = plan.total - device_bytes
+    return (f"over by {over / _GIB:.2f} GiB; change (saving per device, largest first):\n"
+            + "\n".join(f"  - {text} (about {saving / _GIB:.2f} GiB)" for saving, text in ideas if saving > 0))
+
+
+def _plan_model_config(config) -> ModelConfig:
+    """The policy's architecture without loading weights: config.json of a local checkpoint, a preset
+    named like the hub model (so planning needs no download), else the hub's config.json."""
+    from pathlib import Path
+
+    from transformers import AutoConfig
+
+    from optpo_jax.models.config import PRESETS, from_hf_config
+    from optpo_jax.tasks.arithmetic import POLICY_DIR
+
+    dtype = config.get("model_dtype", "float32")
+    path = config.model_path or (str(POLICY_DIR) if config.task == "arithmetic" else "")
+    if not path:
+        raise ValueError("config.model_path must name a checkpoint directory or hub model")
+    preset_name = path.rstrip("/").rsplit("/", 1)[-1].lower()
+    if not Path(path).is_dir() and preset_name in PRESETS:
+        return dataclasses.replace(PRESETS[preset_name], param_dtype=dtype, compute_dtype=dtype)
+    return from_hf_config(AutoConfig.from_pretrained(path), param_dtype=dtype, compute_dtype=dtype)
+
+
+def _mesh_shards(mesh_sizes: dict, num_devices: int) -> tuple[int, int]:
+    sizes = {name: int(mesh_sizes.get(name, 1)) for name in ("data", "fsdp", "tensor")}
+    free = [name for name, size in sizes.items() if size == -1]
+    if free:
+        sizes[free[0]] = max(num_devices // math.prod(s for s in sizes.values() if s != -1), 1)
+    return sizes["data"] * sizes["fsdp"], sizes["fsdp"] * sizes["tensor"]
+
+
+def run_shape(config, model: ModelConfig | None = None, num_devices: int = 1) -> RunShape:
+    """The RunShape of an experiment config (``model`` defaults to the config's policy architecture)."""
+    model = _plan_model_config(config) if model is None else model
+    buckets = tuple(config.sampling.prompt_buckets)
+    prompt_tokens = max(buckets) if buckets else int(config.math.max_prompt_tokens)
+    lora = config.get("lora")
+    batch_shards, model_shards = _mesh_shards(dict(config.get("mesh", {})), num_devices)
+    return RunShape(
+        model=model, rows_per_wave=int(config.rows_per_wave), prompt_tokens=prompt_tokens,
+        max_new_tokens=int(config.sampling.max_new_tokens),
+        micro_batch_rows=int(config.policy_update.micro_batch_rows),
+        grad_accumulation=int(config.policy_update.grad_accumulation),
+        lora_rank=int(lora.rank) if lora is not None else 0,
+        lora_targets=tuple(t for t in str(lora.targets).split(",") if t) if lora is not None else (),
+        float32_master=bool(config.optimizer.get("float32_master", False)), remat=bool(config.get("remat", False)),
+        batch_shards=batch_shards, model_shards=model_shards,
+    )
+
+
+def device_memory_limit() -> int | None:
+    """Bytes the first accelerator may allocate (``memory_stats``), or None where unknown (CPU)."""
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("bytes_limit")
+
+
+def check_fits(config, model: ModelConfig, device_bytes: int | None) -> None:
+    """Raises ConfigError with the plan and what to change when the run would not fit ``device_bytes``
+    (None: unknown, nothing checked)."""
+    if device_bytes is None:
+        return
+    import jax
+
+    from optpo_jax.train.config_checks import ConfigError
+
+    plan = plan_memory(run_shape(config, model, jax.device_count()))
+    if plan.total > device_bytes:
+        raise ConfigError("the run does not fit the device's memory (optpo-jax plan):\n"
+                          + format_plan(plan, device_bytes))
