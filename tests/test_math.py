@@ -12,7 +12,7 @@ from math_verify import parse
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config
 
-from optpo_jax.default_config import math_config
+from optpo_jax.default_config import math_config, math_lora_config
 from optpo_jax.tasks.data import load_problems
 from optpo_jax.tasks.math import MathEquivalence, extract_choice, extract_math_answer, last_boxed
 from optpo_jax.train import train
@@ -142,10 +142,12 @@ def write_tiny_qwen(folder: Path, texts: list[str]) -> None:
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
 
 
-def test_aime_config_smoke_run_on_a_tiny_random_qwen2(tmp_path):
+@pytest.mark.parametrize("make_config", [math_config, math_lora_config], ids=["full", "lora"])
+def test_aime_config_smoke_run_on_a_tiny_random_qwen2(tmp_path, make_config):
+    """Both the full fine-tuning config and the 16 GB LoRA one (remat, one-row micro-batches)."""
     problems = json.loads((DATA / "aime_ttt.json").read_text())
     write_tiny_qwen(tmp_path / "model", [p["prompt"] for p in problems])
-    config = math_config("aime", "optpo")
+    config = make_config("aime", "optpo")
     config.model_path = str(tmp_path / "model")
     config.model_dtype = "float32"
     config.data.num_prompts = 4
@@ -154,6 +156,7 @@ def test_aime_config_smoke_run_on_a_tiny_random_qwen2(tmp_path):
     config.sampling.update({"max_new_tokens": 12, "prompt_buckets": (128, 256)})
     config.math.max_prompt_tokens = 128
     config.policy_update.micro_batch_rows = 8
+    config.policy_update.grad_accumulation = min(config.policy_update.grad_accumulation, 8)
     config.eval.update({"every_steps": 0, "final_samples": 2})
     summary = train(config, tmp_path / "run", progress=False)
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

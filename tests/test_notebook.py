@@ -73,6 +73,12 @@ def test_notebook_shows_both_figures(executed):
     assert len(images) == 2
 
 
+def test_notebook_skips_the_real_model_part_off_colab(executed):
+    last = [cell for cell in executed.cells if cell.cell_type == "code"][-1]
+    assert "math_lora_config" in last.source
+    assert output_text(last).startswith("Part 2 skipped: it runs on a Colab GPU/TPU runtime only")
+
+
 def test_notebook_vmapped_sprt_toy_stops_the_unanimous_prompts(executed):
     text = "".join(output_text(cell) for cell in executed.cells if cell.cell_type == "code")
     assert "done: [[True, False], [False, True], [False, False]]" in text
