@@ -1,4 +1,5 @@
-"""The memory plan (optpo_jax.train.memory_plan) against XLA's compiled memory analysis on CPU."""
+"""The memory plan (optpo_jax.train.memory_plan) against XLA's compiled memory analysis on CPU
+(``compiled_peak``: the executables' buffer assignment, since CPU devices have no memory_stats)."""
 
 import importlib.util
 from pathlib import Path
@@ -7,8 +8,7 @@ import pytest
 
 from optpo_jax.default_config import arithmetic_config
 from optpo_jax.train.config_checks import ConfigError
-from optpo_jax.train.memory_plan import check_fits, format_plan, parse_bytes, plan_memory, run_shape
-from tests.memory_measure import measured_peak
+from optpo_jax.train.memory_plan import check_fits, compiled_peak, format_plan, parse_bytes, plan_memory, run_shape
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -26,7 +26,7 @@ CASES = {
 def test_plan_is_within_20_percent_of_the_compiled_peak(case):
     config = arithmetic_config("optpo")
     config.update_from_flattened_dict(CASES[case])
-    measured = measured_peak(config)
+    measured = compiled_peak(config)
     planned = plan_memory(run_shape(config))
     assert 0.8 <= planned.total / measured["total"] <= 1.2, (planned, measured)
     # And the phase that sets the peak is the one the plan says.
@@ -54,9 +54,14 @@ def test_the_1p5b_lora_configs_fit_16gb_and_full_fine_tuning_does_not():
 def test_a_run_that_does_not_fit_names_the_fields_to_change():
     config = _config_file("qwen2p5_math_1p5b_math500")
     shape = run_shape(config)
-    with pytest.raises(ConfigError, match="config.remat = True") as error:
+    with pytest.raises(ConfigError, match="config.lora.rank") as error:
         check_fits(config, shape.model, parse_bytes("16GB"))
-    assert "config.lora.rank" in str(error.value) and "does NOT fit" in str(error.value)
+    assert "does NOT fit" in str(error.value) and "config.mesh.fsdp" in str(error.value)
+    assert "grad_accumulation" not in str(error.value)  # its micro-batches are one row already
+    config.remat, config.policy_update.grad_accumulation = False, 1
+    with pytest.raises(ConfigError, match="config.remat = True") as error:
+        check_fits(config, shape.model, parse_bytes("80GB"))
+    assert "double config.policy_update.grad_accumulation" in str(error.value)
     check_fits(config, shape.model, None)  # unknown device memory (CPU): nothing to check
     assert "fits" in format_plan(plan_memory(shape), parse_bytes("100TB"))
 

@@ -21,6 +21,8 @@ import dataclasses
 import math
 import re
 
+import jax
+
 from optpo_jax.models.config import DTYPES, ModelConfig
 
 _GIB = 1024**3
@@ -104,6 +106,7 @@ class MemoryPlan:
     activations_with_remat: int
     update_other: int
     remat: bool
+    update_rows: int  # rows of one update micro-batch
 
     @property
     def persistent(self) -> int:
@@ -150,7 +153,7 @@ def plan_memory(shape: RunShape) -> MemoryPlan:
         gradients=gradients,
         activations=tokens * _activation_bytes_per_token(model, sequence, remat=False),
         activations_with_remat=tokens * _activation_bytes_per_token(model, sequence, remat=True),
-        update_other=merged, remat=shape.remat,
+        update_other=merged, remat=shape.remat, update_rows=micro_rows,
     )
 
 
@@ -187,8 +190,12 @@ def suggestions(plan: MemoryPlan, device_bytes: int) -> str:
     if not plan.remat and plan.activations > plan.activations_with_remat:
         ideas.append((plan.activations - plan.activations_with_remat, "config.remat = True"))
     update_share = plan.activations_with_remat if plan.remat else plan.activations
-    ideas.append((update_share // 2, "halve the update's micro-batch rows: double "
-                  "config.policy_update.grad_accumulation (or halve policy_update.micro_batch_rows)"))
+    if plan.update_rows > 1:
+        ideas.append((update_share // 2, "halve the update's micro-batch rows: double "
+                      "config.policy_update.grad_accumulation (or halve policy_update.micro_batch_rows)"))
+    else:
+        ideas.append((update_share // 4, "shorter sequences: lower config.sampling.max_new_tokens "
+                      "(activations grow with its square through attention)"))
     ideas.append((plan.kv_cache // 2, "halve config.rows_per_wave (or sampling.max_new_tokens)"))
     if plan.reference or plan.optimizer_state > plan.params:
         ideas.append((plan.reference + plan.optimizer_state, "train LoRA adapters: config.lora.rank = 16 (or 64)"))
@@ -248,8 +255,6 @@ def run_shape(config, model: ModelConfig | None = None, num_devices: int = 1) ->
 
 def device_memory_limit() -> int | None:
     """Bytes the first accelerator may allocate (``memory_stats``), or None where unknown (CPU)."""
-    import jax
-
     stats = jax.devices()[0].memory_stats() or {}
     return stats.get("bytes_limit")
 
@@ -259,11 +264,57 @@ def check_fits(config, model: ModelConfig, device_bytes: int | None) -> None:
     (None: unknown, nothing checked)."""
     if device_bytes is None:
         return
-    import jax
-
     from optpo_jax.train.config_checks import ConfigError
 
     plan = plan_memory(run_shape(config, model, jax.device_count()))
     if plan.total > device_bytes:
         raise ConfigError("the run does not fit the device's memory (optpo-jax plan):\n"
                           + format_plan(plan, device_bytes))
+
+
+def _tree_bytes(tree) -> int:
+    return int(sum(leaf.nbytes for leaf in jax.tree.leaves(tree)))
+
+
+def _compiled_bytes(compiled) -> int:
+    stats = compiled.memory_analysis()
+    return (stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
+            + stats.temp_size_in_bytes)
+
+
+def compiled_peak(config) -> dict:
+    """What XLA allocates for a run of ``config`` on this backend: {"update", "sampling", "total"} bytes.
+
+    Loads the policy and compiles (without running) one update micro-batch at the plan's
+    width and one wave; each phase is its executable's arguments + outputs - aliased +
+    temporaries, plus the run's arrays it does not take (the reference copy; while
+    sampling, the optimizer state). The check of ``plan_memory`` on a backend without
+    ``memory_stats`` (CPU).
+    """
+    import jax.numpy as jnp
+    import numpy as np
+
+    from optpo_jax.grpo import GRPOBatch
+    from optpo_jax.sampler import sample_padded
+    from optpo_jax.train.loop import init_train_state
+    from optpo_jax.train.setup import build_setup
+
+    setup = build_setup(config)
+    state = init_train_state(setup)
+    shape = run_shape(config, setup.policy.config)
+    lora = state.lora is not None
+    rows = shape.micro_batch_rows // shape.grad_accumulation
+    width = shape.prompt_tokens + shape.max_new_tokens
+    tokens = jnp.zeros((rows, width), jnp.int32)
+    batch = GRPOBatch(input_tokens=tokens, target_tokens=tokens, loss_mask=jnp.ones((rows, width), bool),
+                      advantages=jnp.zeros((rows,)), old_logprobs=jnp.zeros((rows, width)), positions=tokens)
+    base = state.ref_params if lora else None
+    update = _compiled_bytes(setup.learner.update_step.lower(state.params, state.opt_state, batch, base).compile())
+    update += 0 if lora else _tree_bytes(state.ref_params)  # the reference copy stays on the device meanwhile
+    wave_rows = config.rows_per_wave
+    prompts = np.zeros((wave_rows, shape.prompt_tokens), np.int32)
+    wave = sample_padded.lower(state.policy_params(), prompts, np.ones(wave_rows, np.int32), np.ones(wave_rows, bool),
+                               jax.random.key(0), setup.policy.config, setup.learner.config.sampling)
+    sampling = _compiled_bytes(wave.compile()) + _tree_bytes(state.opt_state) + _tree_bytes(state.ref_params)
+    sampling += _tree_bytes(state.params) if lora else 0  # the adapters, besides the merged params
+    return {"update": update, "sampling": sampling, "total": max(update, sampling)}
