@@ -191,11 +191,11 @@ def suggestions(plan: MemoryPlan, device_bytes: int) -> str:
         ideas.append((plan.activations - plan.activations_with_remat, "config.remat = True"))
     update_share = plan.activations_with_remat if plan.remat else plan.activations
     if plan.update_rows > 1:
-        ideas.append((update_share // 2, "halve the update's micro-batch rows: double "
-                      "config.policy_update.grad_accumulation (or halve policy_update.micro_batch_rows)"))
+        ideas.append((update_share // 2, ("halve the update's micro-batch rows: double "
+                      "config.policy_update.grad_accumulation (or halve policy_update.micro_batch_rows)")))
     else:
-        ideas.append((update_share // 4, "shorter sequences: lower config.sampling.max_new_tokens "
-                      "(activations grow with its square through attention)"))
+        ideas.append((update_share // 4, ("shorter sequences: lower config.sampling.max_new_tokens "
+                      "(activations grow with its square through attention)")))
     ideas.append((plan.kv_cache // 2, "halve config.rows_per_wave (or sampling.max_new_tokens)"))
     if plan.reference or plan.optimizer_state > plan.params:
         ideas.append((plan.reference + plan.optimizer_state, "train LoRA adapters: config.lora.rank = 16 (or 64)"))
