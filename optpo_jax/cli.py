@@ -5,6 +5,7 @@
     optpo-jax eval    --config configs/arith_optpo.py [--workdir runs/optpo]
     optpo-jax compare [--config configs/arith_optpo.py] [--baseline_config configs/arith_ttrl.py] --workdir runs/compare
                       [--seeds N] [--resume | --overwrite]
+    optpo-jax export  --config configs/arith_optpo.py --workdir runs/optpo --out models/optpo [--adapters_only]
     optpo-jax plan    --config configs/qwen2p5_math_1p5b_math500_lora.py [--device_memory 16GB] [--devices 1]
 
 A config, workdir or checkpoint error ends the command with one line naming the cause.
@@ -12,6 +13,7 @@ A config, workdir or checkpoint error ends the command with one line naming the 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import sys
@@ -40,6 +42,8 @@ _SEEDS = flags.DEFINE_integer("seeds", 1, "compare: training seeds 0..N-1 per me
                               "--workdir/{method}", lower_bound=1)
 _DEVICE_MEMORY = flags.DEFINE_string("device_memory", None, "plan: the device's memory (16GB, 16GiB), to say "
                                      "whether the run fits and what to change if not")
+_OUT = flags.DEFINE_string("out", None, "export: directory for the model (or, with --adapters_only, the adapters)")
+_ADAPTERS_ONLY = flags.DEFINE_bool("adapters_only", False, "export: a LoRA run's adapters alone, in PEFT's layout")
 _DEVICES = flags.DEFINE_integer("devices", None, "plan: devices of the mesh (default: the devices here)")
 
 
@@ -120,6 +124,34 @@ def command_compare(_):
 
 
 @_one_line_errors
+def command_export(_):
+    """The latest checkpoint of --workdir as a Hugging Face model (merged) or, with LoRA, PEFT adapters."""
+    from optpo_jax.models import save_hf
+    from optpo_jax.train.checkpoints import Checkpointer
+    from optpo_jax.train.config_checks import ConfigError
+    from optpo_jax.train.loop import init_train_state, restore_state
+    from optpo_jax.train.setup import build_setup
+
+    if not _OUT.value:
+        raise ConfigError("export needs --out, the directory to write the model to")
+    config = _config_or_default(_CONFIG, "optpo")
+    setup = build_setup(config)
+    directory = Path(_WORKDIR.value) / "checkpoints"
+    if not directory.is_dir() or Checkpointer(directory).latest_step() is None:
+        raise ConfigError(f"export: {directory} holds no checkpoint")
+    state, _, _ = restore_state(Checkpointer(directory), init_train_state(setup))
+    if _ADAPTERS_ONLY.value and state.lora is None:
+        raise ConfigError("--adapters_only needs a LoRA run (config.lora.rank > 0)")
+    if state.lora is None:
+        save_hf(dataclasses.replace(setup.policy, params=state.params), _OUT.value)
+    else:
+        save_hf(setup.policy, _OUT.value, adapters=state.params, lora=state.lora,
+                adapters_only=_ADAPTERS_ONLY.value, base_model=config.model_path)
+    print(f"wrote {_OUT.value} ({'PEFT adapters' if _ADAPTERS_ONLY.value else 'merged model'}) from "
+          f"{_WORKDIR.value} at step {Checkpointer(directory).latest_step()}")
+
+
+@_one_line_errors
 def command_plan(_):
     """The memory plan of --config per device (no weights loaded, nothing compiled)."""
     import jax
@@ -137,7 +169,8 @@ def command_plan(_):
     print(format_plan(plan_memory(shape), device_bytes))
 
 
-COMMANDS = {"train": command_train, "eval": command_eval, "compare": command_compare, "plan": command_plan}
+COMMANDS = {"train": command_train, "eval": command_eval, "compare": command_compare, "plan": command_plan,
+            "export": command_export}
 
 
 def main():

@@ -232,6 +232,22 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     assert [line.get("fitted_prior") for line in full_lines[1:4]] != [None] * 3  # the prior was learned
     for name in ("after", "before", "total_rollouts", "total_generated_tokens", "label_accuracy"):
         assert resumed_summary[name] == full_summary[name]
+    # The LoRA run exported: merged, and as PEFT adapters that merge into the same model.
+    from optpo_jax.models import load_hf, load_peft_adapters, merge_adapters
+    from optpo_jax.tasks.arithmetic import load_policy
+
+    for out, extra in (("merged", ()), ("adapters", ("--adapters_only",))):
+        exported = _cli("export", f"--config={config_file}", f"--workdir={tmp_path / 'killed'}",
+                        f"--out={tmp_path / out}", *extra, env=env)
+        output, _ = exported.communicate(timeout=240)
+        assert exported.returncode == 0, output
+    base = load_policy()
+    adapters, lora = load_peft_adapters(tmp_path / "adapters")
+    tokens = np.array([[1, 5, 9, 12, 3, 7]], np.int32)
+    merged = np.asarray(load_hf(tmp_path / "merged", load_tokenizer=False)(tokens))
+    np.testing.assert_allclose(merged, np.asarray(type(base)(base.config, merge_adapters(base.params, adapters, lora))(
+        tokens)), atol=1e-5)
+    assert np.abs(merged - np.asarray(base(tokens))).max() > 1e-4  # training moved the adapters
 
 
 @pytest.mark.parametrize("mode", ["grpo", "drgrpo"])
