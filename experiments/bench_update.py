@@ -39,7 +39,7 @@ def real_micro_batch(rows: int):
     setup = build_setup(config)
     state = init_train_state(setup)
     problems = batch_problems(setup.train_problems, 0, config.prompts_per_step, config.seed)
-    rollouts, _ = collect_rollouts(state.params, setup.policy.config, setup.task, problems, setup.learner.config,
+    rollouts, _ = collect_rollouts(state.policy_params(), setup.policy.config, setup.task, problems, setup.learner.config,
                                    jax.random.key(0))
     chosen = np.arange(min(rows, len(rollouts.prompt_index)))
     advantages = np.random.default_rng(0).standard_normal(len(rollouts.prompt_index)).astype(np.float32)
@@ -62,8 +62,8 @@ def time_update(setup, state, arrays: dict, width: int, repeats: int) -> tuple[f
     params, opt_state = state.params, state.opt_state
     step = setup.learner.update_step
     copy = lambda tree: jax.tree.map(jnp.copy, tree)  # the step donates its inputs
-    compile_seconds = best_time(lambda: jax.block_until_ready(step(copy(params), copy(opt_state), batch)), 1)
-    seconds = best_time(lambda: jax.block_until_ready(step(copy(params), copy(opt_state), batch)), repeats)
+    compile_seconds = best_time(lambda: jax.block_until_ready(step(copy(params), copy(opt_state), batch, None)), 1)
+    seconds = best_time(lambda: jax.block_until_ready(step(copy(params), copy(opt_state), batch, None)), repeats)
     return seconds, compile_seconds - seconds
 
 
