@@ -106,9 +106,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", default="experiments/out/curves", help="the compare run's --workdir")
     parser.add_argument("--out", default=str(FIGURES))
+    parser.add_argument("--methods", default=None, help="the two methods to compare, e.g. optpo_t28,ttrl "
+                        "(default: those of the workdir's last compare)")
     args = parser.parse_args(argv)
     workdir, out = Path(args.workdir), Path(args.out)
-    seeds, methods = discover(workdir)
+    seeds, methods = discover(workdir, args.methods.split(",") if args.methods else None)
     if seeds is None:
         single_run_figures(workdir, out)
     curves = load_curves(workdir, methods, seeds)

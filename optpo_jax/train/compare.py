@@ -358,13 +358,14 @@ def _seed_list(seeds: Sequence[int]) -> str:
         ", ".join(str(s) for s in seeds)
 
 
-def discover(workdir: str | Path, methods: Sequence[str] = ("optpo", "ttrl")) -> tuple[list[int] | None, list[str]]:
+def discover(workdir: str | Path, methods: Sequence[str] | None = None) -> tuple[list[int] | None, list[str]]:
     """The seeds and methods of a compare workdir: (seeds of ``seed{s}/`` folders holding every method's
-    finished run, or None for the single-run layout; methods, from comparison.json when present)."""
+    finished run, or None for the single-run layout; ``methods`` as given, else those of the last
+    compare (comparison.json), else optpo and ttrl)."""
     workdir = Path(workdir)
     saved = workdir / "comparison.json"
-    if saved.exists():
-        methods = json.loads(saved.read_text())["methods"]
+    if methods is None:
+        methods = json.loads(saved.read_text())["methods"] if saved.exists() else ("optpo", "ttrl")
     folders = sorted(workdir.glob("seed*"), key=lambda p: p.name)
     seeds = sorted(int(p.name[4:]) for p in folders if p.name[4:].isdigit()
                    and all((p / m / "summary.json").exists() for m in methods))
