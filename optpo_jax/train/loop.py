@@ -160,7 +160,8 @@ def _train(setup: Setup, workdir: Path, resume: bool, resume_step: int | None, p
         checkpointer.rewind(totals["step"])  # a run resumed from an earlier step saves the later ones anew
     log = MetricsLog(workdir, truncate_after=totals["step"] if resume else -1, enabled=is_lead_process())
     if totals["step"] == 0:
-        totals["before"] = run_eval(setup, state.policy_params(), config.eval.final_samples, config.seed + 1, progress).summary()
+        before = run_eval(setup, state.policy_params(), config.eval.final_samples, config.seed + 1, progress)
+        totals["before"] = before.summary()
         log.write(0, {f"eval/{k}": v for k, v in totals["before"].items()})
     steps = tqdm(range(totals["step"], config.steps), desc=f"train {config.method}", disable=not progress,
                  initial=totals["step"], total=config.steps)
