@@ -163,24 +163,20 @@ def _gib(value: int) -> str:
 
 def format_plan(plan: MemoryPlan, device_bytes: int | None = None) -> str:
     """The plan as a table; with ``device_bytes``, whether it fits and, if not, what to change."""
-    lines = [
-        f"params                      {_gib(plan.params)}",
-        f"KL reference (copy)         {_gib(plan.reference)}",
-        f"trained adapters            {_gib(plan.trained)}",
-        f"optimizer state             {_gib(plan.optimizer_state)}",
-        f"= held throughout           {_gib(plan.persistent)}",
-        f"sampling: KV cache of a wave {_gib(plan.kv_cache)}",
-        f"sampling: other             {_gib(plan.sampling_other)}",
-        f"update: gradients           {_gib(plan.gradients)}",
-        f"update: activations         {_gib(plan.activations)}  (with remat {_gib(plan.activations_with_remat).strip()})",
-        f"update: other               {_gib(plan.update_other)}",
-        f"= total per device          {_gib(plan.total)}  (remat {'on' if plan.remat else 'off'})",
+    rows = [
+        ("params", plan.params, ""), ("KL reference (copy)", plan.reference, ""),
+        ("trained adapters", plan.trained, ""), ("optimizer state", plan.optimizer_state, ""),
+        ("= held throughout", plan.persistent, ""), ("sampling: KV cache of a wave", plan.kv_cache, ""),
+        ("sampling: other", plan.sampling_other, ""), ("update: gradients", plan.gradients, ""),
+        ("update: activations", plan.activations, f"  (with remat {_gib(plan.activations_with_remat).strip()})"),
+        ("update: other", plan.update_other, ""),
+        ("= total per device", plan.total, f"  (remat {'on' if plan.remat else 'off'})"),
     ]
     if device_bytes is not None:
-        verdict = "fits" if plan.total <= device_bytes else "does NOT fit"
-        lines.append(f"device memory               {_gib(device_bytes)}: {verdict}")
-        if plan.total > device_bytes:
-            lines.append(suggestions(plan, device_bytes))
+        rows.append(("device memory", device_bytes, ": fits" if plan.total <= device_bytes else ": does NOT fit"))
+    lines = [f"{label:<29}{_gib(value)}{note}" for label, value, note in rows]
+    if device_bytes is not None and plan.total > device_bytes:
+        lines.append(suggestions(plan, device_bytes))
     return "\n".join(lines)
 
 
