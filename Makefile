@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(PY) -m optpo_jax.cli compare --workdir runs/compare
 
 test: $(STAMP)
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -n 2 --dist loadfile $(SLOW_FIRST) tests
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -n 2 --dist loadfile --durations=25 $(SLOW_FIRST) tests
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -251,7 +251,7 @@ def run_shape(config, model: ModelConfig | None = None, num_devices: int = 1) ->
 
 def device_memory_limit() -> int | None:
     """Bytes the first accelerator may allocate (``memory_stats``), or None where unknown (CPU)."""
-    stats = jax.devices()[0].memory_stats() or {}
+    stats = jax.local_devices()[0].memory_stats() or {}  # another process's device raises here
     return stats.get("bytes_limit")
 
 
