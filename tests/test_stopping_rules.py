@@ -11,8 +11,14 @@ from scipy.special import gammaln
 
 from optpo_jax import SPRTConfig, init_vote_state, sprt_update
 from optpo_jax.predictive import plurality_at_budget_prob
-from optpo_jax.prior import PRIOR_GRID, fitted_concentration, init_prior_state, prior_from_json, prior_to_json, \
-    update_prior
+from optpo_jax.prior import (
+    PRIOR_GRID,
+    fitted_concentration,
+    init_prior_state,
+    prior_from_json,
+    prior_to_json,
+    update_prior,
+)
 from optpo_jax.sprt import margin_confidence, predictive_confidence
 
 
