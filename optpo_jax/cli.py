@@ -137,9 +137,10 @@ def command_export(_):
     config = _config_or_default(_CONFIG, "optpo")
     setup = build_setup(config)
     directory = Path(_WORKDIR.value) / "checkpoints"
-    if not directory.is_dir() or Checkpointer(directory).latest_step() is None:
+    checkpoints = Checkpointer(directory) if directory.is_dir() else None  # export never creates a workdir
+    if checkpoints is None or checkpoints.latest_step() is None:
         raise ConfigError(f"export: {directory} holds no checkpoint")
-    state, _, _ = restore_state(Checkpointer(directory), init_train_state(setup))
+    state, _, _ = restore_state(checkpoints, init_train_state(setup))
     if _ADAPTERS_ONLY.value and state.lora is None:
         raise ConfigError("--adapters_only needs a LoRA run (config.lora.rank > 0)")
     if state.lora is None:
@@ -148,7 +149,7 @@ def command_export(_):
         save_hf(setup.policy, _OUT.value, adapters=state.params, lora=state.lora,
                 adapters_only=_ADAPTERS_ONLY.value, base_model=config.model_path)
     print(f"wrote {_OUT.value} ({'PEFT adapters' if _ADAPTERS_ONLY.value else 'merged model'}) from "
-          f"{_WORKDIR.value} at step {Checkpointer(directory).latest_step()}")
+          f"{_WORKDIR.value} at step {checkpoints.latest_step()}")
 
 
 @_one_line_errors

@@ -80,16 +80,27 @@ def _lookup(tree: dict, path: tuple[str, ...]) -> dict:
     return tree
 
 
+def targeted_kernels(params, config: LoRAConfig) -> list[tuple[tuple[str, ...], tuple[int, int]]]:
+    """(adapter key path, kernel shape [in, out]) of every kernel of ``params`` that gets an adapter.
+
+    ``params`` may be abstract (``nnx.eval_shape``): only shapes are read.
+    """
+    kernels = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        adapter_path = _adapter_path(_names(path), config)
+        if adapter_path is not None:
+            kernels.append((adapter_path, tuple(leaf.shape)))
+    if not kernels:
+        raise ValueError(f"lora.targets {config.targets} match no kernel of these params")
+    return kernels
+
+
 def init_adapters(params, config: LoRAConfig, seed: int = 0) -> dict:
     """Adapters for every targeted kernel of ``params`` (an nnx.State): A as PEFT's default
     (uniform in +-1/sqrt(in)), B zero, both float32."""
     adapters: dict = {}
     key = jax.random.key(seed)
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        adapter_path = _adapter_path(_names(path), config)
-        if adapter_path is None:
-            continue
-        size_in, size_out = leaf.shape
+    for adapter_path, (size_in, size_out) in targeted_kernels(params, config):
         key, draw = jax.random.split(key)
         bound = 1.0 / np.sqrt(size_in)
         node = adapters
@@ -97,8 +108,6 @@ def init_adapters(params, config: LoRAConfig, seed: int = 0) -> dict:
             node = node.setdefault(name, {})
         node["lora_a"] = jax.random.uniform(draw, (size_in, config.rank), jnp.float32, -bound, bound)
         node["lora_b"] = jnp.zeros((config.rank, size_out), jnp.float32)
-    if not adapters:
-        raise ValueError(f"lora.targets {config.targets} match no kernel of these params")
     return adapters
 
 

@@ -22,8 +22,11 @@ import math
 import re
 
 import jax
+from flax import nnx
 
 from optpo_jax.models.config import DTYPES, ModelConfig
+from optpo_jax.models.decoder import init_decoder
+from optpo_jax.models.lora import LoRAConfig, targeted_kernels
 
 _GIB = 1024**3
 _UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4,
@@ -61,20 +64,12 @@ class RunShape:
     model_shards: int = 1  # devices each weight is split over (mesh fsdp x tensor)
 
 
-def lora_parameter_count(model: ModelConfig, rank: int, targets: tuple[str, ...]) -> int:
-    """Adapter parameters: rank x (in + out) per targeted projection and layer."""
-    hidden, inner, heads, kv_heads, head_dim = (model.hidden_size, model.intermediate_size, model.num_heads,
-                                                model.num_kv_heads, model.head_dim)
-    sizes = {"q_proj": (hidden, heads * head_dim), "k_proj": (hidden, kv_heads * head_dim),
-             "v_proj": (hidden, kv_heads * head_dim), "o_proj": (heads * head_dim, hidden),
-             "gate_proj": (hidden, inner), "up_proj": (hidden, inner), "down_proj": (inner, hidden)}
-    return model.num_layers * sum(rank * sum(sizes[name]) for name in targets)
-
-
-def _kernel_count(model: ModelConfig) -> int:
-    """Parameters of the projection kernels (what a LoRA merge materialises)."""
-    attention = model.hidden_size * model.head_dim * (2 * model.num_heads + 2 * model.num_kv_heads)
-    return model.num_layers * (attention + 3 * model.hidden_size * model.intermediate_size)
+def lora_sizes(model: ModelConfig, rank: int, targets: tuple[str, ...]) -> tuple[int, int]:
+    """(adapter parameters, parameters of the kernels they adapt), from the decoder's abstract
+    shapes (``models.lora.targeted_kernels``; nothing allocated)."""
+    abstract = nnx.split(nnx.eval_shape(lambda: init_decoder(model)))[1]
+    kernels = [shape for _, shape in targeted_kernels(abstract, LoRAConfig(rank=rank, targets=targets))]
+    return sum(rank * (size_in + size_out) for size_in, size_out in kernels), sum(math.prod(k) for k in kernels)
 
 
 def _activation_bytes_per_token(model: ModelConfig, width: int, remat: bool) -> int:
@@ -131,9 +126,9 @@ def plan_memory(shape: RunShape) -> MemoryPlan:
     param_bytes = _bytes_of(model.param_dtype)
     params = model.num_params() * param_bytes // shape.model_shards
     if shape.lora_rank:
-        trained_count = lora_parameter_count(model, shape.lora_rank, shape.lora_targets)
+        trained_count, kernel_count = lora_sizes(model, shape.lora_rank, shape.lora_targets)
         trained, trained_bytes, reference = trained_count * 4, 4, 0
-        merged = _kernel_count(model) * param_bytes // shape.model_shards
+        merged = kernel_count * param_bytes // shape.model_shards
     else:
         trained_count = model.num_params() // shape.model_shards
         trained, trained_bytes, reference, merged = 0, param_bytes, params, 0

@@ -224,6 +224,7 @@ def update_policy(state: TrainState, arrays: dict, learner: Learner,
     chunk_rows = local_row_count(config.micro_batch_rows, "policy_update.micro_batch_rows")
     num_chunks = process_max(-(-num_rows // chunk_rows))
     params, opt_state, mesh = state.params, state.opt_state, mesh_of(state.params)
+    base = state.ref_params if state.lora is not None else None  # the frozen weights under the adapters
     metrics = []
     for _ in range(config.epochs if num_chunks else 0):
         order = rng.permutation(num_rows)
@@ -234,7 +235,6 @@ def update_policy(state: TrainState, arrays: dict, learner: Learner,
             if grpo_config.kl_coef > 0:
                 ref = _reference_logprobs(learner.model_config, state.ref_params, grpo_config.temperature,
                                           chunk["input_tokens"], chunk["target_tokens"], chunk["positions"])
-            base = state.ref_params if state.lora is not None else None
             params, opt_state, step_metrics = learner.update_step(params, opt_state, GRPOBatch(ref_logprobs=ref,
                                                                                                **chunk), base)
             metrics.append(step_metrics)
