@@ -47,14 +47,17 @@ def rollouts_to_stop(state: VoteState, config: SPRTConfig, prior_state: PriorSta
         confidence = rule_confidence(counts, run_length, config, prior_state)
         return stop_condition(confidence, state.num_samples + num_more, config)
 
-    low = jnp.zeros(num_prompts, jnp.int32)  # known not to stop (or done)
-    high = budget  # known to stop
-    for _ in range(math.ceil(math.log2(config.max_samples + 1))):
+    def halve(_, bounds):
+        low, high = bounds
         middle = (low + high) // 2
         searching = high - low > 1
         middle_stops = stops_after(middle)
-        high = jnp.where(searching & middle_stops, middle, high)
-        low = jnp.where(searching & ~middle_stops, middle, low)
+        return (jnp.where(searching & ~middle_stops, middle, low), jnp.where(searching & middle_stops, middle, high))
+
+    # low: known not to stop (or done); high: known to stop. A loop, not unrolled, so the
+    # rule (a switch over the prior grid when the prior is learned) is compiled once.
+    bounds = (jnp.zeros(num_prompts, jnp.int32), budget)
+    _, high = jax.lax.fori_loop(0, math.ceil(math.log2(config.max_samples + 1)), halve, bounds)
     return high
 
 
