@@ -303,3 +303,31 @@ def test_fitted_micro_batches_train_like_padded_ones(setup):
     np.testing.assert_allclose(fitted_metrics["loss"], padded_metrics["loss"], rtol=1e-5, atol=1e-6)
     for a, b in zip(padded, fitted, strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+def test_optimizer_steps_fixes_the_number_of_updates(setup):
+    """policy_update.optimizer_steps = k: k updates whatever the rows (more only when k micro-batches cannot hold them);
+    0: one update per micro_batch_rows."""
+    import dataclasses as dc
+
+    from optpo_jax.train.loop import init_train_state
+    from optpo_jax.train.step import update_policy
+
+    rollouts, _ = collect_rollouts(setup.policy.params, setup.policy.config, setup.task, setup.train_problems[:4],
+                                   setup.learner.config, jax.random.key(5))
+    advantages = np.random.default_rng(0).standard_normal(len(rollouts.prompt_index)).astype(np.float32)
+    num_rows = len(advantages)
+    assert num_rows > 24
+    expected = {(0, 16): -(-num_rows // 16), (3, 16): 3, (2, 64): 2, (1, 8): -(-num_rows // 8)}
+    for (optimizer_steps, micro_batch_rows), steps in expected.items():
+        rows = np.arange(num_rows)
+        arrays = grpo_arrays(rollouts, rows, advantages)
+        update = dc.replace(setup.learner.config.update, optimizer_steps=optimizer_steps,
+                            micro_batch_rows=micro_batch_rows)
+        learner = dc.replace(setup.learner, config=dc.replace(setup.learner.config, update=update))
+        state = init_train_state(setup)
+        state = state.replace(params=jax.tree.map(jnp.copy, state.params))
+        _, metrics = update_policy(state, arrays, learner, np.random.default_rng(1))
+        assert metrics["optimizer_steps"] == steps, (optimizer_steps, micro_batch_rows, num_rows, metrics)
+    with pytest.raises(ValueError, match="optimizer_steps must be >= 0, got -1"):
+        UpdateConfig(optimizer_steps=-1)

@@ -42,6 +42,7 @@ LIMITS = {
     "policy_update.train_samples_per_prompt": (_INT, 0, 1024, True, True),
     "policy_update.min_rollouts_per_prompt": (_INT, 0, 1024, True, True),
     "policy_update.micro_batch_rows": (_INT, 1, 65536, True, True),
+    "policy_update.optimizer_steps": (_INT, 0, 65536, True, True),
     "policy_update.grad_accumulation": (_INT, 1, 65536, True, True),
     "policy_update.epochs": (_INT, 1, 1000, True, True),
     "policy_update.width_bucket": (_INT, 0, 65536, True, True),

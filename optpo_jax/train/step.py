@@ -214,6 +214,9 @@ def update_policy(state: TrainState, arrays: dict, learner: Learner,
                   rng: np.random.Generator) -> tuple[TrainState, dict]:
     """Runs ``epochs`` passes of micro-batched GRPO steps over ``arrays``; returns the state and the metrics.
 
+    Each pass takes ceil(rows / micro_batch_rows) optimizer steps, or with
+    ``optimizer_steps`` k that many near-equal steps (padded to a micro-batch shape).
+
     ``arrays`` are this process's rows; each optimizer step takes micro_batch_rows / process_count
     of them from every process, and a process out of rows pads (zero loss mask). The number of
     optimizer steps is set by the process with the most rows, so uneven shares can add steps
@@ -222,14 +225,17 @@ def update_policy(state: TrainState, arrays: dict, learner: Learner,
     config, grpo_config = learner.config.update, learner.config.grpo
     num_rows = len(arrays["advantages"])
     chunk_rows = local_row_count(config.micro_batch_rows, "policy_update.micro_batch_rows")
-    num_chunks = process_max(-(-num_rows // chunk_rows))
+    step_rows = chunk_rows
+    if config.optimizer_steps:  # k near-equal steps, each within the micro-batch's shape
+        step_rows = min(chunk_rows, max(1, -(-process_max(num_rows) // config.optimizer_steps)))
+    num_chunks = process_max(-(-num_rows // step_rows))
     params, opt_state, mesh = state.params, state.opt_state, mesh_of(state.params)
     base = state.ref_params if state.lora is not None else None  # the frozen weights under the adapters
     metrics = []
     for _ in range(config.epochs if num_chunks else 0):
         order = rng.permutation(num_rows)
-        for start in range(0, num_chunks * chunk_rows, chunk_rows):
-            chunk = {name: values[order[start : start + chunk_rows]] for name, values in arrays.items()}
+        for start in range(0, num_chunks * step_rows, step_rows):
+            chunk = {name: values[order[start : start + step_rows]] for name, values in arrays.items()}
             chunk = rows_to_global(_fit_micro_batch(chunk, chunk_rows, config, mesh), mesh)
             ref = None
             if grpo_config.kl_coef > 0:

@@ -20,6 +20,10 @@ class UpdateConfig:
         vote has stopped (the OptPO paper's N). The extra ones are rewarded against the
         vote's label and do not change it; 0: a prompt trains on its votes only.
       micro_batch_rows: rows per optimizer step (fixed shape; the last is padded).
+      optimizer_steps: 0: as many optimizer steps as micro_batch_rows-sized chunks of the
+        rows (so a stopping rule that draws fewer rollouts also takes fewer steps); k > 0:
+        the rows are split into k near-equal optimizer steps whatever their number (more
+        only where k steps of micro_batch_rows cannot hold them).
       grad_accumulation: splits each optimizer step's rows into this many micro-batches
         whose gradients are summed exactly (memory: one micro-batch of activations).
       epochs: passes over the rollouts per training step.
@@ -33,6 +37,7 @@ class UpdateConfig:
     train_samples_per_prompt: int = 0
     min_rollouts_per_prompt: int = 0
     micro_batch_rows: int = 256
+    optimizer_steps: int = 0
     grad_accumulation: int = 1
     epochs: int = 1
     advantage_mode: str = "grpo"
@@ -46,6 +51,8 @@ class UpdateConfig:
             raise ValueError(f"min_rollouts_per_prompt must be >= 0, got {self.min_rollouts_per_prompt}")
         if self.micro_batch_rows < 1:
             raise ValueError(f"micro_batch_rows must be >= 1, got {self.micro_batch_rows}")
+        if self.optimizer_steps < 0:
+            raise ValueError(f"optimizer_steps must be >= 0, got {self.optimizer_steps}")
         if self.grad_accumulation < 1 or self.micro_batch_rows % self.grad_accumulation:
             raise ValueError(f"grad_accumulation={self.grad_accumulation} must be >= 1 and divide "
                              f"micro_batch_rows={self.micro_batch_rows}")
