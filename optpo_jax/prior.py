@@ -79,6 +79,12 @@ def prior_branch(state: PriorState) -> jax.Array:
     return jnp.where(state.num_prompts > 0, 1 + jnp.argmax(state.log_likelihood), 0).astype(jnp.int32)
 
 
+def learned_concentration(state: PriorState, default: float) -> jax.Array:
+    """[] float32, the concentration the rules use: the fit, or ``default`` before any prompt finished (jittable)."""
+    grid = jnp.asarray((default,) + PRIOR_GRID, jnp.float32)
+    return grid[prior_branch(state)]
+
+
 def fitted_concentration(state: PriorState, default: float) -> float:
     """The concentration the rules use (host value, for metrics and reports)."""
     branch = int(prior_branch(state))

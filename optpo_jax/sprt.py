@@ -40,7 +40,7 @@ from jax.scipy.special import betainc
 
 from optpo_jax.posterior import posterior_mode_prob
 from optpo_jax.predictive import plurality_at_budget_prob
-from optpo_jax.prior import PRIOR_GRID, PriorState, prior_branch
+from optpo_jax.prior import PRIOR_GRID, PriorState, learned_concentration, prior_branch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,12 +145,16 @@ def dirichlet_confidence(counts: jax.Array, run_length: jax.Array, config: SPRTC
     return posterior_mode_prob(counts, config.prior, max_count=config.max_samples)
 
 
-def beta_confidence(counts: jax.Array, run_length: jax.Array, config: SPRTConfig) -> jax.Array:
-    """P(p_leader > p_runner_up) under Beta(v1 + prior, v2 + prior); 0 before the first vote."""
+def beta_confidence(counts: jax.Array, run_length: jax.Array, config: SPRTConfig, prior=None) -> jax.Array:
+    """P(p_leader > p_runner_up) under Beta(v1 + prior, v2 + prior); 0 before the first vote.
+
+    ``prior`` (a float or a traced scalar) overrides ``config.prior``.
+    """
     del run_length
+    prior = config.prior if prior is None else prior
     leader, runner_up = leader_and_runner_up(counts)
-    alpha = leader.astype(jnp.float32) + config.prior
-    beta = runner_up.astype(jnp.float32) + config.prior
+    alpha = leader.astype(jnp.float32) + prior
+    beta = runner_up.astype(jnp.float32) + prior
     return jnp.where(leader > 0, 1.0 - betainc(alpha, beta, 0.5), 0.0)
 
 
@@ -182,31 +186,34 @@ def margin_confidence(counts: jax.Array, run_length: jax.Array, config: SPRTConf
     return jnp.where(leader > 0, confidence, 0.0)
 
 
-def predictive_confidence(counts: jax.Array, run_length: jax.Array, config: SPRTConfig) -> jax.Array:
+def predictive_confidence(counts: jax.Array, run_length: jax.Array, config: SPRTConfig, prior=None) -> jax.Array:
     """P(the leader is strictly the plurality after the budget's remaining votes), under Dir(counts + prior).
 
     The remaining votes are ``max_samples`` minus the votes so far (rollouts without an
     answer are not in ``counts``, so this may count a few votes too many: the safe side).
+    ``prior`` (a float or a traced scalar) overrides ``config.prior``.
     """
     del run_length
     remaining = jnp.maximum(config.max_samples - jnp.sum(counts, axis=-1), 0)
-    return plurality_at_budget_prob(counts, remaining, config.prior, config.max_samples)
+    return plurality_at_budget_prob(counts, remaining, config.prior if prior is None else prior, config.max_samples)
 
 
 class Rule(NamedTuple):
-    """A stopping rule: its confidence, and whether reaching the threshold stops a prompt
-    (False: only the budget does, and the confidence is reported, not acted on)."""
+    """A stopping rule: its confidence, whether reaching the threshold stops a prompt
+    (False: only the budget does, and the confidence is reported, not acted on), and whether
+    its confidence takes the prior as a traced ``prior=`` argument (else the prior is static)."""
 
-    confidence: Callable[[jax.Array, jax.Array, SPRTConfig], jax.Array]
+    confidence: Callable[..., jax.Array]
     stops_early: bool = True
+    traced_prior: bool = False
 
 
 RULES: dict[str, Rule] = {
     "dirichlet": Rule(dirichlet_confidence),
-    "beta": Rule(beta_confidence),
+    "beta": Rule(beta_confidence, traced_prior=True),
     "esc": Rule(esc_confidence),
     "margin": Rule(margin_confidence),
-    "predictive": Rule(predictive_confidence),
+    "predictive": Rule(predictive_confidence, traced_prior=True),
     "fixed": Rule(dirichlet_confidence, stops_early=False),
 }
 
@@ -219,13 +226,18 @@ def rule_confidence(counts: jax.Array, run_length: jax.Array, config: SPRTConfig
     """The configured rule's confidence for votes ``counts [..., K]`` and ``run_length [...]``.
 
     With ``prior_state`` the rule's concentration is the one fitted there (``config.prior``
-    before any prompt finished): one compiled branch per concentration of ``PRIOR_GRID``.
+    before any prompt finished): passed as a traced value where the rule takes one, else one
+    compiled branch per concentration of ``PRIOR_GRID`` (the Dirichlet rule's quadrature
+    tables depend on it).
     """
-    confidence = RULES[config.rule].confidence
+    rule = RULES[config.rule]
+    confidence = rule.confidence
     if prior_state is None:
         return confidence(counts, run_length, config)
     if config.rule not in PRIOR_RULES:
         raise ValueError(f"a learned prior needs a rule with a prior {PRIOR_RULES}, got rule {config.rule!r}")
+    if rule.traced_prior:
+        return confidence(counts, run_length, config, prior=learned_concentration(prior_state, config.prior))
     configs = [config] + [dataclasses.replace(config, prior=value) for value in PRIOR_GRID]
     branches = [functools.partial(confidence, config=cfg) for cfg in configs]
     return jax.lax.switch(prior_branch(prior_state), branches, counts, run_length)

@@ -121,15 +121,16 @@ def test_update_prior_recovers_the_concentration_of_simulated_votes():
     assert fitted_concentration(init_prior_state(), default=5.0) == 5.0  # nothing seen: the config's prior
 
 
-def test_a_learned_prior_changes_the_rule_only_through_its_concentration():
-    config = SPRTConfig(rule="dirichlet", threshold=0.9, max_samples=16)
+@pytest.mark.parametrize("rule", ["dirichlet", "beta", "predictive"])  # a compiled branch each / a traced prior
+def test_a_learned_prior_changes_the_rule_only_through_its_concentration(rule):
+    config = SPRTConfig(rule=rule, threshold=0.9, max_samples=16)
     state = init_vote_state(3, 16)
     ids, slots, valid = jnp.array([0, 0, 1, 1, 2]), jnp.array([0, 0, 0, 1, 0]), jnp.ones(5, bool)
     prior = update_prior(init_prior_state(), jnp.array([[9, 0, 0], [8, 0, 0], [7, 1, 0]]))
     fitted = fitted_concentration(prior, config.prior)
     assert fitted in PRIOR_GRID and fitted != config.prior
     learned = jax.jit(lambda s, p: sprt_update(s, ids, slots, valid, config, prior_state=p))(state, prior)
-    fixed = sprt_update(state, ids, slots, valid, SPRTConfig(rule="dirichlet", threshold=0.9, max_samples=16,
+    fixed = sprt_update(state, ids, slots, valid, SPRTConfig(rule=rule, threshold=0.9, max_samples=16,
                                                              prior=fitted))
     np.testing.assert_allclose(np.asarray(learned.confidence), np.asarray(fixed.confidence), atol=1e-6)
     before_any = sprt_update(state, ids, slots, valid, config, prior_state=init_prior_state())
