@@ -4,6 +4,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -31,10 +32,24 @@ def run_cluster(workdir: Path, steps: int, resume: bool = False) -> list[str]:
     env = {"PYTHONPATH": f"{Path(__file__).parent}:{Path(__file__).parents[1]}", "PATH": "/usr/bin:/bin",
            **{name: value for name, value in os.environ.items() if name.startswith("JAX_")}}  # the session's cache
     command = [str(workdir), str(steps)] + (["--resume"] if resume else [])
-    workers = [subprocess.Popen([sys.executable, str(WORKER), str(i), port, *command], stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, env=env) for i in range(2)]
-    outputs = [worker.communicate(timeout=300)[0] for worker in workers]
-    assert all(worker.returncode == 0 for worker in workers), outputs[0][-3000:] + outputs[1][-3000:]
+    logs = [workdir.parent / f"{workdir.name}.worker{i}.{'resume' if resume else 'start'}.log" for i in range(2)]
+    workers = []
+    for i, log in enumerate(logs):
+        with log.open("w") as out:
+            workers.append(subprocess.Popen([sys.executable, str(WORKER), str(i), port, *command], stdout=out,
+                                            stderr=subprocess.STDOUT, text=True, env=env))
+    # A crashed process leaves its peer waiting in a collective: stop both at the first failure.
+    deadline = time.monotonic() + 300
+    while any(worker.poll() is None for worker in workers):
+        if any(worker.poll() not in (None, 0) for worker in workers) or time.monotonic() > deadline:
+            for worker in workers:
+                worker.kill()
+                worker.wait()
+            break
+        time.sleep(0.2)
+    outputs = [log.read_text() for log in logs]
+    codes = [worker.returncode for worker in workers]
+    assert codes == [0, 0], f"return codes {codes}\n" + outputs[0][-3000:] + outputs[1][-3000:]
     return outputs
 
 
