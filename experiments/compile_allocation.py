@@ -1,8 +1,9 @@
 """Compile and run time of one wave's allocation (``allocate_wave``) for each stopping rule.
 
 The first call of the jitted allocation compiles it; the rule is traced inside the
-demand's binary search and, with a learned prior, once per concentration of the grid,
-so a slow-to-compile rule shows here first. Run it at two commits to compare:
+demand's binary search and, with a learned prior, once per concentration of the grid for
+the Dirichlet rule (whose tables depend on it; beta and predictive take it as a traced
+value). Run it at two commits to compare:
 
     python experiments/compile_allocation.py [--prompts 64] [--rows 256] [--max_samples 64]
 """
@@ -18,7 +19,8 @@ from optpo_jax.allocation import allocate_wave
 from optpo_jax.prior import init_prior_state
 from optpo_jax.sprt import SPRTConfig, init_vote_state
 
-SETTINGS = (("dirichlet", 0.95, 1.0, False), ("predictive", 0.93, 0.3, False), ("predictive", 0.93, 0.3, True))
+SETTINGS = (("dirichlet", 0.95, 1.0, False), ("dirichlet", 0.95, 1.0, True), ("predictive", 0.93, 0.3, False),
+            ("predictive", 0.93, 0.3, True))
 
 
 def time_allocation(config: SPRTConfig, num_prompts: int, num_rows: int) -> tuple[float, float]:

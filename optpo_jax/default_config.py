@@ -56,7 +56,7 @@ def arithmetic_config(method: str = "optpo") -> ml_collections.ConfigDict:
     })
     config.policy_update = ml_collections.ConfigDict({
         "train_samples_per_prompt": 0 if method == "optpo" else 32, "micro_batch_rows": 256,
-        # 0: one optimizer step per micro_batch_rows of rollouts; k: k steps per training step.
+        # 0: one optimizer step per micro_batch_rows of rollouts; k: k steps per epoch of each training step.
         "optimizer_steps": 0,
         # Rollouts a prompt draws for the update after its vote stopped (the paper's N; 0 = votes only).
         "min_rollouts_per_prompt": 0,

@@ -46,7 +46,7 @@ def _share_pmf(taken, total, a, b):
     return jnp.where(valid, pmf, 0.0)
 
 
-def _single_prompt(counts: jax.Array, remaining: jax.Array, prior: float, max_remaining: int) -> jax.Array:
+def _single_prompt(counts: jax.Array, remaining: jax.Array, prior, max_remaining: int) -> jax.Array:
     """plurality_at_budget_prob for one prompt: counts [K] -> scalar."""
     num_slots = counts.shape[-1]
     padded = jnp.concatenate([counts.astype(jnp.int32), jnp.zeros(COMPETITORS + 2, jnp.int32)])
@@ -90,13 +90,15 @@ def _single_prompt(counts: jax.Array, remaining: jax.Array, prior: float, max_re
     return jnp.where(leader > 0, win, 0.0)
 
 
-def plurality_at_budget_prob(counts: jax.Array, remaining: jax.Array, prior: float, max_remaining: int) -> jax.Array:
+def plurality_at_budget_prob(counts: jax.Array, remaining: jax.Array, prior: float | jax.Array,
+                             max_remaining: int) -> jax.Array:
     """P(the leader of ``counts`` is still the consensus after ``remaining`` more votes).
 
     Args:
       counts: [..., K] votes per answer slot (slots with 0 votes are not answers).
       remaining: [...] votes still to come, integers in [0, max_remaining].
-      prior: the Dirichlet concentration a > 0 (each seen answer: count + a; unseen: a).
+      prior: the Dirichlet concentration a > 0 (each seen answer: count + a; unseen: a), a float or
+        a traced scalar (a learned prior).
       max_remaining: static upper bound on ``remaining`` (the array sizes).
 
     Returns:

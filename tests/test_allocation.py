@@ -1,11 +1,13 @@
 import functools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from optpo_jax import SPRTConfig, allocate_wave, init_vote_state, sprt_update
 from optpo_jax.allocation import rollouts_to_stop
+from optpo_jax.prior import fitted_concentration, init_prior_state, update_prior
 from optpo_jax.sprt import rule_confidence, stop_condition
 
 
@@ -24,13 +26,18 @@ def _state_after(config, answers_per_prompt, num_slots=4):
     return sprt_update(state, jnp.asarray(prompt_ids, jnp.int32), jnp.asarray(slots, jnp.int32), ones, config)
 
 
-@pytest.mark.parametrize("rule", ["dirichlet", "beta", "esc", "fixed"])
-def test_rollouts_to_stop_is_the_fewest_unanimous_rollouts(rule):
+@pytest.mark.parametrize("rule, learned", [("dirichlet", False), ("beta", False), ("esc", False), ("fixed", False),
+                                           ("dirichlet", True), ("beta", True)])  # switch / traced learned prior
+def test_rollouts_to_stop_is_the_fewest_unanimous_rollouts(rule, learned):
     # Brute force: the smallest n >= 1 whose hypothetical all-agreeing state stops.
     config = SPRTConfig(rule=rule, threshold=0.97, min_samples=3, max_samples=20, esc_window=5)
     answers = [[], [0], [0, 0, 1], [1, 2, 1, 1, 0, 2, -1], [2, 2]]
     state = _state_after(config, answers)
-    got = np.asarray(rollouts_to_stop(state, config))
+    prior_state = None
+    if learned:  # unanimous finished prompts: the fit (0.1) is far from the config's 1.0
+        prior_state = update_prior(init_prior_state(), jnp.array([[9, 0], [8, 0], [7, 0]]))
+        assert fitted_concentration(prior_state, config.prior) != config.prior
+    got = np.asarray(jax.jit(lambda votes, prior: rollouts_to_stop(votes, config, prior))(state, prior_state))
     for p in range(len(answers)):
         if state.done[p]:
             assert got[p] == 0
@@ -39,10 +46,12 @@ def test_rollouts_to_stop_is_the_fewest_unanimous_rollouts(rule):
         for n in range(1, config.max_samples + 1):
             counts = state.counts[p].at[leader].add(n)
             run = (state.run_length[p] if state.run_slot[p] == leader else 0) + n
-            conf = rule_confidence(counts[None], jnp.asarray([run]), config)
+            conf = rule_confidence(counts[None], jnp.asarray([run]), config, prior_state)
             if stop_condition(conf, state.num_samples[p][None] + n, config)[0]:
                 break
         assert got[p] == n, (p, got[p], n)
+    if learned:  # the learned prior moved some demand
+        assert not np.array_equal(got, np.asarray(rollouts_to_stop(state, config)))
 
 
 def test_fresh_prompts_get_their_demand_then_spare_rows_fill_budgets():

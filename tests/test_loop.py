@@ -306,28 +306,28 @@ def test_fitted_micro_batches_train_like_padded_ones(setup):
 
 
 def test_optimizer_steps_fixes_the_number_of_updates(setup):
-    """policy_update.optimizer_steps = k: k updates whatever the rows (more only when k micro-batches cannot hold them);
-    0: one update per micro_batch_rows."""
-    import dataclasses as dc
-
+    """policy_update.optimizer_steps = k: k updates whatever the rows (fewer only with fewer rows than k; chunks of
+    micro_batch_rows when k of them cannot hold the rows); 0: one update per micro_batch_rows."""
     from optpo_jax.train.loop import init_train_state
-    from optpo_jax.train.step import update_policy
+    from optpo_jax.train.step import _step_cuts, update_policy
 
+    # ceil(i M / k) cuts: k = 4 over 9 rows is 3 + 2 + 2 + 2 (steps of ceil(9 / 4) = 3 rows would make only 3).
+    assert _step_cuts(9, 16, 4) == [0, 3, 5, 7, 9]
     rollouts, _ = collect_rollouts(setup.policy.params, setup.policy.config, setup.task, setup.train_problems[:4],
                                    setup.learner.config, jax.random.key(5))
     advantages = np.random.default_rng(0).standard_normal(len(rollouts.prompt_index)).astype(np.float32)
     num_rows = len(advantages)
     assert num_rows > 24
-    expected = {(0, 16): -(-num_rows // 16), (3, 16): 3, (2, 64): 2, (1, 8): -(-num_rows // 8)}
-    for (optimizer_steps, micro_batch_rows), steps in expected.items():
-        rows = np.arange(num_rows)
-        arrays = grpo_arrays(rollouts, rows, advantages)
-        update = dc.replace(setup.learner.config.update, optimizer_steps=optimizer_steps,
-                            micro_batch_rows=micro_batch_rows)
-        learner = dc.replace(setup.learner, config=dc.replace(setup.learner.config, update=update))
+    expected = {(0, 16, num_rows): -(-num_rows // 16), (3, 16, num_rows): 3, (2, 64, num_rows): 2,
+                (10, 16, num_rows): 10, (4, 16, 3): 3, (1, 8, num_rows): -(-num_rows // 8)}
+    for (optimizer_steps, micro_batch_rows, used_rows), steps in expected.items():
+        arrays = grpo_arrays(rollouts, np.arange(used_rows), advantages)
+        update = dataclasses.replace(setup.learner.config.update, optimizer_steps=optimizer_steps,
+                                     micro_batch_rows=micro_batch_rows)
+        learner = dataclasses.replace(setup.learner, config=dataclasses.replace(setup.learner.config, update=update))
         state = init_train_state(setup)
         state = state.replace(params=jax.tree.map(jnp.copy, state.params))
         _, metrics = update_policy(state, arrays, learner, np.random.default_rng(1))
-        assert metrics["optimizer_steps"] == steps, (optimizer_steps, micro_batch_rows, num_rows, metrics)
+        assert metrics["optimizer_steps"] == steps, (optimizer_steps, micro_batch_rows, used_rows, metrics)
     with pytest.raises(ValueError, match="optimizer_steps must be >= 0, got -1"):
         UpdateConfig(optimizer_steps=-1)

@@ -33,23 +33,28 @@ def run_cluster(workdir: Path, steps: int, resume: bool = False) -> list[str]:
            **{name: value for name, value in os.environ.items() if name.startswith("JAX_")}}  # the session's cache
     command = [str(workdir), str(steps)] + (["--resume"] if resume else [])
     logs = [workdir.parent / f"{workdir.name}.worker{i}.{'resume' if resume else 'start'}.log" for i in range(2)]
-    workers = []
-    for i, log in enumerate(logs):
-        with log.open("w") as out:
-            workers.append(subprocess.Popen([sys.executable, str(WORKER), str(i), port, *command], stdout=out,
-                                            stderr=subprocess.STDOUT, text=True, env=env))
-    # A crashed process leaves its peer waiting in a collective: stop both at the first failure.
-    deadline = time.monotonic() + 300
-    while any(worker.poll() is None for worker in workers):
-        if any(worker.poll() not in (None, 0) for worker in workers) or time.monotonic() > deadline:
-            for worker in workers:
+    workers, timed_out = [], False
+    try:
+        for i, log in enumerate(logs):
+            with log.open("w") as out:
+                workers.append(subprocess.Popen([sys.executable, str(WORKER), str(i), port, *command], stdout=out,
+                                                stderr=subprocess.STDOUT, text=True, env=env))
+        # A crashed process leaves its peer waiting in a collective: stop both at the first failure.
+        deadline = time.monotonic() + 300
+        while any(worker.poll() is None for worker in workers):
+            timed_out = time.monotonic() > deadline
+            if timed_out or any(worker.poll() not in (None, 0) for worker in workers):
+                break
+            time.sleep(0.2)
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
                 worker.kill()
-                worker.wait()
-            break
-        time.sleep(0.2)
+            worker.wait()
     outputs = [log.read_text() for log in logs]
     codes = [worker.returncode for worker in workers]
-    assert codes == [0, 0], f"return codes {codes}\n" + outputs[0][-3000:] + outputs[1][-3000:]
+    assert codes == [0, 0], (f"return codes {codes}{' (timed out after 300 s)' if timed_out else ''}\n"
+                             + outputs[0][-3000:] + outputs[1][-3000:])
     return outputs
 
 

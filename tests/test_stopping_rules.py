@@ -19,7 +19,7 @@ from optpo_jax.prior import (
     prior_to_json,
     update_prior,
 )
-from optpo_jax.sprt import margin_confidence, predictive_confidence
+from optpo_jax.sprt import margin_confidence, predictive_confidence, rule_confidence
 
 
 def _stays_label(final: np.ndarray, leader: int) -> np.ndarray:
@@ -136,6 +136,10 @@ def test_a_learned_prior_changes_the_rule_only_through_its_concentration(rule):
     before_any = sprt_update(state, ids, slots, valid, config, prior_state=init_prior_state())
     np.testing.assert_allclose(np.asarray(before_any.confidence),
                                np.asarray(sprt_update(state, ids, slots, valid, config).confidence), atol=1e-6)
+    # One traced rule, or (dirichlet: its tables depend on the prior) one branch per grid value.
+    counts = jnp.array([[2, 0, 0], [1, 1, 0], [3, 0, 0]], jnp.int32)
+    jaxpr = str(jax.make_jaxpr(lambda c, p: rule_confidence(c, jnp.zeros(3, jnp.int32), config, p))(counts, prior))
+    assert ("cond[" in jaxpr) == (rule == "dirichlet")
 
 
 @pytest.mark.parametrize("fields, message", [

@@ -210,12 +210,28 @@ class Learner:
     lora: LoRAConfig | None = None
 
 
+def _step_cuts(num_rows: int, chunk_rows: int, optimizer_steps: int) -> list[int]:
+    """Row offsets where each optimizer step of a pass starts, then the end; the same on every process.
+
+    0 steps: every ``chunk_rows`` rows. k: the most rows any process holds, M, cut at
+    ceil(i M / k), i = 0..k (k near-equal steps, fewer only when M < k), unless a step
+    would then exceed ``chunk_rows``.
+    """
+    if optimizer_steps:
+        most_rows = process_max(num_rows)
+        if -(-most_rows // optimizer_steps) <= chunk_rows:
+            return sorted({-(-i * most_rows // optimizer_steps) for i in range(optimizer_steps + 1)})
+    num_chunks = process_max(-(-num_rows // chunk_rows))
+    return [i * chunk_rows for i in range(num_chunks + 1)] if num_chunks else [0]
+
+
 def update_policy(state: TrainState, arrays: dict, learner: Learner,
                   rng: np.random.Generator) -> tuple[TrainState, dict]:
     """Runs ``epochs`` passes of micro-batched GRPO steps over ``arrays``; returns the state and the metrics.
 
     Each pass takes ceil(rows / micro_batch_rows) optimizer steps, or with
-    ``optimizer_steps`` k that many near-equal steps (padded to a micro-batch shape).
+    ``optimizer_steps`` k that many near-equal steps (padded to a micro-batch shape; see
+    ``_step_cuts``).
 
     ``arrays`` are this process's rows; each optimizer step takes micro_batch_rows / process_count
     of them from every process, and a process out of rows pads (zero loss mask). The number of
@@ -225,17 +241,14 @@ def update_policy(state: TrainState, arrays: dict, learner: Learner,
     config, grpo_config = learner.config.update, learner.config.grpo
     num_rows = len(arrays["advantages"])
     chunk_rows = local_row_count(config.micro_batch_rows, "policy_update.micro_batch_rows")
-    step_rows = chunk_rows
-    if config.optimizer_steps:  # k near-equal steps, each within the micro-batch's shape
-        step_rows = min(chunk_rows, max(1, -(-process_max(num_rows) // config.optimizer_steps)))
-    num_chunks = process_max(-(-num_rows // step_rows))
+    cuts = _step_cuts(num_rows, chunk_rows, config.optimizer_steps)
     params, opt_state, mesh = state.params, state.opt_state, mesh_of(state.params)
     base = state.ref_params if state.lora is not None else None  # the frozen weights under the adapters
     metrics = []
-    for _ in range(config.epochs if num_chunks else 0):
+    for _ in range(config.epochs if len(cuts) > 1 else 0):
         order = rng.permutation(num_rows)
-        for start in range(0, num_chunks * step_rows, step_rows):
-            chunk = {name: values[order[start : start + step_rows]] for name, values in arrays.items()}
+        for start, end in zip(cuts[:-1], cuts[1:], strict=True):
+            chunk = {name: values[order[start:end]] for name, values in arrays.items()}
             chunk = rows_to_global(_fit_micro_batch(chunk, chunk_rows, config, mesh), mesh)
             ref = None
             if grpo_config.kl_coef > 0:

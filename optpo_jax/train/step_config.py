@@ -22,8 +22,9 @@ class UpdateConfig:
       micro_batch_rows: rows per optimizer step (fixed shape; the last is padded).
       optimizer_steps: 0: as many optimizer steps as micro_batch_rows-sized chunks of the
         rows (so a stopping rule that draws fewer rollouts also takes fewer steps); k > 0:
-        the rows are split into k near-equal optimizer steps whatever their number (more
-        only where k steps of micro_batch_rows cannot hold them).
+        each epoch splits the rows into k near-equal optimizer steps whatever their number
+        (fewer only with fewer rows than k; chunks of micro_batch_rows where k steps of
+        micro_batch_rows cannot hold them).
       grad_accumulation: splits each optimizer step's rows into this many micro-batches
         whose gradients are summed exactly (memory: one micro-batch of activations).
       epochs: passes over the rollouts per training step.

@@ -97,7 +97,8 @@ def flatten(tree: dict, prefix: str = "") -> dict:
 
 # Fields added after runs were saved, with the value that reproduces those runs: a saved config
 # without the field resumes with this value (and only with it).
-ADDED_FIELDS = {"policy_update.min_rollouts_per_prompt": 0, "policy_update.optimizer_steps": 0, "sprt.margin_p0": 0.75, "sprt.learn_prior": False,
+ADDED_FIELDS = {"policy_update.min_rollouts_per_prompt": 0, "policy_update.optimizer_steps": 0,
+                "sprt.margin_p0": 0.75, "sprt.learn_prior": False,
                 "lora.rank": 0, "lora.alpha": 16.0, "lora.targets": ",".join(PROJECTIONS)}
 
 
