@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import time
 from collections.abc import Callable
 from typing import Any
@@ -247,7 +248,7 @@ def update_policy(state: TrainState, arrays: dict, learner: Learner,
     metrics = []
     for _ in range(config.epochs if len(cuts) > 1 else 0):
         order = rng.permutation(num_rows)
-        for start, end in zip(cuts[:-1], cuts[1:], strict=True):
+        for start, end in itertools.pairwise(cuts):
             chunk = {name: values[order[start:end]] for name, values in arrays.items()}
             chunk = rows_to_global(_fit_micro_batch(chunk, chunk_rows, config, mesh), mesh)
             ref = None
