@@ -311,23 +311,28 @@ def test_optimizer_steps_fixes_the_number_of_updates(setup):
     from optpo_jax.train.loop import init_train_state
     from optpo_jax.train.step import _step_cuts, update_policy
 
-    # ceil(i M / k) cuts: k = 4 over 9 rows is 3 + 2 + 2 + 2 (steps of ceil(9 / 4) = 3 rows would make only 3).
+    # Cuts at ceil(i M / k): k = 4 over 9 rows is 3 + 2 + 2 + 2 (steps of ceil(9 / 4) = 3 rows would make only 3).
     assert _step_cuts(9, 16, 4) == [0, 3, 5, 7, 9]
+    for num_rows, chunk_rows, steps in ((799, 256, 4), (30, 16, 10), (5, 16, 4), (17, 16, 16)):
+        cuts = _step_cuts(num_rows, chunk_rows, steps)
+        sizes = np.diff(cuts)
+        assert cuts[0] == 0 and cuts[-1] == num_rows and len(sizes) == steps and sizes.max() - sizes.min() <= 1
+    assert _step_cuts(3, 16, 4) == [0, 1, 2, 3]  # fewer rows than steps: one row each
+    assert _step_cuts(40, 16, 0) == [0, 16, 32, 48]  # 0: micro-batches of 16 (the last padded)
+    assert _step_cuts(40, 8, 2) == [0, 8, 16, 24, 32, 40]  # 2 steps of 20 rows exceed 8: micro-batches again
+    assert _step_cuts(0, 16, 4) == [0] and _step_cuts(0, 16, 0) == [0]  # no rows, no step
+
+    # The update takes those steps.
     rollouts, _ = collect_rollouts(setup.policy.params, setup.policy.config, setup.task, setup.train_problems[:4],
                                    setup.learner.config, jax.random.key(5))
     advantages = np.random.default_rng(0).standard_normal(len(rollouts.prompt_index)).astype(np.float32)
-    num_rows = len(advantages)
-    assert num_rows > 24
-    expected = {(0, 16, num_rows): -(-num_rows // 16), (3, 16, num_rows): 3, (2, 64, num_rows): 2,
-                (10, 16, num_rows): 10, (4, 16, 3): 3, (1, 8, num_rows): -(-num_rows // 8)}
-    for (optimizer_steps, micro_batch_rows, used_rows), steps in expected.items():
-        arrays = grpo_arrays(rollouts, np.arange(used_rows), advantages)
-        update = dataclasses.replace(setup.learner.config.update, optimizer_steps=optimizer_steps,
-                                     micro_batch_rows=micro_batch_rows)
-        learner = dataclasses.replace(setup.learner, config=dataclasses.replace(setup.learner.config, update=update))
-        state = init_train_state(setup)
-        state = state.replace(params=jax.tree.map(jnp.copy, state.params))
-        _, metrics = update_policy(state, arrays, learner, np.random.default_rng(1))
-        assert metrics["optimizer_steps"] == steps, (optimizer_steps, micro_batch_rows, used_rows, metrics)
+    assert len(advantages) > 24
+    arrays = grpo_arrays(rollouts, np.arange(len(advantages)), advantages)
+    update = dataclasses.replace(setup.learner.config.update, optimizer_steps=3, micro_batch_rows=16)
+    learner = dataclasses.replace(setup.learner, config=dataclasses.replace(setup.learner.config, update=update))
+    state = init_train_state(setup)
+    state = state.replace(params=jax.tree.map(jnp.copy, state.params))
+    _, metrics = update_policy(state, arrays, learner, np.random.default_rng(1))
+    assert metrics["optimizer_steps"] == 3
     with pytest.raises(ValueError, match="optimizer_steps must be >= 0, got -1"):
         UpdateConfig(optimizer_steps=-1)
