@@ -254,7 +254,7 @@ ADVERSARIAL = {
 }
 
 
-def best_seconds(function, text, repeats=3):
+def best_seconds(function, text, repeats=10):
     function(text)
     best = float("inf")
     for _ in range(repeats):
