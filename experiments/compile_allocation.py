@@ -11,9 +11,9 @@ value). Run it at two commits to compare:
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
+from bench_common import best_time
 
 from optpo_jax.allocation import allocate_wave
 from optpo_jax.prior import init_prior_state
@@ -24,16 +24,12 @@ SETTINGS = (("dirichlet", 0.95, 1.0, False), ("dirichlet", 0.95, 1.0, True), ("p
 
 
 def time_allocation(config: SPRTConfig, num_prompts: int, num_rows: int) -> tuple[float, float]:
-    """(seconds of the first call, seconds of the second) of the jitted allocation of an empty vote state."""
+    """(seconds of the first call, the fastest of the next three) of the jitted allocation of an empty vote state."""
     state = init_vote_state(num_prompts, config.max_samples)
     prior_state = init_prior_state() if config.learn_prior else None
     allocate = jax.jit(lambda votes, prior: allocate_wave(votes, num_rows, config, prior))
-    times = []
-    for _ in range(2):
-        start = time.perf_counter()
-        jax.block_until_ready(allocate(state, prior_state))
-        times.append(time.perf_counter() - start)
-    return times[0], times[1]
+    call = lambda: jax.block_until_ready(allocate(state, prior_state))
+    return best_time(call, 1), best_time(call, 3)
 
 
 def main():
@@ -42,7 +38,7 @@ def main():
     parser.add_argument("--rows", type=int, default=256)
     parser.add_argument("--max_samples", type=int, default=64)
     args = parser.parse_args()
-    print("| rule | threshold | prior | learn_prior | first call (s) | later call (ms) |\n|---|---:|---:|---|---:|---:|")
+    print("| rule | threshold | prior | learn_prior | first call (s) | later call (ms, best of 3) |\n|---|---:|---:|---|---:|---:|")
     for rule, threshold, prior, learn_prior in SETTINGS:
         config = SPRTConfig(rule=rule, threshold=threshold, prior=prior, max_samples=args.max_samples,
                             learn_prior=learn_prior)

@@ -79,16 +79,19 @@ def prior_branch(state: PriorState) -> jax.Array:
     return jnp.where(state.num_prompts > 0, 1 + jnp.argmax(state.log_likelihood), 0).astype(jnp.int32)
 
 
+def branch_concentrations(default: float) -> tuple[float, ...]:
+    """The concentration of each ``prior_branch``: ``default`` (nothing fitted yet), then ``PRIOR_GRID``."""
+    return (float(default),) + PRIOR_GRID
+
+
 def learned_concentration(state: PriorState, default: float) -> jax.Array:
     """[] float32, the concentration the rules use: the fit, or ``default`` before any prompt finished (jittable)."""
-    grid = jnp.asarray((default,) + PRIOR_GRID, jnp.float32)
-    return grid[prior_branch(state)]
+    return jnp.asarray(branch_concentrations(default), jnp.float32)[prior_branch(state)]
 
 
 def fitted_concentration(state: PriorState, default: float) -> float:
     """The concentration the rules use (host value, for metrics and reports)."""
-    branch = int(prior_branch(state))
-    return float(default) if branch == 0 else PRIOR_GRID[branch - 1]
+    return branch_concentrations(default)[int(prior_branch(state))]
 
 
 def prior_to_json(state: PriorState) -> dict:

@@ -40,7 +40,7 @@ from jax.scipy.special import betainc
 
 from optpo_jax.posterior import posterior_mode_prob
 from optpo_jax.predictive import plurality_at_budget_prob
-from optpo_jax.prior import PRIOR_GRID, PriorState, learned_concentration, prior_branch
+from optpo_jax.prior import PriorState, branch_concentrations, learned_concentration, prior_branch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,8 +238,8 @@ def rule_confidence(counts: jax.Array, run_length: jax.Array, config: SPRTConfig
         raise ValueError(f"a learned prior needs a rule with a prior {PRIOR_RULES}, got rule {config.rule!r}")
     if rule.traced_prior:
         return confidence(counts, run_length, config, prior=learned_concentration(prior_state, config.prior))
-    configs = [config] + [dataclasses.replace(config, prior=value) for value in PRIOR_GRID]
-    branches = [functools.partial(confidence, config=cfg) for cfg in configs]
+    branches = [functools.partial(confidence, config=dataclasses.replace(config, prior=value))
+                for value in branch_concentrations(config.prior)]
     return jax.lax.switch(prior_branch(prior_state), branches, counts, run_length)
 
 
