@@ -61,9 +61,9 @@ DEVICE_PEAKS = (
 )
 
 # The reduced shape of --small (and of the CPU test): same code paths, a model of ~0.1M parameters.
-SMALL_MODEL = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2, num_kv_heads=1,
-                   head_dim=32)
-SMALL_SHAPE = dict(rows=(4, 8), prompt_len=16, new_tokens=16, update_rows=2)
+SMALL_MODEL = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_layers": 2, "num_heads": 2,
+               "num_kv_heads": 1, "head_dim": 32}
+SMALL_SHAPE = {"rows": (4, 8), "prompt_len": 16, "new_tokens": 16, "update_rows": 2}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +88,7 @@ def measure_peaks() -> Peaks:
     for dtype in (jnp.bfloat16, jnp.float32):
         a = jnp.ones((size, size), dtype)
         matmul(a, a).block_until_ready()  # compile
-        rates.append(2 * size**3 / best_time(lambda: matmul(a, a).block_until_ready(), 5))
+        rates.append(2 * size**3 / best_time(lambda a=a: matmul(a, a).block_until_ready(), 5))
     # x * 2 reads and writes every byte once: bandwidth counts both, like a data sheet's copy figure. Donating x
     # writes in place; a fresh output buffer each call would time the OS's page faults on a CPU (6x slower here).
     scale = jax.jit(lambda v: v * 2, donate_argnums=0)
@@ -317,7 +317,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--peak_tflops", type=float, default=None, help="matmul peak override, TFLOP/s")
     parser.add_argument("--json", action="store_true", help="print the results as one JSON object instead")
     args = parser.parse_args(argv)
-    defaults = SMALL_SHAPE if args.small else dict(rows=(64, 128, 256), prompt_len=512, new_tokens=1024, update_rows=4)
+    defaults = SMALL_SHAPE if args.small else {"rows": (64, 128, 256), "prompt_len": 512, "new_tokens": 1024,
+                                               "update_rows": 4}
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)

@@ -71,7 +71,7 @@ def _replay_chunk(slots: np.ndarray, config: SPRTConfig, wave_size: int, prior_s
     return state
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _jitted_update(config: SPRTConfig, learned: bool):
     return jax.jit(lambda state, ids, slots, valid, prior: sprt_update(
         state, ids, slots, valid, config, prior_state=prior if learned else None))

@@ -11,33 +11,33 @@ CHAT_TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {
 
 FAMILIES = {
     # Llama 3: untied, GQA 4:2, rope_theta 5e5 with llama3 scaling, sharded safetensors.
-    "llama": dict(
-        config=lambda: LlamaConfig(
+    "llama": {
+        "config": lambda: LlamaConfig(
             vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=False,
             rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                              "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
         ),
-        shard_size="30KB",
-    ),
+        "shard_size": "30KB",
+    },
     # Qwen2: q/k/v bias, tied embeddings, GQA 4:1.
-    "qwen2": dict(
-        config=lambda: Qwen2Config(
+    "qwen2": {
+        "config": lambda: Qwen2Config(
             vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=1, max_position_embeddings=256, tie_word_embeddings=True,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         ),
-        shard_size=None,
-    ),
+        "shard_size": None,
+    },
     # Qwen3: q/k RMSNorm, attention bias on, no GQA, head_dim != hidden / heads.
-    "qwen3": dict(
-        config=lambda: Qwen3Config(
+    "qwen3": {
+        "config": lambda: Qwen3Config(
             vocab_size=VOCAB, hidden_size=32, intermediate_size=40, num_hidden_layers=3, num_attention_heads=4,
             num_key_value_heads=4, head_dim=16, attention_bias=True, max_position_embeddings=256,
             tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
         ),
-        shard_size=None,
-    ),
+        "shard_size": None,
+    },
 }
 
 

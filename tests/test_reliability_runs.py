@@ -199,8 +199,9 @@ def test_item6_config_values_are_checked_at_the_edge(tmp_path, field, value, sho
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "optpo_jax.cli", *args], capture_output=True, text=True,
-                          timeout=300, cwd=Path(__file__).resolve().parents[1])
+    # check=False: the tests read the return code and the one-line error themselves.
+    return subprocess.run([sys.executable, "-m", "optpo_jax.cli", *args], check=False, capture_output=True,
+                          text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
 
 
 def test_item6_the_cli_prints_a_config_error_as_one_line(tmp_path):
