@@ -24,7 +24,9 @@ def float32_master(inner: optax.GradientTransformation) -> optax.GradientTransfo
     """
 
     def init(params):
-        master = jax.tree.map(lambda p: p.astype(jnp.float32), params)
+        # A copy even where the params are already float32: the update donates params and optimizer state,
+        # and one buffer in both would be donated twice.
+        master = jax.tree.map(lambda p: jnp.array(p, dtype=jnp.float32, copy=True), params)
         return MasterState(master, inner.init(master))
 
     def update(grads, state, params=None):
