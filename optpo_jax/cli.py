@@ -44,6 +44,10 @@ _DEVICE_MEMORY = flags.DEFINE_string("device_memory", None, "plan: the device's 
                                      "whether the run fits and what to change if not")
 _OUT = flags.DEFINE_string("out", None, "export: directory for the model (or, with --adapters_only, the adapters)")
 _ADAPTERS_ONLY = flags.DEFINE_bool("adapters_only", False, "export: a LoRA run's adapters alone, in PEFT's layout")
+_EXPORT_DTYPE = flags.DEFINE_enum("export_dtype", "params", ["params", "float32"],
+                                  "export: the weights' dtype. params: as trained (bfloat16 runs write bfloat16); "
+                                  "float32: the run's float32 master weights (optimizer.float32_master), else the "
+                                  "params widened to float32 (exact; LoRA merges in float32)")
 _DEVICES = flags.DEFINE_integer("devices", None, "plan: devices of the mesh (default: the devices here)")
 
 
@@ -125,8 +129,14 @@ def command_compare(_):
 
 @_one_line_errors
 def command_export(_):
-    """The latest checkpoint of --workdir as a Hugging Face model (merged) or, with LoRA, PEFT adapters."""
+    """The latest checkpoint of --workdir as a Hugging Face model (merged) or, with LoRA, PEFT adapters.
+
+    ``--export_dtype float32`` writes the float32 master copy that ``optimizer.float32_master`` keeps
+    in the optimizer state (the trained values; bfloat16 params are their rounding). A run without
+    one has its params widened to float32: exact, so allowed, and said in the printed line.
+    """
     from optpo_jax.models import save_hf
+    from optpo_jax.optim import float32_master_params
     from optpo_jax.train.checkpoints import Checkpointer
     from optpo_jax.train.config_checks import ConfigError
     from optpo_jax.train.loop import init_train_state, restore_state
@@ -143,12 +153,20 @@ def command_export(_):
     state, _, _ = restore_state(checkpoints, init_train_state(setup))
     if _ADAPTERS_ONLY.value and state.lora is None:
         raise ConfigError("--adapters_only needs a LoRA run (config.lora.rank > 0)")
+    trained, dtype, source = state.params, None, "as trained"
+    if _EXPORT_DTYPE.value == "float32":
+        master = float32_master_params(state.opt_state)
+        dtype = "float32"
+        if master is None:
+            source = "float32: no float32 master copy in the run, its params widened"
+        else:
+            trained, source = master, "the float32 master weights"
     if state.lora is None:
-        save_hf(dataclasses.replace(setup.policy, params=state.params), _OUT.value)
+        save_hf(dataclasses.replace(setup.policy, params=trained), _OUT.value, dtype=dtype)
     else:
-        save_hf(setup.policy, _OUT.value, adapters=state.params, lora=state.lora,
-                adapters_only=_ADAPTERS_ONLY.value, base_model=config.model_path)
-    print(f"wrote {_OUT.value} ({'PEFT adapters' if _ADAPTERS_ONLY.value else 'merged model'}) from "
+        save_hf(setup.policy, _OUT.value, adapters=trained, lora=state.lora, adapters_only=_ADAPTERS_ONLY.value,
+                base_model=config.model_path, dtype=dtype)
+    print(f"wrote {_OUT.value} ({'PEFT adapters' if _ADAPTERS_ONLY.value else 'merged model'}, {source}) from "
           f"{_WORKDIR.value} at step {checkpoints.latest_step()}")
 
 

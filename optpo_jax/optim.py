@@ -39,3 +39,16 @@ def float32_master(inner: optax.GradientTransformation) -> optax.GradientTransfo
         return to_params, MasterState(master, inner_state)
 
     return optax.GradientTransformation(init, update)
+
+
+def float32_master_params(opt_state) -> optax.Params | None:
+    """The float32 master copy of the params in an optimizer state built by ``float32_master``
+    (top level or nested in a chain), or None when the optimizer keeps none.
+
+    With bfloat16 params it holds the trained values the params are only a rounding of.
+    """
+    found = [node for node in jax.tree.leaves(opt_state, is_leaf=lambda node: isinstance(node, MasterState))
+             if isinstance(node, MasterState)]
+    if len(found) > 1:
+        raise ValueError(f"the optimizer state holds {len(found)} float32 master copies; expected at most one")
+    return found[0].master if found else None

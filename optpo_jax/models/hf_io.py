@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from pathlib import Path
@@ -19,6 +20,9 @@ from optpo_jax.models.lora import merged_params, save_peft_adapters
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+GENERATION_FILE = "generation_config.json"
+# config.json's "architectures": vLLM picks the model class from it (transformers goes by model_type).
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 # Files that hold a tokenizer's vocabulary (fast tokenizers' tokenizer.json; SentencePiece;
 # slow BPE's vocab.json + merges.txt; WordPiece). tokenizer_config.json alone holds none:
 # AutoTokenizer then builds a 1-token tokenizer without complaint.
@@ -46,12 +50,16 @@ class HFModel:
       params: the decoder's ``nnx.State``.
       hf_config: the transformers config it came from (written back by ``save_hf``).
       tokenizer: the transformers tokenizer (chat template kept), or None.
+      generation_config: the checkpoint's generation_config.json as a dict (sampling
+        defaults and stop tokens that transformers and vLLM apply), written back
+        unchanged by ``save_hf``; None when it had none.
     """
 
     config: ModelConfig
     params: nnx.State
     hf_config: Any = None
     tokenizer: Any = None
+    generation_config: dict | None = None
 
     def __call__(self, tokens) -> jax.Array:
         tokens = jnp.asarray(tokens, jnp.int32)
@@ -155,6 +163,17 @@ def _load_tokenizer(path: Path, vocab_size: int):
     return tokenizer
 
 
+def _load_generation_config(path: Path) -> dict | None:
+    """The checkpoint's generation_config.json as written (not validated: it is only copied on export)."""
+    file = path / GENERATION_FILE
+    if not file.exists():
+        return None
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{file} is not valid JSON: {error}") from error
+
+
 def load_hf(
     path: str | Path,
     dtype: Any = "float32",
@@ -192,34 +211,84 @@ def load_hf(
     # The tokenizer first: a missing one is found before the (large) weights are read.
     tokenizer = _load_tokenizer(path, config.vocab_size) if load_tokenizer else None
     params = _fill_params(config, _read_tensors(_weight_files(path)), path)
-    return HFModel(config=config, params=params, hf_config=hf_config, tokenizer=tokenizer)
+    return HFModel(config=config, params=params, hf_config=hf_config, tokenizer=tokenizer,
+                   generation_config=_load_generation_config(path))
+
+
+def _cast(tree, dtype: str | None):
+    """``tree`` with its arrays in ``dtype`` (None: unchanged). float32 from bfloat16 is exact."""
+    if dtype is None:
+        return tree
+    return jax.tree.map(lambda leaf: leaf.astype(DTYPES[dtype]), tree)
+
+
+def _hf_tensors(params: nnx.State) -> dict[str, jax.Array]:
+    """The params under transformers' keys and layout (kernels transposed to [out, in])."""
+    tensors = {}
+    for path, variable in nnx.to_flat_state(params):
+        value = variable.get_value()
+        tensors[hf_key(path)] = jnp.asarray(value.T if _is_kernel(path) else value)
+    return tensors
+
+
+def _written_dtype(tensors: dict[str, jax.Array]) -> str:
+    """The one dtype of the tensors, which config.json must state (transformers' dtype="auto" loads that)."""
+    names = sorted({jnp.dtype(tensor.dtype).name for tensor in tensors.values()})
+    if len(names) != 1 or names[0] not in DTYPES:
+        raise ValueError(f"save_hf: the params must all be one of {tuple(DTYPES)}, got dtypes {names}")
+    return names[0]
+
+
+def _write_config(model: HFModel, out_dir: Path, dtype: str) -> None:
+    """config.json stating the weights' dtype and the architecture, without changing ``model.hf_config``."""
+    # A copy: the run that exports goes on using its config.
+    hf_config = copy.deepcopy(model.hf_config) if model.hf_config is not None else to_hf_config(model.config)
+    hf_config.dtype = dtype
+    if not getattr(hf_config, "architectures", None):
+        hf_config.architectures = [ARCHITECTURES[model.config.model_type]]
+    hf_config.save_pretrained(out_dir)
+    # transformers 5 writes "dtype" only; readers before 4.56 (and vLLM on them) look for "torch_dtype".
+    written = json.loads((out_dir / "config.json").read_text())
+    written["torch_dtype"] = dtype
+    (out_dir / "config.json").write_text(json.dumps(written, indent=2, sort_keys=True) + "\n")
 
 
 def save_hf(model: HFModel, out_dir: str | Path, adapters: dict | None = None, lora=None,
-            adapters_only: bool = False, base_model: str = "") -> None:
-    """Writes config.json, model.safetensors and the tokenizer for transformers / vLLM.
+            adapters_only: bool = False, base_model: str = "", dtype: Any = None) -> None:
+    """Writes config.json, model.safetensors, the tokenizer and generation_config.json for
+    transformers / vLLM.
+
+    config.json states the dtype of the weights written. The tokenizer is written when
+    ``model.tokenizer`` is set (``save_pretrained``: tokenizer.json, tokenizer_config.json, chat
+    template), generation_config.json when the source checkpoint had one (copied as it was).
 
     With LoRA ``adapters`` (and their ``lora`` LoRAConfig, see ``models.lora``): the merged
     model by default, or with ``adapters_only`` the adapters alone in PEFT's layout
-    (adapter_config.json naming ``base_model``, adapter_model.safetensors).
+    (adapter_config.json naming ``base_model``, adapter_model.safetensors, always float32).
+
+    ``dtype``: "float32" or "bfloat16" (or a dtype object) for the weights written; None (default)
+    writes the params as they are. The params are cast before a merge, so "float32" merges
+    W + scale A B in float32 over a bfloat16 base instead of rounding it to bfloat16.
     """
     if (adapters is None) != (lora is None):
         raise ValueError("save_hf: pass both adapters and lora (their LoRAConfig), or neither")
+    dtype = None if dtype is None else dtype_name(dtype, "save_hf(dtype=...)")
     if adapters_only:
         if adapters is None:
             raise ValueError("save_hf(adapters_only=True) needs the adapters and their LoRAConfig")
+        if dtype not in (None, "float32"):
+            raise ValueError(f"save_hf(adapters_only=True) writes float32 adapters (PEFT's layout), not {dtype}")
         save_peft_adapters(adapters, lora, out_dir, base_model)
         return
+    params = _cast(model.params, dtype)
     if adapters is not None:
-        model = dataclasses.replace(model, params=merged_params(model.params, adapters, lora))
+        params = merged_params(params, adapters, lora)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    hf_config = model.hf_config if model.hf_config is not None else to_hf_config(model.config)
-    hf_config.save_pretrained(out_dir)
-    tensors = {}
-    for path, variable in nnx.to_flat_state(model.params):
-        value = variable.get_value()
-        tensors[hf_key(path)] = jnp.asarray(value.T if _is_kernel(path) else value)
+    tensors = _hf_tensors(params)
+    _write_config(model, out_dir, _written_dtype(tensors))
     save_file(tensors, str(out_dir / SINGLE_FILE), metadata={"format": "pt"})
     if model.tokenizer is not None:
         model.tokenizer.save_pretrained(out_dir)
+    if model.generation_config is not None:
+        (out_dir / GENERATION_FILE).write_text(json.dumps(model.generation_config, indent=2) + "\n")
