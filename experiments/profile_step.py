@@ -26,7 +26,8 @@ from optpo_jax.grpo import group_advantages
 from optpo_jax.train.loop import batch_problems, init_train_state
 from optpo_jax.train.rollouts import collect_rollouts
 from optpo_jax.train.setup import build_setup
-from optpo_jax.train.step import consensus_rewards, grpo_arrays, rollout_advantages, training_rows, update_policy
+from optpo_jax.train.rewards import consensus_rewards
+from optpo_jax.train.step import grpo_arrays, rollout_advantages, training_rows, update_policy
 
 
 def timed(fn, *args):
@@ -50,7 +51,7 @@ def main():
         (rollouts, _), collect = timed(collect_rollouts, state.params, learner.model_config, learner.task, problems,
                                        learner.config, jax.random.key(step))
         host = collect - rollouts.sampling_seconds
-        (rewards, _), consensus = timed(consensus_rewards, rollouts)
+        rewards, consensus = timed(consensus_rewards, rollouts, problems, learner.task)
         num_rollouts, num_prompts = len(rewards), len(problems)
         advantages, padded = timed(rollout_advantages, rewards, rollouts.prompt_index, num_prompts, mode)
         _, eager = timed(group_advantages, jnp.asarray(rewards), jnp.asarray(rollouts.prompt_index),

@@ -6,6 +6,7 @@
     optpo-jax compare [--config configs/arith_optpo.py] [--baseline_config configs/arith_ttrl.py] --workdir runs/compare
                       [--seeds N] [--resume | --overwrite]
     optpo-jax export  --config configs/arith_optpo.py --workdir runs/optpo --out models/optpo [--adapters_only]
+                      [--export_dtype float32]
     optpo-jax plan    --config configs/qwen2p5_math_1p5b_math500_lora.py [--device_memory 16GB] [--devices 1]
 
 A config, workdir or checkpoint error ends the command with one line naming the cause.
@@ -86,6 +87,7 @@ def _start(config):
 
 @_one_line_errors
 def command_train(_):
+    """Trains --config in --workdir (a new run, --resume of the run there, or --overwrite of it); prints the summary."""
     from optpo_jax.train import train
 
     summary = train(_start(_config_or_default(_CONFIG, "optpo")), _WORKDIR.value, resume=_RESUME.value,
@@ -95,6 +97,7 @@ def command_train(_):
 
 @_one_line_errors
 def command_eval(_):
+    """pass@1 / maj@k / pass@k of the latest checkpoint in --workdir on the config's evaluation prompts."""
     from optpo_jax.train.checkpoints import Checkpointer
     from optpo_jax.train.loop import init_train_state, restore_state, run_eval
     from optpo_jax.train.setup import build_setup
@@ -190,13 +193,41 @@ def command_plan(_):
 
 COMMANDS = {"train": command_train, "eval": command_eval, "compare": command_compare, "plan": command_plan,
             "export": command_export}
+# The flags each command reads (config overrides, --config.x=..., come on top of --config and --baseline_config).
+COMMAND_FLAGS = {
+    "train": ("config", "workdir", "resume", "resume_step", "overwrite"),
+    "eval": ("config", "workdir"),
+    "compare": ("config", "baseline_config", "workdir", "seeds", "resume", "overwrite"),
+    "export": ("config", "workdir", "out", "adapters_only", "export_dtype"),
+    "plan": ("config", "device_memory", "devices"),
+}
+HELP_FLAGS = ("-h", "--help", "-help", "--helpshort", "-?")
+
+
+def command_help(name: str | None) -> str:
+    """The usage of one command (its docstring and its flags with their defaults), or of all of them."""
+    if name is None:
+        return f"{__doc__}\nusage: optpo-jax {{{','.join(COMMANDS)}}} [flags];  optpo-jax COMMAND --help for its flags"
+    lines = [f"usage: optpo-jax {name} [flags]", "", (COMMANDS[name].__doc__ or "").strip(), "", "flags:"]
+    for flag_name in COMMAND_FLAGS[name]:
+        flag = flags.FLAGS[flag_name]
+        default = flag.default_as_str if flag.default is not None else "none"
+        lines.append(f"  --{flag_name}: {flag.help} (default: {default})")
+    if "config" in COMMAND_FLAGS[name]:
+        lines.append("  --config.FIELD=VALUE: override one field of the config (e.g. --config.sprt.threshold=0.99)")
+    return "\n".join(lines)
 
 
 def main():
     from absl import logging
 
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
-    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
+    arguments = sys.argv[1:]
+    name = arguments[0] if arguments and arguments[0] in COMMANDS else None
+    if any(argument in HELP_FLAGS for argument in arguments):
+        print(command_help(name))
+        sys.exit(0)
+    if name is None:
         print(__doc__)
         sys.exit(f"usage: optpo-jax {{{','.join(COMMANDS)}}} [flags]")
     command = COMMANDS[sys.argv.pop(1)]

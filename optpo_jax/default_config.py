@@ -26,13 +26,20 @@ def arithmetic_config(method: str = "optpo") -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.method = method
     config.seed = 0
+    # "arithmetic", "math" or "module:factory" (your own task: tasks/base.py)
     config.task = "arithmetic"
-    config.model_path = ""  # "" = the shipped policy (optpo_jax/tasks/arith_policy)
+    config.model_path = ""  # "" = the shipped policy (optpo_jax/tasks/arith_policy); else a checkpoint directory
+    config.model_dtype = "float32"  # of a checkpoint's params: "float32" or "bfloat16"
+    # "consensus": the majority vote is the label (test-time RL); "ground_truth": the true answers (train/rewards.py)
+    config.reward = "consensus"
     config.data = ml_collections.ConfigDict({
         "mode": "transductive",  # or "held_out": adapt on one split, evaluate on another
+        # The embedded task generates num_prompts sums per split from these seeds; other tasks read problem files
+        # (JSON list or JSONL of records with prompt_field and answer_field; num_prompts 0 = all).
         "num_prompts": 128, "seed": 0, "held_out_seed": 1,
+        "path": "", "held_out_path": "", "prompt_field": "prompt", "answer_field": "answer",
     })
-    config.steps = 16
+    config.steps = 16  # 0: one epoch of the training prompts
     config.prompts_per_step = 32
     config.rows_per_wave = 256
     # Spare wave rows start the next batch's prompts (their early rollouts are one update stale).
@@ -93,6 +100,9 @@ def math_config(benchmark: str, method: str = "optpo") -> ml_collections.ConfigD
     config.task = "math"
     config.model_path = "Qwen/Qwen2.5-Math-1.5B"  # or a local checkpoint directory
     config.model_dtype = "bfloat16"
+    # The benchmark files as TTRL publishes them (its repository's data/ folder: AIME 2024, AMC, MATH-500, GPQA),
+    # a JSON list of {prompt, answer, source, id}; a checkout finds them in ../shared/data. For your own data,
+    # --config.data.path=problems.jsonl with --config.data.prompt_field / answer_field.
     config.data = ml_collections.ConfigDict({
         "mode": "transductive", "path": f"../shared/data/{files[benchmark]}", "held_out_path": "",
         "prompt_field": "prompt", "answer_field": "answer", "num_prompts": 0, "seed": 0, "held_out_seed": 1,

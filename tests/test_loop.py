@@ -18,7 +18,8 @@ from optpo_jax.sprt import SPRTConfig
 from optpo_jax.train.loop import batch_problems, train
 from optpo_jax.train.rollouts import collect_rollouts
 from optpo_jax.train.setup import build_setup
-from optpo_jax.train.step import consensus_rewards, grpo_arrays, training_rows
+from optpo_jax.train.rewards import consensus_labels, consensus_rewards
+from optpo_jax.train.step import grpo_arrays, training_rows
 from optpo_jax.train.step_config import UpdateConfig
 
 
@@ -109,8 +110,8 @@ def test_min_rollouts_per_prompt_draws_for_the_update_without_changing_the_vote(
     per_prompt = np.bincount(topped.prompt_index, minlength=5)
     np.testing.assert_array_equal(per_prompt, np.maximum(votes, 7))
     assert (votes < 7).any()  # some vote stopped early, so some rollouts were drawn for the update only
-    rewards, leader = consensus_rewards(topped)
-    np.testing.assert_array_equal(leader, np.asarray(consensus_rewards(plain)[1]))
+    rewards, leader = consensus_rewards(topped, [], None), consensus_labels(topped)
+    np.testing.assert_array_equal(leader, consensus_labels(plain))
     for row in range(len(rewards)):  # the extra rollouts are rewarded against the vote's label
         slot = topped.slots[row]
         assert rewards[row] == (slot >= 0 and slot == leader[topped.prompt_index[row]])
@@ -130,7 +131,7 @@ def test_rewards_rows_and_old_logprobs_line_up(setup):
     problems = setup.train_problems[:4]
     rollouts, _ = collect_rollouts(setup.policy.params, setup.policy.config, setup.task, problems,
                                    setup.learner.config, jax.random.key(1))
-    rewards, leader = consensus_rewards(rollouts)
+    rewards, leader = consensus_rewards(rollouts, problems, setup.task), consensus_labels(rollouts)
     for row in range(len(rewards)):
         assert rewards[row] == (rollouts.slots[row] >= 0 and rollouts.slots[row] == leader[rollouts.prompt_index[row]])
     advantages = np.where(rewards > 0, 1.0, -1.0).astype(np.float32)
@@ -173,7 +174,7 @@ def test_batches_cover_every_prompt_once_per_epoch():
 
 @pytest.mark.parametrize(
     "field, value, message",
-    [("sprt.threshold", 1.5, "threshold"), ("data.mode", "mixed", "data.mode"), ("steps", 0, "config.steps"),
+    [("sprt.threshold", 1.5, "threshold"), ("data.mode", "mixed", "data.mode"), ("steps", -1, "config.steps"),
      ("sampling.top_p", 0.0, "top_p"), ("optimizer.learning_rate", -1.0, "learning_rate"),
      ("policy_update.epochs", 0, "epochs")],
 )

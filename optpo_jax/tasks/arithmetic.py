@@ -118,7 +118,7 @@ def extract_answer(completion: str) -> int | None:
 
 
 class ArithmeticTask:
-    """The task interface the evaluator and the training loop use."""
+    """The embedded task (``tasks.base.Task``): character tokens, reversed running sums, exact answers."""
 
     def __init__(self):
         self.tokenizer = CharTokenizer()
@@ -133,6 +133,12 @@ class ArithmeticTask:
 
     def is_correct(self, answer, problem: Problem) -> bool:
         return answer is not None and answer == problem.answer
+
+    def problems(self, config) -> tuple[list[Problem], list[Problem]]:
+        """(training, held-out) prompts: ``config.data.num_prompts`` shifted sums each, seeded apart."""
+        num_prompts, data = config.data.num_prompts, config.data
+        return (generate_problems(num_prompts, SHIFTED, seed=data.seed),
+                generate_problems(num_prompts, SHIFTED, seed=data.held_out_seed))
 
 
 def load_policy(path: str | Path = POLICY_DIR):

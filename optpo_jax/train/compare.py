@@ -95,7 +95,7 @@ def run_action(directory: Path, config, resume: bool, overwrite: bool) -> str:
     summary = directory / "summary.json"
     if summary.exists():
         done = json.loads(summary.read_text())["steps"]
-        if done == config.steps:
+        if done == config.steps or config.steps == 0:  # 0: one epoch of the data, as the saved run resolved it
             return "skip"
         if done > config.steps:
             raise WorkdirError(f"{directory} holds a finished run of {done} steps and the config asks for "

@@ -19,7 +19,7 @@ _BIG = 10**9
 # field: (kind, low, high, low_inclusive, high_inclusive)
 LIMITS = {
     "seed": (_INT, 0, 2**31 - 1, True, True),
-    "steps": (_INT, 1, 10**7, True, True),
+    "steps": (_INT, 0, 10**7, True, True),  # 0: one epoch of the training prompts
     "prompts_per_step": (_INT, 1, 10**6, True, True),
     "rows_per_wave": (_INT, 1, 65536, True, True),
     "checkpoint_every": (_INT, 1, _BIG, True, True),

@@ -113,8 +113,10 @@ def _run_step(setup: Setup, state: TrainState, step: int, carry, totals: dict, p
 
 
 def train(config, workdir: str | Path, resume: bool = False, progress: bool = True, overwrite: bool = False,
-          resume_step: int | None = None) -> dict:
+          resume_step: int | None = None, task=None) -> dict:
     """Runs ``config`` in ``workdir``; returns the summary (also written to summary.json).
+
+    ``task``: your own ``tasks.base.Task`` object instead of the task ``config.task`` names.
 
     A workdir holds one run: a new run refuses a workdir that holds one unless ``overwrite``
     (which removes it first); ``resume`` continues the saved run (from its latest checkpoint,
@@ -125,7 +127,7 @@ def train(config, workdir: str | Path, resume: bool = False, progress: bool = Tr
     validate_config(config)
     with WorkdirLock(workdir) if is_lead_process() else contextlib.nullcontext():
         _check_workdir(workdir, config, resume, overwrite, resume_step)
-        setup = build_setup(config)
+        setup = build_setup(config, task)
         check_fits(config, setup.policy.config, device_memory_limit())  # before an out-of-memory in XLA
         if is_lead_process():
             (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 
@@ -12,9 +13,11 @@ from optpo_jax.models.lora import LoRAConfig
 from optpo_jax.optim import float32_master
 from optpo_jax.sampler import SamplingConfig
 from optpo_jax.sprt import SPRTConfig
-from optpo_jax.tasks.arithmetic import SHIFTED, ArithmeticTask, generate_problems, load_policy
+from optpo_jax.tasks.arithmetic import ArithmeticTask, load_policy
+from optpo_jax.tasks.base import Task, check_task, import_factory
 from optpo_jax.train.config_checks import ConfigError, validate_config
 from optpo_jax.train.distributed import check_row_layout, local_row_count, make_mesh, mesh_of, shard_params
+from optpo_jax.train.rewards import REWARDS
 from optpo_jax.train.step import Learner, make_update_step
 from optpo_jax.train.step_config import StepConfig, UpdateConfig
 
@@ -64,29 +67,66 @@ def resolve_model_path(name: str) -> str:
     return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"])
 
 
-def make_task(config):
-    """(task, policy, train problems, eval problems) for ``config.task``."""
+BUILTIN_TASKS = ("arithmetic", "math")
+
+
+def load_policy_of(config):
+    """The policy of ``config``: the shipped arithmetic policy when ``model_path`` is "" (any task but
+    ``math``), else the checkpoint at ``model_path`` (a directory or a hub name) in ``model_dtype``.
+
+    A checkpoint's tokenizer is loaded where it has one (required for ``math``).
+    """
+    if not config.model_path:
+        if config.task == "math":
+            raise ValueError("config.model_path must name a checkpoint directory or hub model for task 'math'")
+        return load_policy()
     if config.task == "arithmetic":
-        task = ArithmeticTask()
-        policy = load_policy(config.model_path) if config.model_path else load_policy()
-        train_problems = generate_problems(config.data.num_prompts, SHIFTED, seed=config.data.seed)
-        held_out = generate_problems(config.data.num_prompts, SHIFTED, seed=config.data.held_out_seed)
-    elif config.task == "math":
-        from optpo_jax.models import load_hf
-        from optpo_jax.tasks.data import load_problems
+        return load_policy(config.model_path)
+    from optpo_jax.models import load_hf
+    from optpo_jax.models.hf_io import TOKENIZER_FILES
+
+    path = resolve_model_path(config.model_path)
+    has_tokenizer = config.task == "math" or any((Path(path) / name).exists() for name in TOKENIZER_FILES)
+    return load_hf(path, dtype=config.get("model_dtype", "float32"), load_tokenizer=has_tokenizer)
+
+
+def task_of(config, tokenizer) -> Task:
+    """The task ``config.task`` names: a built-in (``arithmetic``, ``math``) or ``module:factory``,
+    called as ``factory(config, tokenizer)``."""
+    if config.task == "arithmetic":
+        return ArithmeticTask()
+    if config.task == "math":
         from optpo_jax.tasks.math import MathTask
 
-        if not config.model_path:
-            raise ValueError("config.model_path must name a checkpoint directory or hub model for task 'math'")
-        policy = load_hf(resolve_model_path(config.model_path), dtype=config.model_dtype)
-        task = MathTask(policy.tokenizer, config.math.instruction, config.math.max_prompt_tokens,
+        return MathTask(tokenizer, config.math.instruction, config.math.max_prompt_tokens,
                         config.math.multiple_choice, config.math.timeout_seconds)
-        fields = {"prompt_field": config.data.prompt_field, "answer_field": config.data.answer_field,
-                  "limit": config.data.num_prompts}
-        train_problems = load_problems(config.data.path, **fields)
-        held_out = load_problems(config.data.held_out_path, **fields) if config.data.mode == "held_out" else None
-    else:
-        raise ValueError(f"config.task must be 'arithmetic' or 'math', got {config.task!r}")
+    if not isinstance(config.task, str) or ":" not in config.task:
+        raise ValueError(f"config.task must be one of {BUILTIN_TASKS} or 'module:factory', got {config.task!r}")
+    return check_task(import_factory(config.task)(config, tokenizer), f"config.task={config.task!r}")
+
+
+def problems_of(config, task) -> tuple[list, list | None]:
+    """(training problems, held-out problems or None): the task's own ``problems(config)`` where it has one,
+    else the JSON / JSONL files ``config.data.path`` and ``config.data.held_out_path``."""
+    if hasattr(task, "problems"):
+        return task.problems(config)
+    from optpo_jax.tasks.data import load_problems
+
+    if not config.data.get("path"):
+        raise ValueError(f"config.data.path must name a problem file (JSON / JSONL) for task {config.task!r}")
+    fields = {"prompt_field": config.data.prompt_field, "answer_field": config.data.answer_field,
+              "limit": config.data.num_prompts}
+    train_problems = load_problems(config.data.path, **fields)
+    held_out = load_problems(config.data.held_out_path, **fields) if config.data.mode == "held_out" else None
+    return train_problems, held_out
+
+
+def make_task(config, task: Task | None = None):
+    """(task, policy, train problems, eval problems) for ``config`` (``task``: a Task object instead of
+    ``config.task``'s)."""
+    policy = load_policy_of(config)
+    task = task_of(config, policy.tokenizer) if task is None else check_task(task, "train(task=...)")
+    train_problems, held_out = problems_of(config, task)
     eval_problems = train_problems if config.data.mode == "transductive" else held_out
     return task, policy, train_problems, eval_problems
 
@@ -134,21 +174,27 @@ def lora_config(config) -> LoRAConfig | None:
     return _build(LoRAConfig, settings, "lora")
 
 
-def build_setup(config) -> Setup:
-    """Validates ``config`` (ConfigError naming the field and value) and loads the task and policy."""
+def build_setup(config, task: Task | None = None) -> Setup:
+    """Validates ``config`` (ConfigError naming the field and value) and loads the task and policy.
+
+    ``task``: a ``tasks.base.Task`` object to use instead of the one ``config.task`` names.
+    ``config.steps = 0`` is one epoch of the training prompts (``Setup.config`` holds the number).
+    """
     try:
-        return _build_setup(config)
+        return _build_setup(config, task)
     except ConfigError:
         raise
     except ValueError as error:  # the checks below and the layout checks all name a config field
         raise ConfigError(str(error)) from error
 
 
-def _build_setup(config) -> Setup:
+def _build_setup(config, task: Task | None) -> Setup:
     validate_config(config)
+    if config.get("reward", "consensus") not in REWARDS:
+        raise ValueError(f"config.reward must be one of {tuple(REWARDS)}, got {config.reward!r}")
     if config.data.mode not in DATA_MODES:
         raise ValueError(f"config.data.mode must be one of {DATA_MODES}, got {config.data.mode!r}")
-    for name in ("steps", "prompts_per_step", "rows_per_wave"):
+    for name in ("prompts_per_step", "rows_per_wave"):
         if int(config[name]) < 1:
             raise ValueError(f"config.{name} must be >= 1, got {config[name]!r}")
     # Split evenly over the processes (each fills its share of every wave and micro-batch).
@@ -156,7 +202,12 @@ def _build_setup(config) -> Setup:
     fields = {"config.rows_per_wave": config.rows_per_wave,
               "config.policy_update.micro_batch_rows": config.policy_update.micro_batch_rows}
     rows_per_process = {name: local_row_count(int(value), name) for name, value in fields.items()}
-    task, policy, train_problems, eval_problems = make_task(config)
+    task, policy, train_problems, eval_problems = make_task(config, task)
+    if eval_problems is None:
+        raise ValueError("config.data.mode='held_out' needs held-out problems: set config.data.held_out_path")
+    if int(config.steps) == 0:
+        config = copy.deepcopy(config)
+        config.steps = max(len(train_problems) // int(config.prompts_per_step), 1)
     policy = place_policy(policy, config)
     check_row_layout(mesh_of(policy.params), rows_per_process)
     if config.prompts_per_step > len(train_problems):
@@ -169,7 +220,8 @@ def _build_setup(config) -> Setup:
                                    token_scale=sampling.max_new_tokens), "grpo")
     step_config = StepConfig(sprt=_build(SPRTConfig, config.sprt, "sprt"), sampling=sampling,
                              update=_build(UpdateConfig, config.policy_update, "policy_update"), grpo=grpo,
-                             rows_per_wave=int(config.rows_per_wave))
+                             rows_per_wave=int(config.rows_per_wave),
+                             reward=config.get("reward", "consensus"))
     optimizer = make_optimizer(config)
     lora = lora_config(config)
     update_step = make_update_step(policy.config, optimizer, grpo, step_config.update.grad_accumulation, lora)

@@ -2,7 +2,8 @@
 
 The step is the same for both methods; only the stopping rule differs (OptPO: the
 Dirichlet posterior test; TTRL: the ``fixed`` rule with 64 votes, GRPO on 32 of them).
-Ground truth is never read here; ``metrics.step_metrics`` reads it for metrics.
+Ground truth is read here only by the ``ground_truth`` reward (``rewards.REWARDS``);
+``metrics.step_metrics`` reads it for metrics.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from optpo_jax.grpo import GRPOBatch, GRPOConfig, group_advantages, grpo_step, t
 from optpo_jax.models.decoder import forward
 from optpo_jax.models.lora import LoRAConfig, merge_adapters, merged_params
 from optpo_jax.prior import PriorState, prior_log_likelihood
-from optpo_jax.sprt import consensus
 from optpo_jax.train.distributed import local_row_count, mesh_of, process_max, process_sum, rows_to_global
+from optpo_jax.train.rewards import REWARDS, consensus_labels
 from optpo_jax.train.rollouts import LookaheadCarry, Rollouts, collect_rollouts
 from optpo_jax.train.step_config import StepConfig, UpdateConfig
 
@@ -70,13 +71,6 @@ class StepOutput:
     labels: np.ndarray
     update_metrics: dict
     carry: LookaheadCarry | None
-
-
-def consensus_rewards(rollouts: Rollouts) -> tuple[np.ndarray, np.ndarray]:
-    """(rewards [N] float32, consensus slot per prompt [P]): 1 where a rollout's answer is its prompt's consensus."""
-    leader = np.asarray(consensus(rollouts.votes))
-    rewards = (rollouts.slots >= 0) & (rollouts.slots == leader[rollouts.prompt_index])
-    return rewards.astype(np.float32), leader
 
 
 _group_advantages = jax.jit(group_advantages, static_argnums=(3, 4))
@@ -291,7 +285,8 @@ def training_step(state: TrainState, learner: Learner, problems: list, key: jax.
     if state.prior is not None:
         state = state.replace(prior=learned_prior(state.prior, rollouts))
     start = time.perf_counter()
-    rewards, labels = consensus_rewards(rollouts)
+    rewards = REWARDS[learner.config.reward](rollouts, problems, learner.task)
+    labels = consensus_labels(rollouts)
     update = learner.config.update
     advantages = rollout_advantages(rewards, rollouts.prompt_index, len(problems), update.advantage_mode)
     rows = training_rows(rollouts, advantages, update, rng)

@@ -76,6 +76,7 @@ class StepConfig:
       update: how rollouts become optimizer steps.
       grpo: the policy loss.
       rows_per_wave: rows of every sampler call, over all processes.
+      reward: a key of ``train.rewards.REWARDS`` (``consensus``: test-time RL; ``ground_truth``: true labels).
     """
 
     sprt: SPRTConfig
@@ -83,6 +84,7 @@ class StepConfig:
     update: UpdateConfig
     grpo: GRPOConfig
     rows_per_wave: int
+    reward: str = "consensus"
 
     def __post_init__(self):
         if self.rows_per_wave < 1:
