@@ -7,7 +7,8 @@ replayed on the policy that OptPO trains:
     python experiments/record_votes.py --out experiments/out/arith_votes.jsonl [--samples 64] [--workdir runs/optpo]
     python experiments/bench_stopping.py --data experiments/out/arith_votes.jsonl
 
-With ``--workdir`` the policy is the run's latest checkpoint (a sharpened policy), else the shipped one.
+With ``--workdir`` the policy is the run's latest checkpoint (a sharpened policy; LoRA runs included) under
+the run's own config, else the shipped one.
 """
 
 from __future__ import annotations
@@ -17,24 +18,20 @@ import json
 from pathlib import Path
 
 from optpo_jax.default_config import arithmetic_config
-from optpo_jax.train.checkpoints import Checkpointer
-from optpo_jax.train.loop import run_eval
+from optpo_jax.train.loop import load_run_config, restore_policy_params, run_eval
 from optpo_jax.train.setup import build_setup
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--workdir", help="a training run whose latest checkpoint to record (default: shipped policy)")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    setup = build_setup(arithmetic_config("optpo"))
-    params = setup.policy.params
-    if args.workdir:
-        state, _, _ = Checkpointer(Path(args.workdir) / "checkpoints").restore(
-            {"params": params, "opt_state": setup.optimizer.init(params)})
-        params = state["params"]
+    args = parser.parse_args(argv)
+    # A run's own config: its task, model and LoRA settings (the adapters are merged into its base).
+    setup = build_setup(load_run_config(args.workdir) if args.workdir else arithmetic_config("optpo"))
+    params = restore_policy_params(setup, args.workdir)[0] if args.workdir else setup.policy.params
     result = run_eval(setup, params, args.samples, args.seed)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

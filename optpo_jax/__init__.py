@@ -6,6 +6,7 @@ from optpo_jax.posterior import posterior_mode_prob
 from optpo_jax.sprt import SPRTConfig, VoteState, consensus, init_vote_state, sprt_update
 
 __all__ = [
+    "AnswerSlots",
     "GRPOBatch",
     "GRPOConfig",
     "SPRTConfig",
@@ -19,3 +20,14 @@ __all__ = [
     "posterior_mode_prob",
     "sprt_update",
 ]
+
+
+def __getattr__(name):
+    """``AnswerSlots`` on first use: it lives in ``optpo_jax.train``, whose package imports the
+    training loop (models, TensorBoard: seconds) that the pure API does not need."""
+    if name == "AnswerSlots":
+        from optpo_jax.train.answer_slots import AnswerSlots
+
+        globals()["AnswerSlots"] = AnswerSlots
+        return AnswerSlots
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -74,7 +74,7 @@ def rows_to_prompts(rows_per_prompt: jax.Array, num_rows: int) -> tuple[jax.Arra
     ends = jnp.cumsum(rows_per_prompt)
     row = jnp.arange(num_rows)
     prompt_ids = jnp.searchsorted(ends, row, side="right").astype(jnp.int32)
-    valid = row < ends[-1]
+    valid = row < jnp.sum(rows_per_prompt)  # ends[-1], and 0 without prompts (P = 0)
     return jnp.where(valid, prompt_ids, 0), valid
 
 
@@ -91,7 +91,7 @@ def allocate_wave(state: VoteState, num_rows: int, config: SPRTConfig,
 
     Returns:
       prompt_ids: [R] int32 prompt of each row, rows of one prompt contiguous.
-      valid: [R] bool, False for rows that no active prompt can use.
+      valid: [R] bool, False for rows that no active prompt can use (every row when P = 0).
 
     Raises:
       TypeError if ``num_rows`` is not an integer, ValueError if it is below 1.

@@ -39,6 +39,10 @@ def arithmetic_config(method: str = "optpo") -> ml_collections.ConfigDict:
         "num_prompts": 128, "seed": 0, "held_out_seed": 1,
         "path": "", "held_out_path": "", "prompt_field": "prompt", "answer_field": "answer",
     })
+    # Task "math" (tasks/math.py): chat prompts of question + instruction, \boxed{} answers graded by math-verify.
+    config.math = ml_collections.ConfigDict({
+        "instruction": TTRL_INSTRUCTION, "max_prompt_tokens": 1024, "multiple_choice": False, "timeout_seconds": 2,
+    })
     config.steps = 16  # 0: one epoch of the training prompts
     config.prompts_per_step = 32
     config.rows_per_wave = 256
@@ -107,10 +111,8 @@ def math_config(benchmark: str, method: str = "optpo") -> ml_collections.ConfigD
         "mode": "transductive", "path": f"../shared/data/{files[benchmark]}", "held_out_path": "",
         "prompt_field": "prompt", "answer_field": "answer", "num_prompts": 0, "seed": 0, "held_out_seed": 1,
     })
-    config.math = ml_collections.ConfigDict({
-        "instruction": TTRL_INSTRUCTION if benchmark != "gpqa" else CHOICE_INSTRUCTION,
-        "max_prompt_tokens": 1024, "multiple_choice": benchmark == "gpqa", "timeout_seconds": 2,
-    })
+    config.math.update({"instruction": TTRL_INSTRUCTION if benchmark != "gpqa" else CHOICE_INSTRUCTION,
+                        "multiple_choice": benchmark == "gpqa"})
     epochs = {"aime": 80, "amc": 30, "math500": 10, "gpqa": 10}[benchmark]
     num_prompts = {"aime": 30, "amc": 83, "math500": 500, "gpqa": 198}[benchmark]
     config.prompts_per_step = min(32, num_prompts)

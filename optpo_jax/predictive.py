@@ -27,6 +27,9 @@ import jax.numpy as jnp
 from jax.scipy.special import gammaln
 
 COMPETITORS = 4  # answers besides the leader followed one by one; the rest are pooled
+# Largest ``max_remaining``: each prompt builds [X, R, R] float32 arrays (X = R = max_remaining + 1)
+# for 8 prompts at a time, 0.5 GiB each at 256 and 4 GiB at 512.
+MAX_REMAINING = 256
 
 
 def _log_beta_binomial(taken, total, a, b):

@@ -19,6 +19,7 @@ it as GRPO's old log-probabilities. The two agree when top_k = 0 and top_p = 1.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 
 import jax
@@ -182,7 +183,44 @@ def _is_stop(tokens: jax.Array, config: SamplingConfig) -> jax.Array:
     return jnp.isin(tokens, jnp.asarray(config.stop_token_ids, jnp.int32))
 
 
-def _sample_padded(params, prompt_tokens, prompt_lengths, valid, key, model_config, config):
+PROGRESS_EVERY = 64
+"""Decodes of at least this many new tokens report their token count every this many steps to
+``decode_progress``'s bar (a host callback every 64 steps: far below the cost of the steps)."""
+
+
+class _DecodeBar:
+    """The host-side progress bar that a running decode reports its token count to, if any."""
+
+    bar = None
+    max_new_tokens = 0
+
+
+@contextlib.contextmanager
+def decode_progress(bar):
+    """Within this block, long decodes show ``token i/N`` in ``bar``'s postfix (a tqdm bar, or None)."""
+    previous = _DecodeBar.bar
+    _DecodeBar.bar = bar
+    try:
+        yield
+    finally:
+        _DecodeBar.bar = previous
+
+
+def _report_token(step) -> None:
+    bar = _DecodeBar.bar
+    if bar is not None:
+        bar.set_postfix_str(f"token {int(step)}/{_DecodeBar.max_new_tokens}", refresh=True)
+
+
+def progress_every(config: SamplingConfig, bar) -> int:
+    """The static ``progress_every`` of a decode: PROGRESS_EVERY for a long one with a bar to report to, else 0."""
+    if bar is None or getattr(bar, "disable", False) or config.max_new_tokens < 4 * PROGRESS_EVERY:
+        return 0
+    _DecodeBar.max_new_tokens = config.max_new_tokens
+    return PROGRESS_EVERY
+
+
+def _sample_padded(params, prompt_tokens, prompt_lengths, valid, key, model_config, config, progress_every=0):
     num_rows, width = prompt_tokens.shape
     TRACE_COUNTS[(num_rows, width, config.max_new_tokens)] += 1
     max_new = config.max_new_tokens
@@ -213,6 +251,8 @@ def _sample_padded(params, prompt_tokens, prompt_lengths, valid, key, model_conf
 
     def decode_step(state):
         step, cache, key, tokens = state[:4]
+        if progress_every:  # static: a decode without a bar compiles no callback
+            jax.lax.cond(step % progress_every == 0, lambda: jax.debug.callback(_report_token, step), lambda: None)
         previous = jax.lax.dynamic_slice_in_dim(tokens, step - 1, 1, axis=1)
         positions = jnp.where(state[6], -1, prompt_lengths + step - 1)[:, None]
         logits, cache = forward(model_config, params, previous, positions, cache)
@@ -232,9 +272,10 @@ def _sample_padded(params, prompt_tokens, prompt_lengths, valid, key, model_conf
     return SampleOutput(tokens, logprobs, policy_logprobs, lengths, stopped)
 
 
-sample_padded = jax.jit(_sample_padded, static_argnames=("model_config", "config"))
+sample_padded = jax.jit(_sample_padded, static_argnames=("model_config", "config", "progress_every"))
 sample_padded.__doc__ = """The jitted sampler on inputs already padded by ``pad_wave`` (and placed on a mesh, if any):
-``(params, prompt_tokens [R, W], prompt_lengths [R], valid [R], key, *, model_config, config) -> SampleOutput``."""
+``(params, prompt_tokens [R, W], prompt_lengths [R], valid [R], key, *, model_config, config, progress_every=0)
+-> SampleOutput``; ``progress_every`` > 0 reports the token count to ``decode_progress``'s bar that often."""
 
 
 def bucket_width(width: int, config: SamplingConfig) -> int:

@@ -34,13 +34,38 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 from jax.experimental import checkify
 from jax.scipy.special import betainc
 
-from optpo_jax.posterior import posterior_mode_prob
-from optpo_jax.predictive import plurality_at_budget_prob
+from optpo_jax import posterior
+from optpo_jax.posterior import host_check, host_int32, posterior_mode_prob
+from optpo_jax.predictive import MAX_REMAINING, plurality_at_budget_prob
 from optpo_jax.prior import PriorState, branch_concentrations, learned_concentration, prior_branch
+
+
+# Concentrations every rule computes with in float32: below, the Dirichlet rule's grid
+# (nodes ~ 1 / prior) and the Beta rule's betainc degenerate; above, the predictive rule's
+# lgamma differences (~1e4 at 1e3) lose all digits.
+PRIOR_RANGE = (1e-3, 1e3)
+# Vote tables are [P, K] with K >= max_samples (``AnswerSlots`` needs a slot per rollout):
+# 2**20 slots is 4 MiB a prompt. Rules may bound it lower (``Rule.check``).
+MAX_SAMPLES_LIMIT = 2**20
+
+
+def _config_int(name: str, value) -> int:
+    """``value`` as a Python int; ValueError naming the field unless it is an int (bool is not)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"SPRTConfig.{name} must be an int, got {value!r} of type {type(value).__name__}")
+    return int(value)
+
+
+def _config_real(name: str, value) -> float:
+    """``value`` as a Python float; ValueError naming the field unless it is a finite real number."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"SPRTConfig.{name} must be a finite number, got {value!r} of type {type(value).__name__}")
+    return float(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,14 +75,22 @@ class SPRTConfig:
     Attributes:
       rule: one of ``RULES``.
       threshold: confidence in (0, 1) at which a prompt stops (dirichlet, beta).
-      prior: Dirichlet / Beta concentration a > 0.
-      min_samples: rollouts a prompt draws before it may stop, >= 1.
-      max_samples: budget per prompt; a prompt stops there whatever its confidence.
-      esc_window: number of trailing answers that must agree for ``esc``.
+      prior: Dirichlet / Beta concentration a, a finite number in ``PRIOR_RANGE``
+        ([1e-3, 1e3]).
+      min_samples: rollouts a prompt draws before it may stop, an int >= 1.
+      max_samples: budget per prompt, an int in [min_samples, ``MAX_SAMPLES_LIMIT``]; a
+        prompt stops there whatever its confidence. The rules bound it further by what
+        they allocate: dirichlet and fixed by the size of the posterior tables
+        (``posterior.MAX_TABLE_ENTRIES`` entries, which a small prior reaches sooner),
+        predictive by ``predictive.MAX_REMAINING``.
+      esc_window: number of trailing answers that must agree for ``esc``, an int >= 1.
       learn_prior: the training loop fits the concentration to finished prompts' votes
         (``prior.PriorState``) and passes it to the rule; ``prior`` until the first fit.
       margin_p0: for ``margin``, the right answer's share against any other answer
         under its hypothesis, in (0.5, 1): each vote moves the log-odds by log(p0 / (1 - p0)).
+
+    Int fields take Python or NumPy ints (stored as Python ints), never bools or floats;
+    every error is a ValueError naming the field, the value and the bound.
     """
 
     rule: str = "dirichlet"
@@ -72,10 +105,16 @@ class SPRTConfig:
     def __post_init__(self):
         if self.rule not in RULES:
             raise ValueError(f"SPRTConfig.rule must be one of {tuple(RULES)}, got {self.rule!r}")
+        # Normalised to Python numbers: the config is a static jit argument (hashed, compared).
+        for name in ("min_samples", "max_samples", "esc_window"):
+            object.__setattr__(self, name, _config_int(name, getattr(self, name)))
+        for name in ("threshold", "prior", "margin_p0"):
+            object.__setattr__(self, name, _config_real(name, getattr(self, name)))
         if not 0.0 < self.threshold < 1.0:
             raise ValueError(f"SPRTConfig.threshold must lie in (0, 1), got {self.threshold!r}")
-        if not self.prior > 0.0:
-            raise ValueError(f"SPRTConfig.prior must be > 0, got {self.prior!r}")
+        low, high = PRIOR_RANGE
+        if not low <= self.prior <= high:  # False for NaN too
+            raise ValueError(f"SPRTConfig.prior must be a finite number in [{low}, {high}], got {self.prior!r}")
         if self.min_samples < 1:
             raise ValueError(f"SPRTConfig.min_samples must be >= 1, got {self.min_samples!r}")
         if self.min_samples > self.max_samples:
@@ -83,12 +122,40 @@ class SPRTConfig:
                 f"SPRTConfig.min_samples ({self.min_samples}) must not exceed "
                 f"SPRTConfig.max_samples ({self.max_samples})"
             )
+        if self.max_samples > MAX_SAMPLES_LIMIT:
+            raise ValueError(f"SPRTConfig.max_samples must be at most {MAX_SAMPLES_LIMIT}, got {self.max_samples!r}")
         if self.esc_window < 1:
             raise ValueError(f"SPRTConfig.esc_window must be >= 1, got {self.esc_window!r}")
         if self.learn_prior and self.rule not in PRIOR_RULES:
             raise ValueError(f"SPRTConfig.learn_prior needs a rule with a prior {PRIOR_RULES}, got rule {self.rule!r}")
         if not 0.5 < self.margin_p0 < 1.0:
             raise ValueError(f"SPRTConfig.margin_p0 must lie in (0.5, 1), got {self.margin_p0!r}")
+        check = RULES[self.rule].check
+        if check is not None:
+            check(self)
+
+
+def _check_posterior_tables(config: SPRTConfig) -> None:
+    """The Dirichlet rule's tables (one per concentration it may use) fit ``posterior.MAX_TABLE_ENTRIES``."""
+    for value in branch_concentrations(config.prior) if config.learn_prior else (config.prior,):
+        entries = posterior.table_entries(value, config.max_samples)
+        if entries > posterior.MAX_TABLE_ENTRIES:
+            which = (f"SPRTConfig.prior={value!r}" if value == config.prior
+                     else f"prior={value!r} (learn_prior: a concentration of prior.PRIOR_GRID)")
+            raise ValueError(
+                f"SPRTConfig.max_samples={config.max_samples} with {which} needs posterior tables of "
+                f"{entries} entries for rule {config.rule!r}; at most {posterior.MAX_TABLE_ENTRIES} fit "
+                "(their nodes grow like 1 / prior): lower max_samples or raise the prior"
+            )
+
+
+def _check_predictive_budget(config: SPRTConfig) -> None:
+    """The predictive rule's [X, R, R] arrays grow like max_samples**3: at most ``MAX_REMAINING``."""
+    if config.max_samples > MAX_REMAINING:
+        raise ValueError(
+            f"SPRTConfig.max_samples={config.max_samples} is too large for rule 'predictive' (its arrays "
+            f"grow like max_samples**3): at most {MAX_REMAINING}"
+        )
 
 
 @struct.dataclass
@@ -200,21 +267,23 @@ def predictive_confidence(counts: jax.Array, run_length: jax.Array, config: SPRT
 
 class Rule(NamedTuple):
     """A stopping rule: its confidence, whether reaching the threshold stops a prompt
-    (False: only the budget does, and the confidence is reported, not acted on), and whether
-    its confidence takes the prior as a traced ``prior=`` argument (else the prior is static)."""
+    (False: only the budget does, and the confidence is reported, not acted on), whether
+    its confidence takes the prior as a traced ``prior=`` argument (else the prior is static),
+    and a check of a config's sizes against what the rule allocates (ValueError), or None."""
 
     confidence: Callable[..., jax.Array]
     stops_early: bool = True
     traced_prior: bool = False
+    check: Callable[[SPRTConfig], None] | None = None
 
 
 RULES: dict[str, Rule] = {
-    "dirichlet": Rule(dirichlet_confidence),
+    "dirichlet": Rule(dirichlet_confidence, check=_check_posterior_tables),
     "beta": Rule(beta_confidence, traced_prior=True),
     "esc": Rule(esc_confidence),
     "margin": Rule(margin_confidence),
-    "predictive": Rule(predictive_confidence, traced_prior=True),
-    "fixed": Rule(dirichlet_confidence, stops_early=False),
+    "predictive": Rule(predictive_confidence, traced_prior=True, check=_check_predictive_budget),
+    "fixed": Rule(dirichlet_confidence, stops_early=False, check=_check_posterior_tables),
 }
 
 
@@ -229,7 +298,17 @@ def rule_confidence(counts: jax.Array, run_length: jax.Array, config: SPRTConfig
     before any prompt finished): passed as a traced value where the rule takes one, else one
     compiled branch per concentration of ``PRIOR_GRID`` (the Dirichlet rule's quadrature
     tables depend on it).
+
+    A row with a negative count is not a vote state: its confidence is NaN under every rule
+    (a NaN never reaches the threshold, so such a prompt stops only at its budget).
     """
+    counts = jnp.asarray(counts)
+    confidence = _rule_confidence(counts, run_length, config, prior_state)
+    return jnp.where(jnp.any(counts < 0, axis=-1), jnp.nan, confidence)
+
+
+def _rule_confidence(counts, run_length, config: SPRTConfig, prior_state: PriorState | None) -> jax.Array:
+    """``rule_confidence`` before the NaN for negative counts."""
     rule = RULES[config.rule]
     confidence = rule.confidence
     if prior_state is None:
@@ -311,9 +390,22 @@ def _first_failure(bad: jax.Array) -> jax.Array:
     return jnp.argmax(bad).astype(jnp.int32)
 
 
+def _host_valid(valid):
+    """A host integer ``valid`` read as ``!= 0`` on the host, before a cast to int32 could wrap 2**32 to 0."""
+    if isinstance(valid, jax.Array):
+        return valid
+    array = np.asarray(valid)
+    return array != 0 if np.issubdtype(array.dtype, np.integer) else valid
+
+
 def _wave_inputs(prompt_ids, answer_slots, valid) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The wave's arrays, checked at trace time: all [R], integer ids and slots, bool (or int != 0) valid."""
-    prompt_ids, answer_slots, valid = jnp.asarray(prompt_ids), jnp.asarray(answer_slots), jnp.asarray(valid)
+    """The wave's arrays, checked at trace time: all [R], integer ids and slots, bool (or int != 0) valid.
+
+    Host (NumPy) ids and slots that int32 cannot hold become ``posterior.OUT_OF_INT32``
+    (out of range), as JAX would wrap them with x64 off.
+    """
+    prompt_ids, answer_slots = jnp.asarray(host_int32(prompt_ids)), jnp.asarray(host_int32(answer_slots))
+    valid = jnp.asarray(_host_valid(valid))
     if prompt_ids.ndim != 1 or answer_slots.shape != prompt_ids.shape or valid.shape != prompt_ids.shape:
         raise ValueError(
             "prompt_ids, answer_slots and valid must all be [R]; got "
@@ -326,6 +418,37 @@ def _wave_inputs(prompt_ids, answer_slots, valid) -> tuple[jax.Array, jax.Array,
             raise TypeError(f"valid must be bool (or an integer dtype, read as != 0), got dtype {valid.dtype}")
         valid = valid != 0
     return prompt_ids, answer_slots, valid
+
+
+def _check_host_ranges(prompt_ids, answer_slots, valid, num_prompts: int, num_slots: int) -> None:
+    """The checks of ``checked=True`` on host rows in their own dtype, so that an id int32 cannot
+    hold is named as given. Only when all three are host arrays (a traced ``valid`` leaves them
+    to the traced checks, which then name ``posterior.OUT_OF_INT32`` for such an id)."""
+    if any(isinstance(values, jax.Array) for values in (prompt_ids, answer_slots, valid)):
+        return
+    prompt_ids, answer_slots, valid = np.asarray(prompt_ids), np.asarray(answer_slots), np.asarray(valid)
+    if not all(np.issubdtype(values.dtype, np.integer) for values in (prompt_ids, answer_slots)):
+        return  # _wave_inputs raises the TypeError
+    if prompt_ids.shape != answer_slots.shape or prompt_ids.shape != valid.shape or prompt_ids.ndim != 1:
+        return  # _wave_inputs raises the ValueError
+    valid = valid != 0
+    for bad, values, what in (
+        (valid & ((prompt_ids < 0) | (prompt_ids >= num_prompts)), prompt_ids,
+         f"prompt id {{}}, outside [0, {num_prompts})"),
+        (valid & (answer_slots != -1) & ((answer_slots < 0) | (answer_slots >= num_slots)), answer_slots,
+         f"answer slot {{}}, outside [-1, {num_slots})"),
+    ):
+        if bad.any():
+            row = int(np.argmax(bad))
+            host_check(bad, f"sprt_update: row {row} has " + what.format(values[row]))
+
+
+def _pad_empty_wave(prompt_ids, answer_slots, valid):
+    """An empty wave (R = 0) as one padding row (valid False), which changes no vote: gathers
+    and segment ops need a row."""
+    if prompt_ids.shape[0] > 0:
+        return prompt_ids, answer_slots, valid
+    return jnp.zeros(1, prompt_ids.dtype), jnp.full(1, -1, answer_slots.dtype), jnp.zeros(1, bool)
 
 
 def _check_ranges(bad: jax.Array, values: jax.Array, what: str) -> None:
@@ -356,11 +479,18 @@ def sprt_update(
       sample, no vote, no budget, no effect on any prompt's run of answers).
     - A row whose answer slot lies outside [0, K) is treated exactly like slot -1: a
       sample without a vote that breaks the prompt's run of identical answers.
+    - Host (NumPy) ids and slots are tested in their own dtype: with x64 off an int64
+      id that int32 cannot hold is out of range, not wrapped (2**32 + 1 is not prompt 1).
+      ``jit`` casts NumPy arguments itself before this function sees them; NumPy arrays
+      passed eagerly or closed over are seen here.
+    - An empty wave (R = 0) changes nothing; with no prompts (P = 0) every row is dropped.
 
-    Both are silent by default, as ``jit`` cannot raise on values. ``checked=True``
+    All of this is silent by default, as ``jit`` cannot raise on values. ``checked=True``
     adds ``jax.experimental.checkify`` checks that fail on the first valid row with a
     prompt id outside [0, P) or a slot outside [-1, K), naming the row and the value
-    (padding rows, ``valid`` False, are never checked); the result is unchanged. Under
+    (padding rows, ``valid`` False, are never checked); the result is unchanged. Host
+    ids are checked on the host when all three arrays are NumPy, naming the value as given
+    (else an id int32 cannot hold is named as ``posterior.OUT_OF_INT32``). Under
     ``jit`` wrap it: ``checkify.checkify(partial(sprt_update, config=c, checked=True))``
     returns ``(error, state)``; ``error.throw()`` raises on the host (docs/reliability.md).
 
@@ -383,8 +513,10 @@ def sprt_update(
       integer dtype (floats would be truncated) or ``valid`` is neither bool nor
       integer; ValueError if the three are not all [R].
     """
-    prompt_ids, answer_slots, valid = _wave_inputs(prompt_ids, answer_slots, valid)
     num_prompts, num_slots = state.counts.shape
+    if checked:
+        _check_host_ranges(prompt_ids, answer_slots, valid, num_prompts, num_slots)
+    prompt_ids, answer_slots, valid = _pad_empty_wave(*_wave_inputs(prompt_ids, answer_slots, valid))
     # Range tests in the given dtype, before any cast could wrap a large id into range.
     known_prompt = (prompt_ids >= 0) & (prompt_ids < num_prompts)
     known_slot = (answer_slots >= 0) & (answer_slots < num_slots)
@@ -392,6 +524,8 @@ def sprt_update(
         _check_ranges(valid & ~known_prompt, prompt_ids, f"prompt id {{value}}, outside [0, {num_prompts})")
         _check_ranges(valid & ~known_slot & (answer_slots != -1), answer_slots,
                       f"answer slot {{value}}, outside [-1, {num_slots})")
+    if num_prompts == 0:
+        return state  # every row's prompt id lies outside [0, 0): all are dropped
     # Dropped rows get some in-range id (clip: measured faster than where on CPU); ``keep`` is False for them.
     prompt_ids = jnp.clip(prompt_ids, 0, num_prompts - 1).astype(jnp.int32)
     answer_slots = jnp.where(known_slot, answer_slots, -1).astype(jnp.int32)

@@ -99,3 +99,14 @@ def test_allocation_and_updates_finish_every_prompt_within_budget(maybe_jit):
 def test_rejects_empty_wave():
     with pytest.raises(ValueError, match="num_rows"):
         allocate_wave(init_vote_state(2, 2), 0, SPRTConfig())
+
+
+def test_allocate_wave_without_prompts_returns_an_all_invalid_wave(maybe_jit):
+    # P = 0 (e.g. an empty selection): no prompt can use a row (reference: the module's rule,
+    # unusable rows are valid False with prompt id 0).
+    state = init_vote_state(2, 3).select(slice(0, 0))
+    allocate = maybe_jit(lambda votes: allocate_wave(votes, 5, SPRTConfig()))
+    prompt_ids, valid = allocate(state)
+    np.testing.assert_array_equal(prompt_ids, np.zeros(5, np.int32))
+    np.testing.assert_array_equal(valid, np.zeros(5, bool))
+    assert prompt_ids.dtype == jnp.int32 and valid.dtype == jnp.bool_

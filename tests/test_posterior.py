@@ -93,3 +93,63 @@ def test_probability_in_range_and_monotone_in_leader_votes(counts):
     after = float(posterior_mode_prob(jnp.asarray(bumped), max_count=64))
     assert 0.0 <= before <= 1.0
     assert after >= before - 1e-6
+
+
+# A traced prior (jit over priors, vmap, grad): its own grid, sized for a static range of priors.
+TRACED_COUNTS = _padded(CASES[:24])
+
+
+def test_traced_prior_matches_static_tables_with_one_compilation():
+    # Reference: the static path (scipy float64 tables) at each prior, itself within 1e-5 of scipy quad.
+    traces = []
+
+    def at_prior(prior):
+        traces.append(prior)
+        return posterior_mode_prob(jnp.asarray(TRACED_COUNTS), prior)
+
+    fn = jax.jit(at_prior)
+    for prior in (0.1, 0.35, 1.0, 2.0, 7.5):
+        got = np.asarray(fn(prior))
+        want = np.asarray(posterior_mode_prob(jnp.asarray(TRACED_COUNTS), prior))
+        np.testing.assert_allclose(got, want, rtol=0, atol=5e-6, err_msg=f"prior {prior}")
+    assert len(traces) == 1
+    batched = jax.vmap(lambda prior: posterior_mode_prob(jnp.asarray(TRACED_COUNTS[:4]), prior))(
+        jnp.array([0.5, 2.0]))
+    for row, prior in zip(batched, (0.5, 2.0), strict=True):
+        np.testing.assert_allclose(row, posterior_mode_prob(jnp.asarray(TRACED_COUNTS[:4]), prior), atol=5e-6)
+
+
+@pytest.mark.parametrize("prior", [0.3, 1.0, 3.0])
+def test_grad_wrt_prior_matches_finite_difference(prior):
+    # Reference: a central difference of scipy quad (float64) with step 1e-3 (error ~1e-7).
+    rows = [[5, 2, 0], [3, 3, 1], [1, 0, 0], [20, 11, 4]]
+    grad = jax.vmap(jax.grad(lambda p, c: posterior_mode_prob(c, p)), in_axes=(None, 0))(
+        prior, jnp.array(rows, jnp.int32))
+    step = 1e-3
+    want = [(mode_prob_reference(row, prior + step) - mode_prob_reference(row, prior - step)) / (2 * step)
+            for row in rows]
+    np.testing.assert_allclose(np.asarray(grad), want, rtol=0, atol=2e-6)
+
+
+def test_traced_prior_outside_its_range_or_not_scalar():
+    counts = jnp.array([[4, 1, 0]], jnp.int32)
+    fn = jax.jit(lambda prior: posterior_mode_prob(counts, prior))
+    # Outside the grid's range of priors (default 0.1..10) or not a concentration: NaN, not a coarse value.
+    for prior in (0.05, 11.0, 0.0, -1.0, float("nan")):
+        assert np.isnan(float(fn(prior)[0])), prior
+    wider = jax.jit(lambda prior: posterior_mode_prob(counts, prior, traced_prior_range=(0.05, 20.0)))
+    assert float(wider(0.05)[0]) == pytest.approx(float(posterior_mode_prob(counts, 0.05)[0]), abs=5e-6)
+    with pytest.raises(ValueError, match=r"prior must be a scalar.*\(2,\)"):
+        jax.jit(lambda prior: posterior_mode_prob(counts, prior))(jnp.ones(2))
+    with pytest.raises(ValueError, match="traced_prior_range"):
+        posterior_mode_prob(counts, jnp.float32(1.0), traced_prior_range=(0.0, 1.0))
+
+
+def test_static_prior_whose_tables_do_not_fit_raises():
+    # Reference: the table size (max_count + 1) x nodes that quadrature_tables would allocate in
+    # float64 (~26.5M entries here, > MAX_TABLE_ENTRIES); 1e-6 at 64 was reported at 30 GiB.
+    with pytest.raises(ValueError, match=r"prior=0.001.*max_count=256.*at most 16777216"):
+        posterior_mode_prob(jnp.array([3, 1], jnp.int32), 1e-3)
+    for prior in (float("inf"), float("nan"), 0.0):
+        with pytest.raises(ValueError, match="prior"):
+            posterior_mode_prob(jnp.array([3, 1], jnp.int32), prior)

@@ -4,6 +4,8 @@ Each test names the sub-point it covers; each failed on the code before the fix.
 """
 
 import functools
+import re
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +13,7 @@ import numpy as np
 import pytest
 from jax.experimental import checkify
 
-from optpo_jax import SPRTConfig, allocate_wave, init_vote_state, posterior_mode_prob, sprt_update
+from optpo_jax import SPRTConfig, allocate_wave, init_vote_state, posterior_mode_prob, sprt, sprt_update
 
 CONFIG = SPRTConfig(rule="esc", esc_window=2, min_samples=1, max_samples=8)
 
@@ -192,3 +194,127 @@ def test_allocate_wave_requires_integer_num_rows(num_rows, error):
 def test_allocate_wave_accepts_numpy_integer():
     prompt_ids, valid = allocate_wave(init_vote_state(2, 2), np.int64(3), SPRTConfig())
     assert prompt_ids.shape == valid.shape == (3,)
+
+
+# --- Issue: hardening the public pure API (README vmap, 64-bit host ids, empty waves, negative counts). ---
+
+
+def _readme_python_blocks(section):
+    """The ```python blocks of README.md between the bold heading ``section`` and the next bold heading."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = text.index(f"**{section}**")
+    end = text.index("\n**", start + len(section) + 4)
+    return re.findall(r"```python\n(.*?)```", text[start:end], flags=re.S)
+
+
+# 1: the README's vmap over a batch of independent vote problems runs as written and equals
+# running each problem alone (reference: an unbatched sprt_update per problem).
+def test_readme_vmap_snippet_runs_and_matches_each_problem_alone(capsys):
+    blocks = _readme_python_blocks("The sequential test in your own JAX code.")
+    vmap_blocks = [block for block in blocks if "jax.vmap(functools.partial(sprt_update, config=config))" in block]
+    assert len(vmap_blocks) == 1, "README must show the vmap with functools.partial(sprt_update, config=config)"
+    namespace = {}
+    for block in blocks:  # the vmap block reuses the first block's imports and config
+        exec(compile(block, "README.md", "exec"), namespace)
+    capsys.readouterr()
+    config, batched = namespace["config"], namespace["states"]
+    num_problems = namespace["prompt_ids"].shape[0]
+    assert num_problems >= 2 and batched.counts.shape[0] == num_problems
+    for i in range(num_problems):
+        alone = sprt_update(init_vote_state(*batched.counts.shape[1:]), namespace["prompt_ids"][i],
+                            namespace["answer_slots"][i], namespace["valid"][i], config)
+        _assert_same_state(jax.tree.map(lambda x, i=i: x[i], batched), alone)
+
+
+# 4: AnswerSlots is part of the public API and maps each prompt's answers to slots in order of appearance.
+def test_answer_slots_is_exported():
+    import optpo_jax
+    from optpo_jax import AnswerSlots
+
+    assert "AnswerSlots" in optpo_jax.__all__
+    slots = AnswerSlots(num_prompts=2, num_slots=3)
+    np.testing.assert_array_equal(slots.assign([0, 0, 1, 0, 1], ["7", "9", "9", "7", None]), [0, 1, 0, 0, -1])
+    assert slots.answer(0, 1) == "9" and slots.answer(1, -1) is None
+
+
+# 5: with x64 off, 64-bit host ids that do not fit int32 are out of range (reference: the
+# documented behaviour, i.e. the same wave with those rows dropped / their slots -1), not wrapped.
+def test_64bit_host_ids_are_range_checked_before_the_int32_cast(maybe_jit):
+    assert not jax.config.jax_enable_x64
+    config = SPRTConfig(max_samples=8)
+    ids = np.array([2**32 + 1, 1, 2, -(2**32) + 3], np.int64)  # int32 would wrap them to 1 and 3
+    slots = np.array([0, 2**32 + 3, 1, 0], np.int64)  # int32 would wrap it to slot 3
+    valid = np.array([1, 1, 2**32, 1], np.int64)  # 2**32 != 0 is valid; int32 would wrap it to 0
+    # Host arrays closed over, so that jit sees them as NumPy constants too.
+    got = maybe_jit(lambda state: sprt_update(state, ids, slots, valid, config))(init_vote_state(4, 8))
+    want = sprt_update(init_vote_state(4, 8), *_rows([1, 2], [-1, 1]), config)
+    _assert_same_state(got, want)
+    # The example of the issue: no vote for prompt 1.
+    state = sprt_update(init_vote_state(4, 8), np.array([2**32 + 1]), np.array([0]), np.array([True]), config=config)
+    np.testing.assert_array_equal(state.counts, np.zeros((4, 8)))
+
+
+def test_64bit_host_ids_raise_in_checked_mode_naming_the_value():
+    config = SPRTConfig(max_samples=8)
+    with pytest.raises(checkify.JaxRuntimeError, match=r"row 0 has prompt id 4294967297, outside \[0, 4\)"):
+        sprt_update(init_vote_state(4, 8), np.array([2**32 + 1]), np.array([0]), np.array([True]), config=config,
+                    checked=True)
+    with pytest.raises(checkify.JaxRuntimeError, match=r"row 1 has answer slot 4294967299, outside \[-1, 8\)"):
+        sprt_update(init_vote_state(4, 8), np.array([0, 1]), np.array([0, 2**32 + 3]), np.array([True, True]),
+                    config=config, checked=True)
+    # An earlier row out of range in int32 is still the one named.
+    with pytest.raises(checkify.JaxRuntimeError, match=r"row 0 has prompt id 7"):
+        sprt_update(init_vote_state(4, 8), np.array([7, 2**40]), np.array([0, 0]), np.array([True, True]),
+                    config=config, checked=True)
+    # Padding rows (valid False) may carry any id.
+    state = sprt_update(init_vote_state(4, 8), np.array([2**40, 0]), np.array([2**40, 0]), np.array([False, True]),
+                        config=config, checked=True)
+    np.testing.assert_array_equal(state.num_samples, [1, 0, 0, 0])
+
+
+def test_64bit_host_counts_that_do_not_fit_give_nan():
+    # Reference: NaN for a count above max_count (documented); the other row as computed alone.
+    got = np.asarray(posterior_mode_prob(np.array([[2**32 + 5, 0], [3, 1], [-(2**32) + 2, 1]], np.int64)))
+    assert np.isnan(got[0]) and np.isnan(got[2])
+    assert got[1] == float(posterior_mode_prob(jnp.array([3, 1], jnp.int32)))
+    with pytest.raises(checkify.JaxRuntimeError, match=r"counts\[0, 0\] = 4294967301"):
+        posterior_mode_prob(np.array([[2**32 + 5, 0]], np.int64), checked=True)
+
+
+# 6: an empty wave (R = 0) leaves the votes as they are (reference: a wave of one padding row).
+def test_empty_wave_returns_the_state_unchanged(maybe_jit):
+    update = maybe_jit(functools.partial(sprt_update, config=CONFIG))
+    state = update(init_vote_state(2, 3), *_rows([0, 1, 1], [0, 2, 2]))
+    empty = jnp.zeros(0, jnp.int32)
+    got = update(state, empty, empty, jnp.zeros(0, bool))
+    _assert_same_state(got, state)
+    _assert_same_state(got, update(state, *_rows([0], [0], [False])))
+    batched = jax.vmap(lambda _: init_vote_state(2, 3))(jnp.arange(2))
+    no_rows = jnp.zeros((2, 0), jnp.int32)
+    got = jax.vmap(functools.partial(sprt_update, config=CONFIG))(batched, no_rows, no_rows, no_rows != 0)
+    _assert_same_state(got, batched)
+
+
+def test_update_of_no_prompts_drops_every_row(maybe_jit):
+    # P = 0: every prompt id is outside [0, P), so every row is dropped (the documented rule).
+    empty_state = init_vote_state(2, 3).select(slice(0, 0))
+    got = maybe_jit(functools.partial(sprt_update, config=CONFIG))(empty_state, *_rows([0, 1], [0, 0]))
+    _assert_same_state(got, empty_state)
+
+
+# 7: every rule gives NaN, and never stops, for a row with a negative count (reference: the
+# dirichlet rule's documented NaN); the clean row keeps the value it has on its own.
+@pytest.mark.parametrize("rule", sorted(sprt.RULES))
+def test_every_rule_gives_nan_for_negative_counts(rule):
+    config = SPRTConfig(rule=rule, threshold=0.9, min_samples=1, max_samples=16, esc_window=1)
+    counts = jnp.array([[9, -5, 0], [0, 0, -1], [3, 0, 0]], jnp.int32)
+    run_length = jnp.array([9, 9, 3], jnp.int32)
+    got = np.asarray(sprt.rule_confidence(counts, run_length, config))
+    assert np.isnan(got[0]) and np.isnan(got[1]), got
+    clean = np.asarray(sprt.rule_confidence(counts[2:], run_length[2:], config))
+    np.testing.assert_allclose(got[2:], clean, rtol=0, atol=1e-6)
+    state = init_vote_state(3, 3).replace(counts=counts, num_samples=jnp.array([4, 1, 3], jnp.int32),
+                                          run_slot=jnp.array([0, 0, 0], jnp.int32), run_length=run_length)
+    state = sprt_update(state, *_rows([0, 1], [0, 0]), config)
+    assert np.isnan(np.asarray(state.confidence[:2])).all()
+    assert not np.asarray(state.done[:2]).any()

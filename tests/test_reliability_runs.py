@@ -79,8 +79,11 @@ def test_item2_a_run_saved_before_a_field_existed_resumes_only_with_its_old_valu
 
     saved = json.loads((run_copy / "config.json").read_text())
     for name in ADDED_FIELDS:
-        section, field = name.split(".")
-        del saved[section][field]
+        *sections, field = name.split(".")
+        parent = saved
+        for section in sections:
+            parent = parent[section]
+        del parent[field]
     (run_copy / "config.json").write_text(json.dumps(saved))
     check_resumable(run_copy, tiny_config(steps=2))
     with pytest.raises(WorkdirError, match=r"config.policy_update.min_rollouts_per_prompt: 0 -> 3"):

@@ -193,3 +193,34 @@ def test_bad_inputs_are_named(params):
         sample(params, CONFIG, tokens, [3, 0], np.ones(2, bool), jax.random.key(0), SamplingConfig(2))
     with pytest.raises(ValueError, match="valid"):
         sample(params, CONFIG, tokens, lengths, np.ones(3, bool), jax.random.key(0), SamplingConfig(2))
+
+
+def test_a_long_decode_reports_its_token_count_to_the_progress_bar(params):
+    """A decode of >= 256 new tokens with a bar shows ``token i/N`` every 64 tokens (the "before" evaluation of a
+    math config once sat at "evaluate: 0/2" for minutes); the tokens are those of the decode without a bar, and
+    short decodes or no bar compile no callback."""
+    from optpo_jax.sampler import PROGRESS_EVERY, decode_progress, pad_wave, progress_every, sample_padded
+
+    class Bar:
+        disable = False
+
+        def __init__(self):
+            self.postfixes = []
+
+        def set_postfix_str(self, text, refresh=True):
+            self.postfixes.append(text)
+
+    config = SamplingConfig(max_new_tokens=4 * PROGRESS_EVERY)  # no stop token: every row runs to the end
+    tokens, lengths = right_padded([[1, 2, 3], [4, 5]])
+    inputs = pad_wave(tokens, lengths, np.ones(2, bool), config)
+    bar = Bar()
+    assert progress_every(config, None) == 0 and progress_every(SamplingConfig(max_new_tokens=32), bar) == 0
+    with decode_progress(bar):
+        every = progress_every(config, bar)
+        reported = sample_padded(params, *inputs, jax.random.key(0), model_config=CONFIG, config=config,
+                                 progress_every=every)
+        jax.effects_barrier()
+    plain = sample_padded(params, *inputs, jax.random.key(0), model_config=CONFIG, config=config)
+    assert every == PROGRESS_EVERY
+    assert sorted(set(bar.postfixes)) == sorted(f"token {i}/256" for i in (64, 128, 192))
+    np.testing.assert_array_equal(np.asarray(reported.tokens), np.asarray(plain.tokens))

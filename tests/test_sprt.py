@@ -115,3 +115,72 @@ def test_vmap_over_independent_vote_problems_matches_loop():
 def test_consensus_is_minus_one_without_votes():
     state = sprt_update(init_vote_state(2, 3), *_wave([0, 1], [-1, 2]), SPRTConfig())
     np.testing.assert_array_equal(consensus(state), [-1, 2])
+
+
+# Counts must be real ints and the prior a finite value the rules can compute with; each error
+# names the field, the value and the bound (reference: the bounds stated in SPRTConfig's docstring).
+@pytest.mark.parametrize(
+    "fields, field, bound",
+    [
+        ({"min_samples": 2.5}, "min_samples", "an int"),
+        ({"min_samples": True}, "min_samples", "an int"),
+        ({"max_samples": 8.0}, "max_samples", "an int"),
+        ({"esc_window": np.float32(3)}, "esc_window", "an int"),
+        ({"max_samples": 10**9}, "max_samples", "1048576"),
+        ({"rule": "esc", "max_samples": 2**21}, "max_samples", "1048576"),
+        ({"prior": float("inf")}, "prior", "[0.001, 1000.0]"),
+        ({"prior": float("nan")}, "prior", "[0.001, 1000.0]"),
+        ({"prior": 1e-300}, "prior", "[0.001, 1000.0]"),
+        ({"prior": 1e300}, "prior", "[0.001, 1000.0]"),
+        ({"prior": True}, "prior", "a finite number"),
+        ({"prior": "1.0"}, "prior", "a finite number"),
+        ({"threshold": float("nan")}, "threshold", "(0, 1)"),
+    ],
+)
+def test_config_rejects_non_integer_sizes_and_unusable_priors(fields, field, bound):
+    with pytest.raises(ValueError, match=f"SPRTConfig.{field}") as error:
+        SPRTConfig(**fields)
+    assert repr(fields[field]) in str(error.value) and bound in str(error.value)
+
+
+@pytest.mark.parametrize("prior", [1e-6, 1e-5])
+def test_config_rejects_priors_whose_posterior_tables_do_not_fit(prior):
+    # Reported: prior 1e-6 tried to allocate 30 GiB, 1e-5 about 16 GB (the quadrature tables of
+    # posterior.py have (max_samples + 1) x nodes entries, nodes ~ 1 / prior).
+    from optpo_jax import posterior
+
+    assert posterior.table_entries(prior, 64) > posterior.MAX_TABLE_ENTRIES
+    with pytest.raises(ValueError, match=r"SPRTConfig.prior must be a finite number in \[0.001, 1000.0\]"):
+        SPRTConfig(prior=prior)
+    # Same bound for a bigger budget at a small (but allowed) prior, and for the learned prior's grid.
+    with pytest.raises(ValueError, match=r"SPRTConfig.max_samples=1000 .*SPRTConfig.prior=0.001"):
+        SPRTConfig(prior=1e-3, max_samples=1000)
+    with pytest.raises(ValueError, match=r"SPRTConfig.max_samples=9000 .*prior=0.1"):
+        SPRTConfig(prior=5.0, max_samples=9000, learn_prior=True)
+    SPRTConfig(rule="beta", prior=1e-3, max_samples=1000)  # the Beta rule has no tables
+    with pytest.raises(ValueError, match=r"SPRTConfig.max_samples=300 .*'predictive'.*at most 256"):
+        SPRTConfig(rule="predictive", max_samples=300)
+
+
+def test_config_normalises_numpy_scalars_to_python_numbers():
+    config = SPRTConfig(max_samples=np.int64(8), min_samples=np.int32(2), prior=np.float32(0.5))
+    assert type(config.max_samples) is int and type(config.min_samples) is int and type(config.prior) is float
+    assert config == SPRTConfig(max_samples=8, min_samples=2, prior=0.5)
+
+
+@pytest.mark.parametrize("rule", ["dirichlet", "beta", "esc", "margin", "predictive", "fixed"])
+@pytest.mark.parametrize("prior", [1e-3, 1e3])
+def test_every_rule_computes_at_the_prior_bounds(rule, prior):
+    # The accepted extremes are computable: a confidence in [0, 1] for votes with a clear leader;
+    # for dirichlet against scipy quad (tests/scipy_reference.py).
+    from scipy_reference import mode_prob_reference
+
+    from optpo_jax.sprt import rule_confidence
+
+    config = SPRTConfig(rule=rule, prior=prior, max_samples=64)
+    counts = jnp.array([[12, 3, 1, 0], [1, 0, 0, 0], [30, 30, 2, 0]], jnp.int32)
+    got = np.asarray(rule_confidence(counts, jnp.array([4, 1, 2], jnp.int32), config))
+    assert np.all((got >= 0) & (got <= 1)), got
+    if rule == "dirichlet":
+        want = [mode_prob_reference(np.asarray(row), prior) for row in counts]
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)

@@ -20,6 +20,8 @@ line, ``--config.task=my_module:make_task`` with ``make_task(config, tokenizer) 
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -79,6 +81,8 @@ def import_factory(spec: str) -> TaskFactory:
     module_name, _, attribute = spec.partition(":")
     if not module_name or not attribute:
         raise ValueError(f"config.task must be a built-in task name or 'module:factory', got {spec!r}")
+    if os.getcwd() not in sys.path:  # as `python -m` does: a module beside the user is found from the console script
+        sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:

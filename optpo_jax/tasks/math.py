@@ -272,8 +272,8 @@ class MathTask:
     """The task interface (as ArithmeticTask) for chat models on math benchmarks.
 
     Prompts are the tokenizer's chat template around ``question + instruction``; a prompt
-    longer than ``max_prompt_tokens`` keeps its last tokens (the template's assistant
-    header) and is counted in ``truncated_prompts``. A completion whose answer is longer than
+    longer than ``max_prompt_tokens`` loses the end of its question (the template, the
+    instruction and the assistant header stay) and is counted in ``truncated_prompts``. A completion whose answer is longer than
     ``MAX_ANSWER_CHARS`` has no answer and is counted in ``overlong_answers``. Creating the
     task starts the grading workers (``grading.default_pool()``) so that they import
     math-verify while the model loads.
@@ -303,15 +303,28 @@ class MathTask:
             self._prompt_cache[problem] = self._tokenize(problem)
         return self._prompt_cache[problem]
 
-    def _tokenize(self, problem: MathProblem) -> list[int]:
-        content = f"{problem.prompt}\n{self.instruction}" if self.instruction else problem.prompt
+    def _chat_tokens(self, question: str) -> list[int]:
+        content = f"{question}\n{self.instruction}" if self.instruction else question
         tokens = self.tokenizer.apply_chat_template([{"role": "user", "content": content}],
                                                     add_generation_prompt=True, tokenize=True)
-        tokens = list(tokens["input_ids"] if hasattr(tokens, "keys") else tokens)
-        if len(tokens) > self.max_prompt_tokens:
-            self.truncated_prompts += 1
-            tokens = tokens[-self.max_prompt_tokens :]
-        return tokens
+        return list(tokens["input_ids"] if hasattr(tokens, "keys") else tokens)
+
+    def _tokenize(self, problem: MathProblem) -> list[int]:
+        """The chat prompt; an over-long one loses the end of its question, never the template's header,
+        the instruction or the assistant header (without them the model does not answer in format)."""
+        tokens = self._chat_tokens(problem.prompt)
+        if len(tokens) <= self.max_prompt_tokens:
+            return tokens
+        self.truncated_prompts += 1
+        question = self.tokenizer(problem.prompt, add_special_tokens=False)["input_ids"]
+        keep = len(question) - (len(tokens) - self.max_prompt_tokens)
+        while keep > 0:  # re-tokenizing a cut can merge tokens differently: shorten until it fits
+            tokens = self._chat_tokens(self.tokenizer.decode(question[:keep]))
+            if len(tokens) <= self.max_prompt_tokens:
+                return tokens
+            keep -= len(tokens) - self.max_prompt_tokens
+        raise ValueError(f"config.math.max_prompt_tokens={self.max_prompt_tokens} cannot hold the chat template "
+                         f"and the instruction ({len(self._chat_tokens(''))} tokens without the question)")
 
     def extract(self, completion_tokens: Sequence[int]) -> str | None:
         text = self.tokenizer.decode(list(completion_tokens), skip_special_tokens=True)

@@ -12,6 +12,7 @@ import math
 import numbers
 
 from optpo_jax.models.config import dtype_name
+from optpo_jax.sprt import PRIOR_RANGE
 
 _INT, _REAL = "an integer", "a finite number"
 _BIG = 10**9
@@ -26,7 +27,7 @@ LIMITS = {
     "data.seed": (_INT, 0, 2**31 - 1, True, True),
     "data.held_out_seed": (_INT, 0, 2**31 - 1, True, True),
     "sprt.threshold": (_REAL, 0.0, 1.0, False, False),
-    "sprt.prior": (_REAL, 0.0, 1e6, False, True),
+    "sprt.prior": (_REAL, *PRIOR_RANGE, True, True),  # what every stopping rule computes with (sprt.py)
     "sprt.min_samples": (_INT, 1, 1024, True, True),
     "sprt.max_samples": (_INT, 1, 1024, True, True),
     "sprt.esc_window": (_INT, 1, 1024, True, True),

@@ -100,18 +100,21 @@ def evaluate(
     vote_config = SPRTConfig(rule="fixed", min_samples=num_samples, max_samples=num_samples)
     answers, generated = [[] for _ in local_problems], 0
     num_waves = process_max(-(-len(row_prompts) // num_rows))
-    for wave_index in tqdm(range(num_waves), desc="evaluate", disable=not progress, leave=False):
+    bar = tqdm(range(num_waves), desc="evaluate", disable=not progress, leave=False)
+    for wave_index in bar:
         chunk = row_prompts[wave_index * num_rows : (wave_index + 1) * num_rows]
         valid = np.arange(num_rows) < len(chunk)
         wave = sample_wave(policy.params, policy.config, task, prompts, np.pad(chunk, (0, num_rows - len(chunk))),
-                           valid, jax.random.fold_in(key, wave_index), sampling)
+                           valid, jax.random.fold_in(key, wave_index), sampling, bar=bar)
         generated += int(wave.completion_lengths[valid].sum())
         votes, _ = count_votes(votes, answer_slots, wave, vote_config)
-        for prompt, answer in zip(chunk, wave.answers, strict=False):
+        for prompt, answer in zip(chunk, wave.answers[: len(chunk)], strict=True):  # the rest are padding rows
             answers[prompt].append(answer)
-    labels = [answer_slots.answer(prompt, int(slot)) for prompt, slot in enumerate(np.asarray(consensus(votes)))]
+    # The vote tables have at least one row (an empty share still joins every wave); only real prompts have labels.
+    slots = np.asarray(consensus(votes))[: len(local_problems)]
+    labels = [answer_slots.answer(prompt, int(slot)) for prompt, slot in enumerate(slots)]
     correct = [[bool(task.is_correct(a, p)) for a in row] for row, p in zip(answers, local_problems, strict=True)]
-    majority = [bool(task.is_correct(label, p)) for label, p in zip(labels, local_problems, strict=False)]
+    majority = [bool(task.is_correct(label, p)) for label, p in zip(labels, local_problems, strict=True)]
     shares = allgather_objects({"answers": answers, "correct": correct, "majority": majority, "generated": generated})
     return EvalResult(answers=merge_shares([share["answers"] for share in shares]),
                       correct=np.array(merge_shares([share["correct"] for share in shares]), bool).reshape(

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -76,6 +77,27 @@ def restore_state(checkpointer: Checkpointer, state: TrainState,
     saved, totals, carry = checkpointer.restore({"params": state.params, "opt_state": state.opt_state}, step)
     prior = prior_from_json(totals["prior"]) if state.prior is not None else None
     return state.replace(params=saved["params"], opt_state=saved["opt_state"], prior=prior), totals, carry
+
+
+def load_run_config(workdir: str | Path):
+    """The config a run saved in ``workdir`` (its config.json) as a ConfigDict; WorkdirError without one."""
+    import ml_collections
+
+    path = Path(workdir) / "config.json"
+    if not path.is_file():
+        raise WorkdirError(f"{workdir} holds no run: {path} is missing")
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def restore_policy_params(setup: Setup, workdir: str | Path, step: int | None = None) -> tuple[object, int]:
+    """(the policy's full params, step) of a checkpoint of the run in ``workdir`` (the latest, or ``step``):
+    the trained params, or the frozen base with the LoRA adapters merged in."""
+    checkpointer = Checkpointer(Path(workdir) / "checkpoints")
+    step = checkpointer.latest_step() if step is None else step
+    if step is None:
+        raise WorkdirError(f"{workdir} holds no checkpoint")
+    state, _, _ = restore_state(checkpointer, init_train_state(setup), step)
+    return state.policy_params(), step
 
 
 def _step_batches(setup: Setup, step: int) -> tuple[list, list]:
@@ -170,11 +192,24 @@ def _train(setup: Setup, workdir: Path, resume: bool, resume_step: int | None, p
     for step in steps:
         state, carry, metrics = _run_step(setup, state, step, carry, totals, progress)
         log.write(step + 1, metrics)
+        if metrics["trained_rollouts"] == 0 and is_lead_process():
+            _warn_nothing_trained(step + 1, metrics)
         steps.set_postfix(rollouts=f"{metrics['rollouts_per_prompt']:.1f}", label=f"{metrics['label_accuracy']:.2f}")
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
             checkpointer.save(step + 1, {"params": state.params, "opt_state": state.opt_state}, totals, carry)
     checkpointer.wait()
     return _finish(setup, state, totals, log, workdir, progress)
+
+
+def _warn_nothing_trained(step: int, metrics: dict) -> None:
+    """Says on stderr that a step left the policy as it was, and the likely cause."""
+    if metrics["answered_fraction"] == 0:
+        cause = ("no rollout had an answer the task could extract (answered_fraction 0): check the prompt format, "
+                 "max_new_tokens and the task's extract()")
+    else:
+        cause = ("every prompt's rollouts all got the same reward (a unanimous vote gives advantage 0); "
+                 f"answered_fraction {metrics['answered_fraction']:.2f}")
+    tqdm.write(f"optpo-jax: step {step}: no rollout was trained on: {cause}", file=sys.stderr)
 
 
 def _finish(setup: Setup, state: TrainState, totals: dict, log: MetricsLog, workdir: Path, progress: bool) -> dict:

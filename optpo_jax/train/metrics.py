@@ -10,8 +10,8 @@ import numpy as np
 from optpo_jax.train.distributed import process_sum
 from optpo_jax.train.step import StepOutput
 
-_SUMMED = ("prompts", "rollouts", "vote_rollouts", "generated_tokens", "rows_used", "rows_total", "labels_right", "rewards_right",
-           "majority_share_sum", "negative_logprob_sum")
+_SUMMED = ("prompts", "rollouts", "vote_rollouts", "generated_tokens", "rows_used", "rows_total", "labels_right",
+           "rewards_right", "majority_share_sum", "negative_logprob_sum", "answered")
 
 
 def step_metrics(output: StepOutput, problems: list, task) -> dict:
@@ -29,7 +29,8 @@ def step_metrics(output: StepOutput, problems: list, task) -> dict:
     counts, votes = np.asarray(rollouts.votes.counts), np.asarray(rollouts.votes.num_samples)
     local = [len(problems), len(rollouts.prompt_index), votes.sum(), rollouts.completion_lengths.sum(),
              rollouts.rows_used, rollouts.rows_total, label_right.sum(), np.sum(rewards == answer_right),
-             np.sum(counts.max(axis=1) / np.maximum(votes, 1)), -np.sum(rollouts.policy_logprobs)]
+             np.sum(counts.max(axis=1) / np.maximum(votes, 1)), -np.sum(rollouts.policy_logprobs),
+             np.sum(rollouts.slots >= 0)]
     total = dict(zip(_SUMMED, process_sum(np.array(local, np.float64)).tolist(), strict=True))
     # A prompt keeps at most max_samples (= vote slots) rollouts: one histogram length on every process.
     histogram = np.trim_zeros(process_sum(np.bincount(per_prompt, minlength=counts.shape[1] + 1)), "b")
@@ -41,6 +42,8 @@ def step_metrics(output: StepOutput, problems: list, task) -> dict:
         "rollouts_per_prompt_histogram": histogram.tolist(),
         "generated_tokens": int(total["generated_tokens"]), "waves": rollouts.waves,
         "wave_utilization": total["rows_used"] / max(total["rows_total"], 1),
+        # Rollouts with an extractable answer: 0 means no vote, no label, no reward and nothing trained.
+        "answered_fraction": total["answered"] / max(total["rollouts"], 1),
         "label_accuracy": total["labels_right"] / total["prompts"],
         "reward_accuracy": total["rewards_right"] / max(total["rollouts"], 1),
         "majority_share": total["majority_share_sum"] / total["prompts"],

@@ -161,19 +161,18 @@ def collect_rollouts(params, model_config, task, problems: list, config: StepCon
     rows_used = waves = 0
     sampling_seconds = 0.0
     bar = tqdm(desc="waves", unit="wave", leave=False, disable=not progress)
+    counted = int(np.asarray(votes.num_samples).sum())
     # Every process takes part in every wave until the last unfinished prompt anywhere is finished.
     while process_max(int(np.any(_rows_wanted(votes, drawn, num_prompts, config) > 0))):
         extra = _extra_demand(votes, drawn, num_prompts, config.update.min_rollouts_per_prompt)
         prompt_ids, valid = _allocate_with_lookahead(votes, num_prompts, num_rows, config.sprt, extra, prior_state)
         start = time.perf_counter()
         wave = sample_wave(params, model_config, task, prompts, prompt_ids, valid, jax.random.fold_in(key, waves),
-                           config.sampling)
+                           config.sampling, bar=bar)
         sampling_seconds += time.perf_counter() - start
-        before = int(np.asarray(votes.num_samples).sum())
         voting = valid & ~np.asarray(votes.done)[prompt_ids]
         votes, slots = count_votes(votes, answer_slots, wave, config.sprt, prior_state)
-        # allocate_wave grants rows only within each prompt's budget, so every voting row is counted.
-        assert int(np.asarray(votes.num_samples).sum()) - before == int(voting.sum())
+        counted = _check_counted(votes, counted, int(voting.sum()))
         rows = np.flatnonzero(valid)
         for name, values in zip(KEPT_FIELDS, (prompt_ids, wave.completions, wave.completion_lengths,
                                               wave.policy_logprobs, slots), strict=True):
@@ -194,6 +193,19 @@ def collect_rollouts(params, model_config, task, problems: list, config: StepCon
         rows_total=waves * num_rows, rows_used=rows_used, waves=waves, sampling_seconds=sampling_seconds,
     )
     return rollouts, _carry_of_lookahead(votes, answer_slots, kept, num_prompts) if lookahead else None
+
+
+def _check_counted(votes: VoteState, counted_before: int, voting_rows: int) -> int:
+    """The votes counted so far, after checking that the wave added one per voting row.
+
+    ``allocate_wave`` grants rows only within each prompt's budget, so a vote lost here is a
+    bug, not a budget: an error (not an ``assert``, which ``python -O`` removes).
+    """
+    counted = int(np.asarray(votes.num_samples).sum())
+    if counted - counted_before != voting_rows:
+        raise RuntimeError(f"a wave of {voting_rows} voting rows added {counted - counted_before} votes: "
+                           "rows were granted beyond a prompt's budget or outside the vote table")
+    return counted
 
 
 def _start_votes(task, num_prompts: int, num_all: int, sprt: SPRTConfig, carry: LookaheadCarry | None):

@@ -14,7 +14,8 @@ import dataclasses
 import jax
 import numpy as np
 
-from optpo_jax.sampler import SamplingConfig, bucket_width, pad_wave, right_padded, sample_padded
+from optpo_jax.sampler import (SamplingConfig, bucket_width, decode_progress, pad_wave, progress_every, right_padded,
+                               sample_padded)
 from optpo_jax.sprt import SPRTConfig, VoteState, sprt_update
 from optpo_jax.train.answer_slots import AnswerSlots
 from optpo_jax.train.distributed import local_rows, mesh_of, process_max, rows_to_global
@@ -63,19 +64,22 @@ class Wave:
 
 
 def sample_wave(params, model_config, task, prompts: PromptTable, prompt_ids: np.ndarray, valid: np.ndarray,
-                key: jax.Array, sampling: SamplingConfig) -> Wave:
+                key: jax.Array, sampling: SamplingConfig, bar=None) -> Wave:
     """Samples rows ``prompt_ids`` of ``prompts`` (this process's share of the wave) and extracts answers.
 
     The padded width is the bucket of the longest valid prompt of the wave on any
     process; rows are placed over the params' mesh and this process's rows read back.
+    ``bar``: a tqdm bar whose postfix shows the decode's token count on long generations.
     """
     prompt_ids, valid = np.asarray(prompt_ids), np.asarray(valid, bool)
     lengths = prompts.lengths[prompt_ids]
     width = bucket_width(process_max(int(lengths[valid].max(initial=1))), sampling)
     inputs = pad_wave(prompts.tokens[prompt_ids], lengths, valid, sampling, width=width)
     mesh = mesh_of(params)
-    out = sample_padded(params, *rows_to_global(inputs, mesh), key, model_config=model_config, config=sampling)
-    completions, completion_lengths = local_rows(out.tokens, mesh), local_rows(out.lengths, mesh)
+    with decode_progress(bar):
+        out = sample_padded(params, *rows_to_global(inputs, mesh), key, model_config=model_config, config=sampling,
+                            progress_every=progress_every(sampling, bar))
+        completions, completion_lengths = local_rows(out.tokens, mesh), local_rows(out.lengths, mesh)
     answers = [task.extract(completions[row, : completion_lengths[row]]) if valid[row] else None
                for row in range(len(valid))]
     return Wave(prompt_ids, valid, completions, completion_lengths, local_rows(out.policy_logprobs, mesh), answers)

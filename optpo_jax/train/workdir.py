@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Self
 
 from optpo_jax.models.lora import PROJECTIONS
+from optpo_jax.tasks.math import TTRL_INSTRUCTION
 
 # What a run writes; --overwrite removes exactly these.
 RUN_FILES = ("checkpoints", "carry", "tb", "metrics.jsonl", "config.json", "summary.json", "final_eval.json")
@@ -99,7 +100,10 @@ def flatten(tree: dict, prefix: str = "") -> dict:
 # without the field resumes with this value (and only with it).
 ADDED_FIELDS = {"policy_update.min_rollouts_per_prompt": 0, "policy_update.optimizer_steps": 0,
                 "sprt.margin_p0": 0.75, "sprt.learn_prior": False,
-                "lora.rank": 0, "lora.alpha": 16.0, "lora.targets": ",".join(PROJECTIONS)}
+                "lora.rank": 0, "lora.alpha": 16.0, "lora.targets": ",".join(PROJECTIONS),
+                "reward": "consensus", "model_dtype": "float32", "data.path": "", "data.held_out_path": "",
+                "data.prompt_field": "prompt", "data.answer_field": "answer", "math.instruction": TTRL_INSTRUCTION,
+                "math.max_prompt_tokens": 1024, "math.multiple_choice": False, "math.timeout_seconds": 2}
 
 
 def check_resumable(workdir: Path, config) -> None:
