@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 
 from optpo_jax.default_config import arithmetic_config
-from optpo_jax.train.loop import load_run_config, restore_policy_params, run_eval
+from optpo_jax.train.loop import load_run_config, restore_run_state, run_eval
 from optpo_jax.train.setup import build_setup
 
 
@@ -31,7 +31,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     # A run's own config: its task, model and LoRA settings (the adapters are merged into its base).
     setup = build_setup(load_run_config(args.workdir) if args.workdir else arithmetic_config("optpo"))
-    params = restore_policy_params(setup, args.workdir)[0] if args.workdir else setup.policy.params
+    params = restore_run_state(setup, args.workdir)[0].policy_params() if args.workdir else setup.policy.params
     result = run_eval(setup, params, args.samples, args.seed)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -2,10 +2,10 @@
 
     optpo-jax train   --config configs/arith_optpo.py --workdir runs/optpo [--resume [--resume_step=N] | --overwrite]
                       [--config.sprt.threshold=0.99]
-    optpo-jax eval    --config configs/arith_optpo.py [--workdir runs/optpo]
+    optpo-jax eval    --workdir runs/optpo [--config.eval.final_samples=16]   (--workdir='': --config's initial policy)
     optpo-jax compare [--config configs/arith_optpo.py] [--baseline_config configs/arith_ttrl.py] --workdir runs/compare
                       [--seeds N] [--resume | --overwrite]
-    optpo-jax export  --config configs/arith_optpo.py --workdir runs/optpo --out models/optpo [--adapters_only]
+    optpo-jax export  --workdir runs/optpo --out models/optpo [--adapters_only]
                       [--export_dtype float32]
     optpo-jax plan    --config configs/qwen2p5_math_1p5b_math500_lora.py [--device_memory 16GB] [--devices 1]
 
@@ -32,8 +32,26 @@ def _default(name: str) -> str | None:
     return str(path) if path.exists() else None
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", _default("arith_optpo.py"), "experiment config file (ml_collections)")
-_BASELINE = config_flags.DEFINE_config_file("baseline_config", _default("arith_ttrl.py"), "baseline config for compare")
+def _missing_field_exit(error: Exception, argv: list[str]):
+    """Ends the command in one line for an override of a field the config lacks (ml_collections raises a bare
+    AttributeError / KeyError naming only the last part of the field)."""
+    missing = str(error).strip("'\"")
+    named = [argument.split("=")[0] for argument in argv[1:]
+             if argument.startswith("--") and "config." in argument and argument.split("=")[0].split(".")[-1] == missing]
+    sys.exit(f"optpo-jax: error: {named[0] if named else missing}: the config has no such field "
+             "(the fields are in optpo_jax/default_config.py)")
+
+
+def _define_config(name: str, default: str | None, help_text: str):
+    """``DEFINE_config_file``, which already applies the command line's overrides of this config."""
+    try:
+        return config_flags.DEFINE_config_file(name, default, help_text)
+    except (AttributeError, KeyError) as error:
+        _missing_field_exit(error, sys.argv)
+
+
+_CONFIG = _define_config("config", _default("arith_optpo.py"), "experiment config file (ml_collections)")
+_BASELINE = _define_config("baseline_config", _default("arith_ttrl.py"), "baseline config for compare")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "directory for metrics, checkpoints and the summary")
 _RESUME = flags.DEFINE_bool("resume", False, "continue the run in --workdir from its latest checkpoint")
 _RESUME_STEP = flags.DEFINE_integer("resume_step", None, "with --resume: continue from this checkpoint step instead")
@@ -95,22 +113,65 @@ def command_train(_):
     print(json.dumps(summary, indent=1))
 
 
+# Fields eval and export may set differently from the run (how and where it is evaluated, not what was trained).
+FREE_FIELDS = ("eval.", "mesh.", "distributed", "remat")
+
+
+def _config_of_run(command: str, free=FREE_FIELDS):
+    """The config the run in --workdir saved, with --config.eval.* (and the other ``free`` fields) applied.
+
+    A --config file or override that differs from the run in any other field is refused with the fields:
+    a different LoRA rank, model or dtype would evaluate or export another model than the one trained.
+    """
+    from ml_collections import config_flags as flags_of_config
+
+    from optpo_jax.train.config_checks import ConfigError
+    from optpo_jax.train.loop import load_run_config
+    from optpo_jax.train.workdir import config_differences
+
+    saved = load_run_config(_WORKDIR.value)
+    saved_json = json.loads(saved.to_json_best_effort())
+    differing = []
+    if flags.FLAGS["config"].present:
+        differing = config_differences(saved_json, json.loads(_CONFIG.value.to_json_best_effort()), free)
+    for field, value in flags_of_config.get_override_values(flags.FLAGS["config"]).items():
+        if any(field == name or (name.endswith(".") and field.startswith(name)) for name in free):
+            saved.update_from_flattened_dict({field: value})
+        else:
+            differing += config_differences(saved_json, {**saved_json, **_nested(field, value, saved_json)}, free)
+    if differing:
+        raise ConfigError(f"{command} uses the run's own config ({Path(_WORKDIR.value) / 'config.json'}); these "
+                          f"differ from it: {'; '.join(sorted(set(differing)))}. Leave them out (only "
+                          f"{', '.join(free)} may differ)")
+    return saved
+
+
+def _nested(field: str, value, like: dict) -> dict:
+    """{"a": {**like["a"], "b": value}} for ``field`` "a.b": the one override, in the saved config's shape."""
+    head, _, rest = field.partition(".")
+    if not rest:
+        return {head: value}
+    return {head: {**like.get(head, {}), **_nested(rest, value, like.get(head, {}))}}
+
+
 @_one_line_errors
 def command_eval(_):
-    """pass@1 / maj@k / pass@k of the latest checkpoint in --workdir on the config's evaluation prompts."""
-    from optpo_jax.train.checkpoints import Checkpointer
-    from optpo_jax.train.loop import init_train_state, restore_state, run_eval
+    """pass@1 / maj@k / pass@k of the run in --workdir (its latest checkpoint, under its own config.json) on its
+    evaluation prompts; --workdir='' evaluates the initial policy of --config."""
+    from optpo_jax.train.loop import restore_run_state, run_eval
     from optpo_jax.train.setup import build_setup
 
-    config = _start(_config_or_default(_CONFIG, "optpo"))
-    setup = build_setup(config)
-    state = init_train_state(setup)
-    directory = Path(_WORKDIR.value) / "checkpoints"
-    checkpoints = Checkpointer(directory) if directory.is_dir() else None  # eval never creates a workdir
-    if checkpoints is not None and checkpoints.latest_step() is not None:
-        state, _, _ = restore_state(checkpoints, state)
-        print(f"evaluating {_WORKDIR.value} at step {checkpoints.latest_step()}")
-    summary = run_eval(setup, state.policy_params(), config.eval.final_samples, config.seed + 1).summary()
+    if _WORKDIR.value:
+        setup = build_setup(_start(_config_of_run("eval")))
+        state, step = restore_run_state(setup, _WORKDIR.value)
+        params = state.policy_params()
+        print(f"evaluating {_WORKDIR.value} at step {step}")
+    else:
+        setup = build_setup(_start(_config_or_default(_CONFIG, "optpo")))
+        params = setup.policy.params
+        print("evaluating the initial policy of the config")
+    config = setup.config
+    summary = run_eval(setup, params, config.eval.final_samples, config.seed + 1).summary()
     print(json.dumps(summary, indent=1))
 
 
@@ -140,20 +201,22 @@ def command_export(_):
     """
     from optpo_jax.models import save_hf
     from optpo_jax.optim import float32_master_params
-    from optpo_jax.train.checkpoints import Checkpointer
     from optpo_jax.train.config_checks import ConfigError
-    from optpo_jax.train.loop import init_train_state, restore_state
+    from optpo_jax.train.loop import restore_run_state
     from optpo_jax.train.setup import build_setup
+    from optpo_jax.train.workdir import holds_run, model_type_in
 
     if not _OUT.value:
         raise ConfigError("export needs --out, the directory to write the model to")
-    config = _config_or_default(_CONFIG, "optpo")
+    out = Path(_OUT.value)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"export: --out {out} is a file, not a directory")
+    if holds_run(out) and model_type_in(out) is None:
+        raise ConfigError(f"export: --out {out} holds a training run; writing a model there would replace its "
+                          "config.json: choose another --out")
+    config = _config_of_run("export")
     setup = build_setup(config)
-    directory = Path(_WORKDIR.value) / "checkpoints"
-    checkpoints = Checkpointer(directory) if directory.is_dir() else None  # export never creates a workdir
-    if checkpoints is None or checkpoints.latest_step() is None:
-        raise ConfigError(f"export: {directory} holds no checkpoint")
-    state, _, _ = restore_state(checkpoints, init_train_state(setup))
+    state, step = restore_run_state(setup, _WORKDIR.value)
     if _ADAPTERS_ONLY.value and state.lora is None:
         raise ConfigError("--adapters_only needs a LoRA run (config.lora.rank > 0)")
     trained, dtype, source = state.params, None, "as trained"
@@ -170,7 +233,7 @@ def command_export(_):
         save_hf(setup.policy, _OUT.value, adapters=trained, lora=state.lora, adapters_only=_ADAPTERS_ONLY.value,
                 base_model=config.model_path, dtype=dtype)
     print(f"wrote {_OUT.value} ({'PEFT adapters' if _ADAPTERS_ONLY.value else 'merged model'}, {source}) from "
-          f"{_WORKDIR.value} at step {checkpoints.latest_step()}")
+          f"{_WORKDIR.value} at step {step}")
 
 
 @_one_line_errors
@@ -180,8 +243,12 @@ def command_plan(_):
 
     from optpo_jax.train.memory_plan import format_plan, parse_bytes, plan_memory, run_shape
 
+    from optpo_jax.train.config_checks import ConfigError
+
     config = _config_or_default(_CONFIG, "optpo")
     device_bytes = parse_bytes(_DEVICE_MEMORY.value) if _DEVICE_MEMORY.value else None
+    if _DEVICES.value is not None and not 1 <= _DEVICES.value <= 2**20:
+        raise ConfigError(f"--devices must be a positive number of devices (at most 2**20), got {_DEVICES.value}")
     shape = run_shape(config, num_devices=_DEVICES.value or jax.device_count())
     print(f"{shape.model.model_type}, {shape.model.num_params() / 1e9:.3f}B parameters ({shape.model.param_dtype}), "
           f"LoRA rank {shape.lora_rank or 'off'}; waves of {shape.rows_per_wave} rows x "
@@ -231,7 +298,20 @@ def main():
         print(__doc__)
         sys.exit(f"usage: optpo-jax {{{','.join(COMMANDS)}}} [flags]")
     command = COMMANDS[sys.argv.pop(1)]
+    _parse_flags_or_exit(sys.argv)
     app.run(command)
+
+
+def _parse_flags_or_exit(argv: list[str]) -> None:
+    """Parses the flags once before ``app.run`` so that an unknown flag or an override of a field the config
+    lacks (``--config=other.py --config.sprt.nonexistent=1``) ends in one line."""
+    try:
+        flags.FLAGS(argv)
+    except flags.Error as error:
+        sys.exit(f"optpo-jax: error: {error}")
+    except (AttributeError, KeyError) as error:
+        _missing_field_exit(error, argv)
+    flags.FLAGS.unparse_flags()  # app.run parses them again
 
 
 if __name__ == "__main__":

@@ -31,3 +31,13 @@ def test_each_command_help_exits_0_with_its_own_flags(name):
         assert f"  --{flag}: " in result.stdout
     other = {flag for flags in COMMAND_FLAGS.values() for flag in flags} - set(COMMAND_FLAGS[name])
     assert not any(f"  --{flag}: " in result.stdout for flag in other)
+
+
+@pytest.mark.parametrize("override", ["--config.sprt.nonexistent=1", "--baseline_config.grpo.bogus=2"])
+def test_an_override_of_a_field_the_config_lacks_is_one_line(override):
+    """ml_collections applies overrides while the flags are defined and raised a bare AttributeError traceback."""
+    result = _help("compare", override, "--workdir=/nonexistent/never")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"optpo-jax: error: {override.split('=')[0]}: the config has no such field (the fields are in "
+        "optpo_jax/default_config.py)")

@@ -177,7 +177,10 @@ def save_run(workdir, run_args, float32_master: bool) -> tuple[dict, dict]:
     from optpo_jax.train.loop import init_train_state
     from optpo_jax.train.setup import build_setup
 
-    state = init_train_state(build_setup(run_config(*run_args, float32_master=float32_master)))
+    config = run_config(*run_args, float32_master=float32_master)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(config.to_json_best_effort())  # export reads the run's own config
+    state = init_train_state(build_setup(config))
     keys = iter(jax.random.split(jax.random.key(0), 1000))
     master = jax.tree.map(lambda p: p.astype(jnp.float32) * (1 + 1e-4 * jax.random.normal(next(keys), p.shape)),
                           state.params)
@@ -234,3 +237,32 @@ def test_cli_float32_export_without_master_weights_widens_the_params_and_says_so
     written = _flat(load_hf(tmp_path / "widened", load_tokenizer=False).params)
     for key, value in params.items():
         np.testing.assert_array_equal(written[key], value)
+
+
+def test_adapters_and_a_merged_model_never_share_a_directory_and_old_shards_go(tmp_path):
+    """Adapters written into a merged model's directory (or the reverse) once left both sets of files, and an
+    earlier sharded export's index made loaders read the old weights (reference: load_hf of the directory)."""
+    from optpo_jax.tasks.arithmetic import load_policy
+
+    policy = load_policy()
+    lora = LoRAConfig(rank=2)
+    adapters = jax.tree.map(lambda leaf: leaf + 0.01, init_adapters(policy.params, lora))
+    merged_dir, adapter_dir = tmp_path / "merged", tmp_path / "adapters"
+    save_hf(policy, merged_dir, adapters=adapters, lora=lora)
+    save_hf(policy, adapter_dir, adapters=adapters, lora=lora, adapters_only=True)
+    with pytest.raises(ValueError, match="holds a merged model .*write the adapters to another directory"):
+        save_hf(policy, merged_dir, adapters=adapters, lora=lora, adapters_only=True)
+    with pytest.raises(ValueError, match="holds LoRA adapters .*write a merged model to another directory"):
+        save_hf(policy, adapter_dir, adapters=adapters, lora=lora)
+    assert not (merged_dir / "adapter_config.json").exists() and not (adapter_dir / "model.safetensors").exists()
+
+    stale = tmp_path / "stale"
+    stale.mkdir()
+    (stale / "model-00001-of-00002.safetensors").write_bytes(b"old")
+    (stale / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"model.norm.weight": "model-00001-of-00002.safetensors"}}))
+    save_hf(policy, stale)
+    assert sorted(path.name for path in stale.glob("*.safetensors*")) == ["model.safetensors"]
+    reloaded = load_hf(stale, load_tokenizer=False)
+    for ours, theirs in zip(jax.tree.leaves(policy.params), jax.tree.leaves(reloaded.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))

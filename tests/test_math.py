@@ -155,6 +155,7 @@ def test_aime_config_smoke_run_on_a_tiny_random_qwen2(tmp_path, make_config):
     config.sprt.update({"min_samples": 2, "max_samples": 4})
     config.sampling.update({"max_new_tokens": 12, "prompt_buckets": (128, 256)})
     config.math.max_prompt_tokens = 128
+    config.lora.rank = min(config.lora.rank, 16)  # the tiny model's k / v projections are 16 wide
     config.policy_update.micro_batch_rows = 8
     config.policy_update.grad_accumulation = min(config.policy_update.grad_accumulation, 8)
     config.eval.update({"every_steps": 0, "final_samples": 2})

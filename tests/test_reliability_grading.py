@@ -4,6 +4,9 @@
    works off the main thread (grading worker processes, killed and replaced on overrun).
 9: answer extraction in linear time on any completion, with its own answer-length limit.
 10: an answer must parse as a whole (``\\sin 2 \\cup`` is not ``2``).
+Worker deaths (issue 25): a pair whose worker is killed is checked again on a fresh worker,
+an error is never cached as a verdict and reaches the task's counters, and a worker that
+dies while starting is named as such (not "is math-verify installed?").
 
 The whole file runs under a time budget (``FILE_BUDGET_SECONDS``, checked when the module's
 tests are done); single calls are bounded with a SIGALRM cap or a subprocess timeout, so a
@@ -380,3 +383,112 @@ def test_a_finite_answer_never_equals_an_infinite_one():
     equal = MathEquivalence(timeout_seconds=2)
     assert [pair for pair, same in zip(pairs, equal.many(pairs), strict=True) if same] == []
     assert equal("(2,\\infty)", "(2, \\infty)") and equal("\\infty", "+\\infty") and not equal("\\infty", "-\\infty")
+
+
+# ---------------------------------------------------------------- issue 25: worker deaths
+
+
+@pytest.fixture
+def doom(monkeypatch):
+    """While ``doom["start"]`` is set, every worker a pool starts is SIGKILLed at once; while
+    ``doom["check"]`` is set, every worker is SIGKILLed right after a pair is sent to it."""
+    switches = {"start": False, "check": False}
+    spawn = GradingPool._spawn
+
+    def spawn_doomed(pool):
+        worker = spawn(pool)
+        if switches["start"]:
+            os.kill(worker.pid, signal.SIGKILL)
+        send = worker.requests.send
+
+        def send_then_die(message):
+            doomed = switches["check"]
+            if doomed:  # stopped first, so it cannot answer before it dies
+                os.kill(worker.pid, signal.SIGSTOP)
+            send(message)
+            if doomed:
+                os.kill(worker.pid, signal.SIGKILL)
+
+        worker.requests.send = send_then_die
+        return worker
+
+    monkeypatch.setattr(GradingPool, "_spawn", spawn_doomed)
+    return switches
+
+
+def test_a_worker_killed_mid_check_is_retried_and_the_verdict_stands():
+    """Issue 25: a worker SIGKILLed with a pair in flight made that pair "error", read and
+    cached as "not equal" (a vote split 4-0 became 3-1); the pair is now sent to a fresh worker."""
+    with GradingPool(workers=1) as pool:
+        equal = MathEquivalence(timeout_seconds=5, pool=pool)
+        assert equal("0.25", "\\frac{1}{4}")  # warm
+        [victim] = pool.pids
+        os.kill(victim, signal.SIGSTOP)  # it cannot answer: the next pair waits in its pipe
+        results = []
+        thread = threading.Thread(target=lambda: results.append(equal("0.5", "\\frac{1}{2}")))
+        thread.start()
+        time.sleep(0.3)
+        os.kill(victim, signal.SIGKILL)
+        thread.join(timeout=20)
+        assert not thread.is_alive()
+        assert results == [True]
+        assert equal.errors == 0 and equal.timeouts == 0 and equal.calls == 2
+        assert pool.deaths == 1 and pool.last_death == "killed by signal 9 (SIGKILL)"
+        assert not alive(victim) and victim not in pool.pids
+        assert pool.equal("\\frac{2}{3}", "0.5", 5) == (False, "ok")  # the fresh worker serves on
+
+
+def test_a_pair_whose_worker_always_dies_is_an_error_never_a_cached_verdict(doom):
+    """Issue 25: after its retries (2), a pair whose worker dies every time is an error: "not
+    equal" for that call only (never cached), counted in errors and in the task's counters
+    (equivalence_errors / grader_errors in metrics.jsonl)."""
+    from optpo_jax.train.metrics import task_counters
+
+    with GradingPool(workers=1) as pool:
+        task = MathTask(_FakeTokenizer(), multiple_choice=True)  # multiple choice: starts no default pool
+        task.equivalent = MathEquivalence(timeout_seconds=5, pool=pool)
+        task.grader = MathEquivalence(timeout_seconds=5, pool=pool)
+        doom["check"] = True
+        assert task.equivalent("0.5", "\\frac{1}{2}") is False
+        assert task.equivalent.errors == 1 and task.equivalent.timeouts == 0
+        doom["check"] = False
+        assert task.equivalent("0.5", "\\frac{1}{2}") is True  # checked again: the error was not cached
+        assert task.equivalent.errors == 1 and task.equivalent.calls == 2
+        assert pool.deaths == 3 and pool.last_death == "killed by signal 9 (SIGKILL)"
+        counters = task_counters(task)
+        assert counters["equivalence_errors"] == 1 and counters["grader_errors"] == 0
+        assert counters["equivalence_timeouts"] == 0 and counters["grader_timeouts"] == 0
+
+
+def test_a_worker_killed_while_starting_is_replaced():
+    """Issue 25: a worker killed before it was ready raised GradingError out of equal()
+    ("is math-verify installed?"); the call now starts another and answers."""
+    with GradingPool(workers=1) as pool:
+        [victim] = pool.start().pids
+        os.kill(victim, signal.SIGKILL)
+        assert pool.equal("0.5", "\\frac{1}{2}", 5) == (True, "ok")
+        assert pool.deaths == 1 and pool.last_death == "killed by signal 9 (SIGKILL)"
+
+
+def test_a_worker_that_keeps_dying_while_starting_is_named_as_such(doom):
+    """Issue 25: when every try's worker dies while starting, the error says it was killed
+    (signal 9), not that math-verify may be missing."""
+    doom["start"] = True
+    with GradingPool(workers=1) as pool, pytest.raises(grading.GradingError) as raised:
+        pool.equal("0.5", "\\frac{1}{2}", 5)
+    message = str(raised.value)
+    assert "died while starting: killed by signal 9 (SIGKILL)" in message, message
+    assert "math-verify" not in message, message
+    assert isinstance(raised.value, grading.WorkerDied) and pool.deaths == 3
+
+
+def test_a_worker_that_cannot_import_math_verify_says_so(tmp_path, monkeypatch):
+    """Issue 25: a real import failure is reported by the worker itself, named, and not retried."""
+    (tmp_path / "math_verify").mkdir()
+    (tmp_path / "math_verify" / "__init__.py").write_text("raise ImportError('math-verify is broken here')\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))  # the worker finds this one first
+    with GradingPool(workers=1) as pool, pytest.raises(grading.GradingError) as raised:
+        pool.equal("0.5", "\\frac{1}{2}", 5)
+    message = str(raised.value)
+    assert "could not import math-verify (ImportError: math-verify is broken here)" in message, message
+    assert "is math-verify installed" in message and pool.deaths == 0

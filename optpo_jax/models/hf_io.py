@@ -253,6 +253,25 @@ def _write_config(model: HFModel, out_dir: Path, dtype: str) -> None:
     (out_dir / "config.json").write_text(json.dumps(written, indent=2, sort_keys=True) + "\n")
 
 
+def _refuse_mixing(out_dir: Path, present: tuple[str, ...], holds: str, writing: str) -> None:
+    """A directory holds one model: writing ``writing`` beside ``holds`` would leave loaders two to pick from."""
+    found = [name for name in present if (out_dir / name).exists()]
+    if found:
+        raise ValueError(f"save_hf: {out_dir} holds {holds} ({', '.join(found)}); write {writing} to another "
+                         "directory (or remove those files first)")
+
+
+def _remove_old_shards(out_dir: Path) -> None:
+    """Removes an earlier sharded export (its index and the shards it lists): loaders prefer the index over the
+    single file written now, so they would read the old weights."""
+    index = out_dir / INDEX_FILE
+    if not index.exists():
+        return
+    for shard in set(json.loads(index.read_text()).get("weight_map", {}).values()):
+        (out_dir / Path(shard).name).unlink(missing_ok=True)
+    index.unlink()
+
+
 def save_hf(model: HFModel, out_dir: str | Path, adapters: dict | None = None, lora=None,
             adapters_only: bool = False, base_model: str = "", dtype: Any = None) -> None:
     """Writes config.json, model.safetensors, the tokenizer and generation_config.json for
@@ -278,8 +297,11 @@ def save_hf(model: HFModel, out_dir: str | Path, adapters: dict | None = None, l
             raise ValueError("save_hf(adapters_only=True) needs the adapters and their LoRAConfig")
         if dtype not in (None, "float32"):
             raise ValueError(f"save_hf(adapters_only=True) writes float32 adapters (PEFT's layout), not {dtype}")
+        _refuse_mixing(Path(out_dir), (SINGLE_FILE, INDEX_FILE), "a merged model", "the adapters")
         save_peft_adapters(adapters, lora, out_dir, base_model)
         return
+    _refuse_mixing(Path(out_dir), ("adapter_config.json", "adapter_model.safetensors"), "LoRA adapters",
+                   "a merged model")
     params = _cast(model.params, dtype)
     if adapters is not None:
         params = merged_params(params, adapters, lora)
@@ -287,6 +309,7 @@ def save_hf(model: HFModel, out_dir: str | Path, adapters: dict | None = None, l
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = _hf_tensors(params)
     _write_config(model, out_dir, _written_dtype(tensors))
+    _remove_old_shards(out_dir)
     save_file(tensors, str(out_dir / SINGLE_FILE), metadata={"format": "pt"})
     if model.tokenizer is not None:
         model.tokenizer.save_pretrained(out_dir)

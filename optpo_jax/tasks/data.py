@@ -38,6 +38,12 @@ def _decode(path: Path) -> str:
         ) from error
 
 
+def _exact_int(digits: str) -> int | str:
+    """A JSON integer as an int, or as its digits where Python's int-string limit (4300 digits) would refuse it:
+    the answer stays exact instead of failing without a file or row."""
+    return int(digits) if len(digits) < 4000 else digits
+
+
 def _rows_from_file(path: Path) -> list:
     if path.is_dir():
         raise ValueError(f"{path} is a directory; expected a .json (list of records) or .jsonl file")
@@ -48,14 +54,20 @@ def _rows_from_file(path: Path) -> list:
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                rows.append(json.loads(line, parse_int=_exact_int))
             except json.JSONDecodeError as error:
                 raise ValueError(f"{path}: line {line_number} is not valid JSON: {error}") from error
+            except RecursionError as error:
+                raise ValueError(f"{path}: line {line_number} nests JSON arrays / objects too deeply to read "
+                                 "(a record is an object of prompt and answer fields)") from error
         return rows
     try:
-        rows = json.loads(text)
+        rows = json.loads(text, parse_int=_exact_int)
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}: not valid JSON: {error}") from error
+    except RecursionError as error:
+        raise ValueError(f"{path}: nests JSON arrays / objects too deeply to read (expected a list of records, "
+                         "each an object of prompt and answer fields)") from error
     if not isinstance(rows, list):
         raise ValueError(f"{path}: expected a list of records, got {type(rows).__name__}")  # noqa: TRY004
     return rows
@@ -113,7 +125,8 @@ def load_problems(source: str, prompt_field: str = "prompt", answer_field: str =
     limit is a ValueError).
 
     Raises ValueError naming the file (or dataset) and the row for a record that is not
-    an object or lacks a usable prompt or answer field.
+    an object or lacks a usable prompt or answer field, and naming the file for JSON nested
+    too deeply to parse (instead of a RecursionError).
     """
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
         raise ValueError(f"load_problems: limit must be an integer >= 0 (0 keeps all problems), got {limit!r}")

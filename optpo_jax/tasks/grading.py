@@ -11,6 +11,13 @@ after ``seconds`` with its own timer; the parent waits at most ``seconds + grace
 and otherwise kills the worker and starts a replacement. Either way the call reports a
 timeout. Calls may come from any thread; up to ``workers`` run at once.
 
+A worker that dies during a call (killed by a signal, e.g. the kernel's OOM killer, or
+crashed), while starting or with the pair in flight, is replaced and the pair is sent
+again, at most ``retries`` (default 2) more times: a death is never read as "not equal".
+After that a death mid-check reports status "error", and one while starting raises
+``WorkerDied``, naming the exit code or signal. A worker that reports that it could not
+start (math-verify not importable, ...) raises ``GradingError`` with its error, at once.
+
 One pool per process (``default_pool()``) is shared by every ``MathEquivalence``: it starts
 its workers on first use (or ``start()``), and stops them at ``close()``, when the pool is
 garbage collected, or at interpreter exit. A worker also exits by itself when its parent
@@ -28,6 +35,7 @@ from __future__ import annotations
 
 import os
 import queue
+import signal
 import subprocess
 import sys
 import threading
@@ -43,6 +51,30 @@ DEFAULT_MEMORY_MB = 4096
 
 class GradingError(RuntimeError):
     """A grading worker could not be started (e.g. math-verify is not importable)."""
+
+
+class WorkerDied(GradingError):
+    """A grading worker process died (killed by a signal, or exited) before it could answer;
+    ``cause`` says how, e.g. "killed by signal 9 (SIGKILL)"."""
+
+    def __init__(self, message: str, cause: str = ""):
+        super().__init__(message)
+        self.cause = cause
+
+
+def _exit_cause(process: subprocess.Popen) -> str:
+    """How a worker process ended: "killed by signal 9 (SIGKILL)", "exited with code 1"."""
+    try:
+        code = process.wait(2.0)  # its pipe closed: it is exiting, if not gone already
+    except subprocess.TimeoutExpired:
+        return "closed its pipe but is still running"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = "unknown signal"
+        return f"killed by signal {-code} ({name})"
+    return f"exited with code {code}"
 
 
 class _Worker:
@@ -74,10 +106,15 @@ class _Worker:
             if not self.replies.poll(seconds):
                 raise GradingError(f"grading worker (pid {self.pid}) did not start within {seconds:g} s")
             message = self.replies.recv()
-        except (EOFError, OSError) as error:
-            code = self.process.poll()
-            raise GradingError(f"grading worker (pid {self.pid}) exited while starting (exit code {code}); "
-                               f"its error is printed above: is math-verify installed for {sys.executable}?") from error
+        except (EOFError, OSError) as error:  # it died without a word: killed, or crashed
+            cause = _exit_cause(self.process)
+            raise WorkerDied(f"grading worker (pid {self.pid}) died while starting: {cause}", cause) from error
+        if isinstance(message, tuple) and message[:1] == ("failed",) and len(message) == 3:
+            _, description, import_failed = message  # the worker's own report; its traceback is printed above
+            if import_failed:
+                raise GradingError(f"grading worker (pid {self.pid}) could not import math-verify ({description}): "
+                                   f"is math-verify installed for {sys.executable}?")
+            raise GradingError(f"grading worker (pid {self.pid}) failed while starting: {description}")
         if not (isinstance(message, tuple) and message[:1] == ("ready",)):
             raise GradingError(f"grading worker (pid {self.pid}) sent {message!r} instead of 'ready'")
         self.ready = True
@@ -118,19 +155,26 @@ class GradingPool:
     whose own timer did not stop it. ``startup_seconds``: how long a new worker may take to
     import math-verify (not counted in any call's deadline). ``memory_mb``: each worker's
     address-space limit (a runaway expansion raises MemoryError there: "not equal"); 0 for none.
+    ``retries``: how many more times a call sends its pair to a fresh worker after the one
+    checking it died (killed or crashed, while starting or mid-check).
     """
 
     def __init__(self, workers: int = DEFAULT_WORKERS, grace_seconds: float = 0.5, startup_seconds: float = 120.0,
-                 memory_mb: int = DEFAULT_MEMORY_MB):
+                 memory_mb: int = DEFAULT_MEMORY_MB, retries: int = 2):
         if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
             raise ValueError(f"workers must be an int >= 1, got {workers!r}")
+        if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
+            raise ValueError(f"retries must be an int >= 0, got {retries!r}")
         if not isinstance(memory_mb, int) or isinstance(memory_mb, bool) or memory_mb < 0:
             raise ValueError(f"memory_mb must be an int >= 0, got {memory_mb!r}")
         self.size = workers
         self.memory_bytes = memory_mb << 20
         self.grace_seconds = float(grace_seconds)
         self.startup_seconds = float(startup_seconds)
+        self.retries = retries
         self.kills = 0  # workers killed at the hard deadline (their call counted as a timeout)
+        self.deaths = 0  # workers that died during a call, killed or crashed (its pair is sent again)
+        self.last_death = ""  # how the latest of those ended, e.g. "killed by signal 9 (SIGKILL)"
         self._idle: queue.Queue = queue.Queue()
         self._workers: set[_Worker] = set()
         self._lock = threading.RLock()
@@ -167,32 +211,50 @@ class GradingPool:
         """Process ids of the live workers."""
         return sorted(worker.pid for worker in self._workers)
 
+    def _died(self, cause: str) -> None:
+        with self._lock:
+            self.deaths += 1
+            self.last_death = cause
+
     def equal(self, first: str, second: str, seconds: float) -> tuple[bool, str]:
         """``(result, status)``: status "ok", "timeout" (worker timer or hard deadline; result
-        False) or "error" (math-verify failed in an unexpected way or the worker died; False)."""
+        False) or "error" (math-verify failed in an unexpected way, or the worker checking the
+        pair died ``retries + 1`` times; False). An "error" is no verdict: do not cache it.
+
+        Raises ``GradingError`` when a worker cannot start (``WorkerDied`` when it died while
+        starting ``retries + 1`` times)."""
         self.start()
         worker = self._idle.get()
         pending = False  # a request is out: this worker must not serve another until it replies
         try:
-            try:
-                worker.wait_ready(self.startup_seconds)
-            except GradingError:
-                worker = self._replace(worker)
-                raise
-            try:
-                pending = True
-                worker.requests.send((first, second, float(seconds)))
-                if not worker.replies.poll(seconds + self.grace_seconds):
-                    with self._lock:
-                        self.kills += 1
-                    return False, "timeout"
-                reply = worker.replies.recv()
-                pending = False
-            except (EOFError, OSError):
-                return False, "error"
-            if reply[0] == "ok":
-                return bool(reply[1]), "ok"
-            return False, "timeout" if reply[0] == "timeout" else "error"
+            for attempt in range(self.retries + 1):
+                if pending:  # the previous attempt's worker died with the pair in flight
+                    worker, pending = self._replace(worker), False
+                try:
+                    worker.wait_ready(self.startup_seconds)
+                except GradingError as error:
+                    worker = self._replace(worker)
+                    if isinstance(error, WorkerDied):
+                        self._died(error.cause)
+                    if not isinstance(error, WorkerDied) or attempt == self.retries:
+                        raise
+                    continue
+                try:
+                    pending = True
+                    worker.requests.send((first, second, float(seconds)))
+                    if not worker.replies.poll(seconds + self.grace_seconds):
+                        with self._lock:
+                            self.kills += 1
+                        return False, "timeout"
+                    reply = worker.replies.recv()
+                    pending = False
+                except (EOFError, OSError):  # it died mid-check (killed, crashed): send the pair again
+                    self._died(_exit_cause(worker.process))
+                    continue
+                if reply[0] == "ok":
+                    return bool(reply[1]), "ok"
+                return False, "timeout" if reply[0] == "timeout" else "error"
+            return False, "error"
         finally:
             if pending:  # overran, died, or the caller was interrupted (e.g. KeyboardInterrupt)
                 worker = self._replace(worker)

@@ -7,7 +7,9 @@ optpo_jax), so ``grading.GradingPool`` can run it by path in a fresh interpreter
 
 Protocol: the parent first sends ``{"sys_path": [...], "parent_pid": int, "memory_bytes": int}``
 (its address-space limit, 0 for none); the worker
-answers ``("ready", pid)`` once math-verify is imported and warmed up. Then each request
+answers ``("ready", pid)`` once math-verify is imported and warmed up, or
+``("failed", "ErrorType: message", import_failed)`` when it cannot start (then exits with its
+traceback on stderr; a worker that dies without that reply was killed or crashed). Then each request
 ``(first, second, seconds)`` gets one reply: ``("ok", bool)``, ``("timeout",)`` when the
 worker's own timer (``seconds``) ran out, or ``("error", message)``. The parent also
 enforces a hard deadline (``seconds`` plus a grace) by killing the worker, which covers a
@@ -20,6 +22,7 @@ time limit of their own there.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -148,17 +151,25 @@ def main() -> None:
     os.dup2(2, 1)  # stray prints go to stderr, never into the reply pipe
     sys.stdout = sys.stderr
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when a worker stops
-    hello = requests.recv()
-    sys.path.extend(path for path in hello.get("sys_path", []) if path not in sys.path)
-    if hello.get("memory_bytes"):  # a runaway expansion fails with MemoryError instead of filling the host
-        import resource
+    try:
+        hello = requests.recv()
+    except (EOFError, OSError):
+        return  # the parent went away before saying hello
+    try:
+        sys.path.extend(path for path in hello.get("sys_path", []) if path not in sys.path)
+        if hello.get("memory_bytes"):  # a runaway expansion fails with MemoryError instead of filling the host
+            import resource
 
-        hard = resource.getrlimit(resource.RLIMIT_AS)[1]
-        soft = hello["memory_bytes"] if hard == resource.RLIM_INFINITY else min(hello["memory_bytes"], hard)
-        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
-    threading.Thread(target=_watch_parent, args=(hello["parent_pid"],), daemon=True).start()
-    logging.getLogger("math_verify").setLevel(logging.ERROR)  # "timeout disabled": this process is the timeout
-    equal("\\frac{1}{2}", "0.5")  # build the parsers now, not in the first timed call
+            hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+            soft = hello["memory_bytes"] if hard == resource.RLIM_INFINITY else min(hello["memory_bytes"], hard)
+            resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+        threading.Thread(target=_watch_parent, args=(hello["parent_pid"],), daemon=True).start()
+        logging.getLogger("math_verify").setLevel(logging.ERROR)  # "timeout disabled": this process is the timeout
+        equal("\\frac{1}{2}", "0.5")  # build the parsers now, not in the first timed call
+    except Exception as error:  # tell the parent why (a missing math-verify is not a killed worker), then exit
+        with contextlib.suppress(OSError):
+            replies.send(("failed", f"{type(error).__name__}: {error}"[:500], isinstance(error, ImportError)))
+        raise
     replies.send(("ready", os.getpid()))
     _serve(requests, replies)
 

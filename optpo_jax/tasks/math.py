@@ -206,11 +206,15 @@ class MathEquivalence:
     Identical normalised strings are equal and two different integers are not, without a
     worker; other pairs are checked by math-verify in ``pool`` (default: the process's
     shared ``grading.default_pool()``) within ``timeout_seconds`` (plus the pool's grace
-    before a stuck worker is killed). Safe to call from any thread. Results are cached per
-    pair (``cache_size`` pairs), so a pathological answer that repeats costs one timeout.
+    before a stuck worker is killed). Safe to call from any thread. Verdicts are cached per
+    pair (``cache_size`` pairs), timeouts included, so a pathological answer that repeats
+    costs one timeout. A pair whose worker died (killed, crashed) is checked again on a
+    fresh worker (the pool's ``retries``); an error is "not equal" for this call only and is
+    never cached, so the next call with that pair checks it again.
 
     Counters: ``calls`` (pairs sent to a worker), ``timeouts`` (of those, ran out of time;
-    counted as not equal), ``errors`` (math-verify failed unexpectedly or a worker died; not equal).
+    counted as not equal), ``errors`` (math-verify failed unexpectedly, or the pair's worker
+    died on every try; not equal this once).
     """
 
     def __init__(self, timeout_seconds: float = 2, pool: GradingPool | None = None, cache_size: int = 1 << 14):
@@ -252,7 +256,7 @@ class MathEquivalence:
                 self.timeouts += 1
             elif status == "error":
                 self.errors += 1
-            if self.cache_size > 0:
+            if self.cache_size > 0 and status != "error":  # an error is no verdict
                 self._cache[key] = result
                 if len(self._cache) > self.cache_size:
                     self._cache.popitem(last=False)

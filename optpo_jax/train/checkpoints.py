@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import copy
 from pathlib import Path
 
@@ -23,7 +24,9 @@ class Checkpointer:
     def __init__(self, directory: str | Path, keep: int = 2):
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
         self.directory = Path(directory).absolute()
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        # Handlers named up front, so a process that has not saved yet can read a step's metadata.
+        handlers = {"state": ocp.StandardCheckpointHandler(), "totals": ocp.JsonCheckpointHandler()}
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
         self.keep = keep
 
     def _carry_path(self, step: int) -> Path:
@@ -43,8 +46,22 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def check_background(self) -> None:
+        """Raises CheckpointError if an earlier save failed in the background (a full disk, a removed folder):
+        the run stops at the next step instead of training on without checkpoints."""
+        try:
+            self.manager.check_for_errors()
+        except Exception as error:  # noqa: BLE001 - whatever the writer thread raised
+            raise self._save_failed(error) from None
+
+    def _save_failed(self, error: Exception) -> CheckpointError:
+        cause = getattr(error, "strerror", None) or str(error)[:300]
+        return CheckpointError(f"saving a checkpoint in {self.directory} failed ({cause}); the steps saved before "
+                               f"it are intact ({sorted(self.manager.all_steps())}): free the disk, then --resume")
+
     def save(self, step: int, state: dict, totals: dict, carry: LookaheadCarry | None = None) -> None:
         """Saves ``state`` with checksums of every array (checked on restore) and a copy of ``totals``."""
+        self.check_background()
         self._save_carry(step, carry)
         # A copy: Orbax writes asynchronously and the caller goes on updating its totals.
         saved = dict(copy.deepcopy(totals), checksums=tree_checksums(state))
@@ -59,6 +76,12 @@ class Checkpointer:
         latest earlier step that verifies.
         """
         step = self.latest_step() if step is None else step
+        saved_steps = sorted(self.manager.all_steps())
+        if step not in saved_steps:  # a missing step is no damage: nothing to start again
+            raise CheckpointError(f"{self.directory} has no checkpoint at step {step}; it holds steps {saved_steps}")
+        mismatch = self._layout_mismatch(like, step)
+        if mismatch:
+            raise CheckpointError(mismatch)
         state, totals, problem = self._read(like, step)
         if problem:
             earlier = [s for s in sorted(self.manager.all_steps(), reverse=True) if s < step]
@@ -71,6 +94,26 @@ class Checkpointer:
         except ValueError as error:
             raise CheckpointError(str(error)) from error
         return state, totals, carry
+
+    def _layout_mismatch(self, like: dict, step: int) -> str | None:
+        """What differs between the arrays saved at ``step`` and those ``like`` expects (their number, shapes
+        and dtypes), or None. A difference is a config that builds another model than the run's (LoRA rank or
+        targets, model, dtype, optimizer), not a damaged checkpoint."""
+        try:
+            metadata = self.manager.item_metadata(step)["state"]
+        except Exception:  # noqa: BLE001 - unreadable metadata: _read reports the step as damaged
+            return None
+        is_array = lambda node: hasattr(node, "shape") and hasattr(node, "dtype")
+        layout = lambda tree: collections.Counter(
+            (tuple(node.shape), str(node.dtype)) for node in jax.tree.leaves(tree, is_leaf=is_array) if is_array(node))
+        saved, wanted = layout(getattr(metadata, "tree", metadata)), layout(like)
+        if saved == wanted:
+            return None
+        only_saved, only_wanted = sorted((saved - wanted).items())[:2], sorted((wanted - saved).items())[:2]
+        return (f"checkpoint step {step} in {self.directory} holds other arrays than this config builds "
+                f"({sum(saved.values())} saved, {sum(wanted.values())} expected; saved only: {only_saved}, expected "
+                f"only: {only_wanted}): the config differs from the run's in what it trains (LoRA rank or targets, "
+                "model, model_dtype or optimizer). The checkpoint is not damaged: use the run's own config.json")
 
     def _read(self, like: dict, step: int) -> tuple[dict | None, dict | None, str | None]:
         """(state, totals, problem): problem is None when the step reads and verifies."""
@@ -94,7 +137,12 @@ class Checkpointer:
                 path.unlink()
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Waits for the background saves; CheckpointError if one failed."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as error:  # noqa: BLE001 - whatever the writer thread raised
+            raise self._save_failed(error) from None
+        self.check_background()
 
 
 class CheckpointError(RuntimeError):

@@ -23,10 +23,12 @@ from pathlib import Path
 
 from optpo_jax.train import seed_stats
 from optpo_jax.train.checkpoints import Checkpointer
-from optpo_jax.train.config_checks import ConfigError, validate_config
+from optpo_jax.train.config_checks import ConfigError
 from optpo_jax.train.distributed import is_lead_process
 from optpo_jax.train.loop import train
-from optpo_jax.train.workdir import WorkdirError, WorkdirLock, check_resumable, holds_run
+from optpo_jax.train.setup import check_config
+from optpo_jax.train.workdir import (WorkdirError, WorkdirLock, check_resumable, holds_run, read_json,
+                                    write_atomically)
 
 # Per-run values reported for each method: name -> (column title, reads it off a run's summary).
 RUN_VALUES = {
@@ -92,9 +94,8 @@ def run_action(directory: Path, config, resume: bool, overwrite: bool) -> str:
         raise WorkdirError(f"{directory} holds a run already: pass --resume to skip finished runs and continue "
                            "started ones, or --overwrite to start every run again (or choose another --workdir)")
     check_resumable(directory, config)
-    summary = directory / "summary.json"
-    if summary.exists():
-        done = json.loads(summary.read_text())["steps"]
+    done = _finished_steps(directory)
+    if done is not None:
         if done == config.steps or config.steps == 0:  # 0: one epoch of the data, as the saved run resolved it
             return "skip"
         if done > config.steps:
@@ -105,6 +106,21 @@ def run_action(directory: Path, config, resume: bool, overwrite: bool) -> str:
     if checkpoints.is_dir() and Checkpointer(checkpoints).latest_step() is not None:
         return "resume"
     return "restart"
+
+
+def _finished_steps(directory: Path) -> int | None:
+    """The steps of the finished run in ``directory`` (its summary.json), or None when it has not finished:
+    no summary.json, or a summary.json / final_eval.json cut by an interrupted write (the run then resumes
+    from its last checkpoint, which repeats only the final evaluation, and writes both again)."""
+    summary, final_eval = directory / "summary.json", directory / "final_eval.json"
+    if not summary.exists():
+        return None
+    try:
+        if final_eval.exists():
+            read_json(final_eval, "")
+        return read_json(summary, "")["steps"]
+    except WorkdirError:
+        return None
 
 
 def compare_methods(configs: Sequence, workdir: str | Path, seeds: Sequence[int] | None = None,
@@ -131,12 +147,12 @@ def compare_methods(configs: Sequence, workdir: str | Path, seeds: Sequence[int]
     if seeds is not None and (len(seeds) == 0 or len(set(seeds)) != len(seeds)):
         raise ConfigError(f"seeds must be distinct and at least one, got {list(seeds)}")
     for config in configs:  # both, before the first run starts
-        validate_config(config)
+        check_config(config)
     workdir = Path(workdir)
     with WorkdirLock(workdir) if is_lead_process() else contextlib.nullcontext():
         runs = [(seed, config, run_dir(workdir, config.method, seed)) for seed, config in seed_configs(configs, seeds)]
         for _, config, directory in runs:
-            validate_config(config)
+            check_config(config)
         actions = [run_action(directory, config, resume, overwrite) for _, config, directory in runs]  # all first
         for (_, config, directory), action in zip(runs, actions, strict=True):
             if action != "skip":
@@ -147,8 +163,8 @@ def compare_methods(configs: Sequence, workdir: str | Path, seeds: Sequence[int]
         report["actions"] = {str(directory): action for (_, _, directory), action in zip(runs, actions, strict=True)}
         report["markdown"] = report_markdown(report)
         if is_lead_process():
-            (workdir / "comparison.md").write_text(report["markdown"] + "\n")
-            (workdir / "comparison.json").write_text(json.dumps(seed_stats.json_ready(report), indent=1))
+            write_atomically(workdir / "comparison.md", report["markdown"] + "\n")
+            write_atomically(workdir / "comparison.json", json.dumps(seed_stats.json_ready(report), indent=1))
     return report
 
 
@@ -262,7 +278,8 @@ def report_markdown(report: dict) -> str:
     """What ``compare`` prints and writes to comparison.md: one table per part of ``report``."""
     footer = f"mode: {', '.join(report['mode'])}; machine: {report['machine']}"
     if report["single"]:
-        summaries = [json.loads((Path(dirs[0]) / "summary.json").read_text()) for dirs in report["dirs"]]
+        summaries = [read_json(Path(dirs[0]) / "summary.json", "resume the run with `compare --resume`")
+                     for dirs in report["dirs"]]
         return f"{summary_table(summaries)}\n\n{footer}"
     return "\n\n".join([_methods_table(report), _paired_table(report), _seeds_table(report),
                         *_notes(report), footer])
@@ -365,7 +382,8 @@ def discover(workdir: str | Path, methods: Sequence[str] | None = None) -> tuple
     workdir = Path(workdir)
     saved = workdir / "comparison.json"
     if methods is None:
-        methods = json.loads(saved.read_text())["methods"] if saved.exists() else ("optpo", "ttrl")
+        remedy = "run `optpo-jax compare --resume` on this workdir again to write it anew, or name the methods"
+        methods = read_json(saved, remedy)["methods"] if saved.exists() else ("optpo", "ttrl")
     folders = sorted(workdir.glob("seed*"), key=lambda p: p.name)
     seeds = sorted(int(p.name[4:]) for p in folders if p.name[4:].isdigit()
                    and all((p / m / "summary.json").exists() for m in methods))

@@ -16,6 +16,7 @@ from optpo_jax.sprt import PRIOR_RANGE
 
 _INT, _REAL = "an integer", "a finite number"
 _BIG = 10**9
+MAX_GENERATED_PROMPTS = 10**6
 
 # field: (kind, low, high, low_inclusive, high_inclusive)
 LIMITS = {
@@ -105,9 +106,12 @@ def validate_config(config) -> None:
         check_value(field, value)
     num_prompts = config.data.get("num_prompts", 0)
     lowest = 1 if config.task == "arithmetic" else 0  # 0 = every problem of a benchmark file
-    if not isinstance(num_prompts, numbers.Integral) or isinstance(num_prompts, bool) or num_prompts < lowest:
-        raise ConfigError(f"config.data.num_prompts must be an integer >= {lowest}"
-                          f"{' (0 = all)' if lowest == 0 else ''}, got {num_prompts!r}")
+    # The arithmetic task generates num_prompts sums per split before any work (10**6: about half a minute).
+    highest = MAX_GENERATED_PROMPTS if config.task == "arithmetic" else _BIG
+    if (not isinstance(num_prompts, numbers.Integral) or isinstance(num_prompts, bool)
+            or not lowest <= num_prompts <= highest):
+        raise ConfigError(f"config.data.num_prompts must be an integer in [{lowest}, {highest}]"
+                          f"{' (0 = all)' if lowest == 0 else ' (the sums generated per split)'}, got {num_prompts!r}")
     if config.sprt.min_samples > config.sprt.max_samples:
         raise ConfigError(f"config.sprt.min_samples={config.sprt.min_samples} must not exceed "
                           f"config.sprt.max_samples={config.sprt.max_samples}")
@@ -120,3 +124,47 @@ def validate_config(config) -> None:
         size = config.get("mesh", {}).get(axis, 1)
         if not isinstance(size, numbers.Integral) or isinstance(size, bool) or (size < 1 and size != -1):
             raise ConfigError(f"config.mesh.{axis} must be a positive integer or -1 (the rest), got {size!r}")
+
+
+def _buckets(config) -> tuple[int, ...] | None:
+    """``config.sampling.prompt_buckets`` as sorted integers; None when they are not integers (SamplingConfig
+    names that)."""
+    try:
+        return tuple(sorted(int(bucket) for bucket in config.sampling.get("prompt_buckets", ())))
+    except (TypeError, ValueError):
+        return None
+
+
+def _prompt_cap(config) -> int | None:
+    """The most tokens a prompt can have when the config bounds it (task "math": ``math.max_prompt_tokens``)."""
+    if config.get("task") == "math" and "math" in config:
+        return int(config.math.max_prompt_tokens)
+    return None
+
+
+def widest_prompt(config) -> tuple[int | None, str]:
+    """(the widest padded prompt a wave of ``config`` can have, the fields that set it), or (None, "") where only
+    the prompts themselves say (no buckets, no cap)."""
+    buckets, cap = _buckets(config), _prompt_cap(config)
+    if buckets:
+        holding = [bucket for bucket in buckets if cap is not None and bucket >= cap]
+        if holding:
+            return holding[0], (f"config.math.max_prompt_tokens={cap} (padded to {holding[0]} by "
+                                f"config.sampling.prompt_buckets={tuple(buckets)})")
+        return buckets[-1], f"the largest of config.sampling.prompt_buckets={tuple(buckets)}"
+    if cap is not None:
+        return cap, f"config.math.max_prompt_tokens={cap}"
+    return None, ""
+
+
+def check_context(config, context: int, model: str = "the model") -> None:
+    """Raises ConfigError when a wave's widest row, padded prompt + ``sampling.max_new_tokens``, exceeds the
+    model's context (``context``: its ``max_position_embeddings``), naming the fields that set the width."""
+    prompt, fields = widest_prompt(config)
+    if prompt is None:
+        return
+    new_tokens = int(config.sampling.max_new_tokens)
+    if prompt + new_tokens > context:
+        raise ConfigError(f"{fields} + config.sampling.max_new_tokens={new_tokens} = {prompt + new_tokens} tokens "
+                          f"exceed the context of {model} (max_position_embeddings={context}): lower them until a "
+                          f"prompt and its completion fit in {context} tokens")

@@ -205,6 +205,20 @@ def is_lead_process() -> bool:
 
 
 def initialize_distributed(enabled: bool) -> None:
-    """``jax.distributed.initialize()`` (coordinator and process ids from the TPU / SLURM / env) when enabled."""
-    if enabled:
+    """``jax.distributed.initialize()`` (coordinator and process ids from the TPU / SLURM / env) when enabled.
+
+    A failure (one host with no cluster to join: "coordinator_address should be defined") is a
+    ConfigError naming ``config.distributed``.
+    """
+    if not enabled:
+        return
+    try:
         jax.distributed.initialize()
+    except (ValueError, TypeError, RuntimeError) as error:
+        from optpo_jax.train.config_checks import ConfigError
+
+        reason = str(error).rstrip(".")
+        raise ConfigError(f"config.distributed=True: jax.distributed.initialize() failed ({reason}); it joins the "
+                          "processes of a TPU pod slice or of a SLURM / Open MPI job, one per host. On one host, leave "
+                          "config.distributed=False"
+                          ) from error

@@ -25,17 +25,17 @@ from tqdm.auto import tqdm
 
 from optpo_jax.models.lora import init_adapters
 from optpo_jax.prior import fitted_concentration, init_prior_state, prior_from_json, prior_to_json
-from optpo_jax.train.checkpoints import Checkpointer
-from optpo_jax.train.config_checks import validate_config
+from optpo_jax.train.checkpoints import Checkpointer, CheckpointError, tree_checksums
 from optpo_jax.train.distributed import is_lead_process, mesh_of, process_share, replicate_unplaced
 from optpo_jax.train.evaluation import EvalResult, evaluate
 from optpo_jax.train.memory_plan import check_fits, device_memory_limit
 from optpo_jax.train.metrics import step_metrics
 from optpo_jax.train.metrics_log import MetricsLog
 from optpo_jax.train.rollouts import LookaheadCarry
-from optpo_jax.train.setup import Setup, build_setup
+from optpo_jax.train.setup import Setup, build_setup, check_config
 from optpo_jax.train.step import TrainState, training_step
-from optpo_jax.train.workdir import WorkdirError, WorkdirLock, check_fresh_start, check_resumable
+from optpo_jax.train.workdir import (WorkdirError, WorkdirLock, check_fresh_start, check_resumable, read_json,
+                                    read_json_lines, remove_run, write_atomically)
 
 
 def batch_problems(problems: list, step: int, prompts_per_step: int, seed: int) -> list:
@@ -86,18 +86,19 @@ def load_run_config(workdir: str | Path):
     path = Path(workdir) / "config.json"
     if not path.is_file():
         raise WorkdirError(f"{workdir} holds no run: {path} is missing")
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
+    return ml_collections.ConfigDict(read_json(path, "it was cut while being written: train the run again with "
+                                                      "--overwrite, or restore the file"))
 
 
-def restore_policy_params(setup: Setup, workdir: str | Path, step: int | None = None) -> tuple[object, int]:
-    """(the policy's full params, step) of a checkpoint of the run in ``workdir`` (the latest, or ``step``):
-    the trained params, or the frozen base with the LoRA adapters merged in."""
+def restore_run_state(setup: Setup, workdir: str | Path, step: int | None = None) -> tuple[TrainState, int]:
+    """(the TrainState, step) of a checkpoint of the run in ``workdir`` (the latest, or ``step``);
+    ``state.policy_params()`` is the policy (with LoRA: the frozen base with the adapters merged in)."""
     checkpointer = Checkpointer(Path(workdir) / "checkpoints")
     step = checkpointer.latest_step() if step is None else step
     if step is None:
         raise WorkdirError(f"{workdir} holds no checkpoint")
     state, _, _ = restore_state(checkpointer, init_train_state(setup), step)
-    return state.policy_params(), step
+    return state, step
 
 
 def _step_batches(setup: Setup, step: int) -> tuple[list, list]:
@@ -146,14 +147,26 @@ def train(config, workdir: str | Path, resume: bool = False, progress: bool = Tr
     a workdir at once (a lock held while this runs).
     """
     workdir = Path(workdir)
-    validate_config(config)
+    check_config(config)
     with WorkdirLock(workdir) if is_lead_process() else contextlib.nullcontext():
         _check_workdir(workdir, config, resume, overwrite, resume_step)
         setup = build_setup(config, task)
         check_fits(config, setup.policy.config, device_memory_limit())  # before an out-of-memory in XLA
+        fingerprints = run_fingerprints(setup)
+        if resume:
+            _check_resume_step(workdir, setup.config.steps, resume_step)
+            _check_fingerprints(workdir, fingerprints)
+        elif overwrite and is_lead_process():
+            remove_run(workdir)  # only now: a config error above leaves the old run as it was
         if is_lead_process():
-            (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
-        return _train(setup, workdir, resume, resume_step, progress)
+            write_atomically(workdir / "config.json", config.to_json_best_effort(indent=1))
+            write_atomically(workdir / FINGERPRINTS, json.dumps(fingerprints, indent=1))
+        try:
+            return _train(setup, workdir, resume, resume_step, progress)
+        except BaseException:
+            if not resume and is_lead_process() and _nothing_trained(workdir):
+                remove_run(workdir)  # so the next try needs no --overwrite: there was nothing to keep
+            raise
 
 
 def _check_workdir(workdir: Path, config, resume: bool, overwrite: bool, resume_step: int | None) -> None:
@@ -173,6 +186,58 @@ def _check_workdir(workdir: Path, config, resume: bool, overwrite: bool, resume_
     check_resumable(workdir, config)
 
 
+FINGERPRINTS = "fingerprints.json"
+
+
+def run_fingerprints(setup: Setup) -> dict:
+    """What the config alone does not pin down: the prompts as tokenized (with their answers) and the initial
+    policy's weights (checksums of every array), each as a sha256 prefix."""
+    digest = lambda value: hashlib.sha256(repr(value).encode()).hexdigest()[:16]
+    prompts = lambda problems: [(setup.task.prompt_tokens(problem), repr(getattr(problem, "answer", None)))
+                                for problem in problems]
+    return {"train_prompts": digest(prompts(setup.train_problems)),
+            "eval_prompts": digest(prompts(setup.eval_problems)),
+            "initial_policy": digest(sorted(tree_checksums(setup.policy.params).items()))}
+
+
+def _check_fingerprints(workdir: Path, fingerprints: dict) -> None:
+    """A resumed run trains on the prompts and from the policy it started with (runs saved before
+    fingerprints.json existed are not checked)."""
+    path = workdir / FINGERPRINTS
+    if not path.exists():
+        return
+    saved = read_json(path, "restore it, or start the run again with --overwrite")
+    changed = [f"{name}: {saved[name]} -> {value}" for name, value in fingerprints.items()
+               if name in saved and saved[name] != value]
+    if changed:
+        raise WorkdirError(f"--resume: the run's data or model changed since it started ({'; '.join(changed)}): "
+                           "the same config now reads other prompts or weights (a data file or checkpoint "
+                           "directory was replaced). Put them back, or start a new run in another --workdir")
+
+
+def _nothing_trained(workdir: Path) -> bool:
+    """Whether a new run in ``workdir`` ended before its first training step was logged or checkpointed."""
+    try:
+        records = read_json_lines(workdir / "metrics.jsonl")[0] if (workdir / "metrics.jsonl").exists() else []
+        checkpoints = workdir / "checkpoints"
+        saved = checkpoints.is_dir() and Checkpointer(checkpoints).latest_step() is not None
+    except (WorkdirError, OSError, CheckpointError):
+        return False  # unsure: keep the files
+    return not saved and not any(record.get("step", 0) > 0 for record in records)
+
+
+def _check_resume_step(workdir: Path, steps: int, resume_step: int | None) -> None:
+    """The checkpoint to resume exists and is not past ``steps`` (a run is extended, never shortened)."""
+    checkpointer = Checkpointer(workdir / "checkpoints")
+    saved = sorted(checkpointer.manager.all_steps())
+    step = saved[-1] if resume_step is None else resume_step
+    if step not in saved:
+        raise WorkdirError(f"--resume_step={resume_step}: {workdir / 'checkpoints'} holds steps {saved}, not {step}")
+    if step > steps:
+        raise WorkdirError(f"--resume: the checkpoint is at step {step} and config.steps is {steps}: a run cannot be "
+                           f"shortened; pass --config.steps >= {step} (or --resume_step), or use another --workdir")
+
+
 def _train(setup: Setup, workdir: Path, resume: bool, resume_step: int | None, progress: bool) -> dict:
     config = setup.config
     state, carry = init_train_state(setup), None
@@ -190,6 +255,7 @@ def _train(setup: Setup, workdir: Path, resume: bool, resume_step: int | None, p
     steps = tqdm(range(totals["step"], config.steps), desc=f"train {config.method}", disable=not progress,
                  initial=totals["step"], total=config.steps)
     for step in steps:
+        checkpointer.check_background()  # a failed background save stops the run here, not steps later
         state, carry, metrics = _run_step(setup, state, step, carry, totals, progress)
         log.write(step + 1, metrics)
         if metrics["trained_rollouts"] == 0 and is_lead_process():
@@ -236,6 +302,6 @@ def _finish(setup: Setup, state: TrainState, totals: dict, log: MetricsLog, work
         final_eval = {"samples": int(after.correct.shape[1]), "prompts_sha256": prompts,
                       "per_prompt_pass@1": after.per_prompt_accuracy.tolist(),
                       "per_prompt_majority_correct": after.majority_correct.tolist()}
-        (workdir / "final_eval.json").write_text(json.dumps(final_eval))
-        (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
+        write_atomically(workdir / "final_eval.json", json.dumps(final_eval))
+        write_atomically(workdir / "summary.json", json.dumps(summary, indent=1))
     return summary

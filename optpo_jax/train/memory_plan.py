@@ -33,13 +33,25 @@ _UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4
           "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4}
 
 
+_MAX_BYTES = 1024**5  # 1 PiB: more than any one device holds
+
+
 def parse_bytes(text: str) -> int:
-    """'16GB' (10^9), '16GiB' (2^30), '1.5e9' -> bytes; ValueError naming the text otherwise."""
+    """'16GB' (10^9), '16GiB' (2^30), '1.5e9' -> bytes; a ConfigError (a ValueError) naming the text
+    otherwise, and for a size that is not positive or beyond 1 PiB."""
+    from optpo_jax.train.config_checks import ConfigError
+
     match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([A-Za-z]*)\s*", str(text))
     unit = match.group(2).upper() if match else None
-    if not match or unit not in _UNITS:
-        raise ValueError(f"--device_memory must be a size such as 16GB or 16GiB, got {text!r}")
-    return int(float(match.group(1)) * _UNITS[unit])
+    try:
+        size = float(match.group(1)) * _UNITS[unit] if match and unit in _UNITS else None
+    except ValueError:  # "1.2.3GB", "e9"
+        size = None
+    if size is None:
+        raise ConfigError(f"--device_memory must be a size such as 16GB or 16GiB, got {text!r}")
+    if not 1 <= size <= _MAX_BYTES:  # also inf ("1e400GB") and nan
+        raise ConfigError(f"--device_memory must be a size from 1B to 1PiB, got {text!r}")
+    return int(size)
 
 
 def _bytes_of(dtype_name: str) -> int:
@@ -227,7 +239,10 @@ def _mesh_shards(mesh_sizes: dict, num_devices: int) -> tuple[int, int]:
 
 def run_shape(config, model: ModelConfig | None = None, num_devices: int = 1) -> RunShape:
     """The RunShape of an experiment config (``model`` defaults to the config's policy architecture)."""
+    from optpo_jax.train.config_checks import check_context
+
     model = _plan_model_config(config) if model is None else model
+    check_context(config, model.max_position_embeddings, f"the {model.model_type} model")
     buckets = tuple(config.sampling.prompt_buckets)
     prompt_tokens = max(buckets) if buckets else int(config.math.max_prompt_tokens)
     lora = config.get("lora")

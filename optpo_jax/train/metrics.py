@@ -54,15 +54,17 @@ def step_metrics(output: StepOutput, problems: list, task) -> dict:
 
 def task_counters(task) -> dict:
     """Running counts a task keeps, added over every process's share of the prompts: prompts
-    truncated to fit, equivalence checks that timed out (votes and ground truth), answers
-    over the length limit."""
+    truncated to fit, equivalence checks that timed out or failed (votes and ground truth:
+    ``*_errors`` counts checks whose worker died on every try or whose math-verify call
+    failed, each read as "not equal"), answers over the length limit."""
     counters = {}
     if hasattr(task, "truncated_prompts"):
         counters["truncated_prompts"] = task.truncated_prompts
-    if hasattr(getattr(task, "equivalent", None), "timeouts"):
-        counters["equivalence_timeouts"] = task.equivalent.timeouts
-    if hasattr(getattr(task, "grader", None), "timeouts"):
-        counters["grader_timeouts"] = task.grader.timeouts
+    for name, attribute in (("equivalence", "equivalent"), ("grader", "grader")):
+        checker = getattr(task, attribute, None)
+        for counter in ("timeouts", "errors"):
+            if hasattr(checker, counter):
+                counters[f"{name}_{counter}"] = getattr(checker, counter)
     if hasattr(task, "overlong_answers"):
         counters["overlong_answers"] = task.overlong_answers
     return dict(zip(counters, process_sum(np.array(list(counters.values()), np.int64)).tolist(), strict=True))

@@ -7,13 +7,16 @@ from pathlib import Path
 
 from tensorboardX import SummaryWriter
 
+from optpo_jax.train.workdir import read_json_lines, write_atomically
+
 
 class MetricsLog:
     """Appends ``{"step": s, ...}`` lines to metrics.jsonl and scalars to TensorBoard (workdir/tb).
 
     On resume, lines of steps after ``truncate_after`` (written after the checkpoint the
     run restarts from) and the final evaluation are dropped, so the file reads like one
-    uninterrupted run.
+    uninterrupted run; so is a last line cut by the kill (a malformed line before it is a
+    WorkdirError naming the line). The file is rewritten atomically.
     """
 
     def __init__(self, workdir: str | Path, truncate_after: int | None = None, enabled: bool = True):
@@ -23,9 +26,9 @@ class MetricsLog:
             return
         if truncate_after is not None and self.path.exists():
             # A resumed run writes its own final evaluation, also when it extends a finished one.
-            lines = [line for line in self.path.read_text().splitlines()
-                     if line and json.loads(line)["step"] <= truncate_after and not _is_final(json.loads(line))]
-            self.path.write_text("".join(line + "\n" for line in lines))
+            records, _ = read_json_lines(self.path)  # a cut last line was written after the checkpoint: dropped
+            kept = [record for record in records if record["step"] <= truncate_after and not _is_final(record)]
+            write_atomically(self.path, "".join(json.dumps(record) + "\n" for record in kept))
         # TensorBoard drops the events at and after purge_step written by the interrupted run.
         purge_step = truncate_after + 1 if truncate_after is not None and truncate_after >= 0 else None
         self.writer = SummaryWriter(str(Path(workdir) / "tb"), purge_step=purge_step)
@@ -45,7 +48,8 @@ class MetricsLog:
             self.writer.close()
 
     def read(self) -> list[dict]:
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line]
+        """The records of metrics.jsonl, without a last line cut by an interruption (``read_json_lines``)."""
+        return read_json_lines(self.path)[0]
 
 
 def _is_final(record: dict) -> bool:

@@ -12,8 +12,8 @@ those of the per-seed differences A - B (a paired t test and its interval).
 
 from __future__ import annotations
 
-import json
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -97,13 +97,25 @@ def pooled_prompt_difference(per_seed_a: list, per_seed_b: list, confidence: flo
 
 def read_run(run_dir: str | Path) -> dict:
     """A finished run's files: ``config`` (config.json), ``summary``, ``final_eval`` (None when absent) and
-    ``curve`` (``evaluation_curve`` of its metrics.jsonl)."""
+    ``curve`` (``evaluation_curve`` of its metrics.jsonl).
+
+    A file cut by an interrupted write is a WorkdirError naming it and what to do, except the last
+    line of metrics.jsonl, which is left out with a warning (its curve then ends one point early).
+    """
+    from optpo_jax.train.workdir import read_json, read_json_lines  # here: this module imports no jax
+
     run_dir = Path(run_dir)
-    config = json.loads((run_dir / "config.json").read_text())
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    again = (f"resume the run ({run_dir}) with `train --resume` or `compare --resume` to write it again, "
+             "or start it again with --overwrite")
+    config = read_json(run_dir / "config.json", "put back the run's config.json, or start the run again with "
+                                                "--overwrite")
+    records, cut = read_json_lines(run_dir / "metrics.jsonl")
+    if cut:
+        warnings.warn(f"{run_dir / 'metrics.jsonl'}: its last line was cut by an interrupted write and is left out",
+                      stacklevel=2)
     final_eval = run_dir / "final_eval.json"
-    return {"dir": str(run_dir), "config": config, "summary": json.loads((run_dir / "summary.json").read_text()),
-            "final_eval": json.loads(final_eval.read_text()) if final_eval.exists() else None,
+    return {"dir": str(run_dir), "config": config, "summary": read_json(run_dir / "summary.json", again),
+            "final_eval": read_json(final_eval, again) if final_eval.exists() else None,
             "curve": evaluation_curve(records)}
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import optax
 
 from optpo_jax.grpo import GRPOConfig
-from optpo_jax.models.lora import LoRAConfig
+from optpo_jax.models.lora import LoRAConfig, targeted_kernels
 from optpo_jax.optim import float32_master
 from optpo_jax.sampler import SamplingConfig
 from optpo_jax.sprt import SPRTConfig
@@ -59,12 +59,31 @@ class Setup:
 
 
 def resolve_model_path(name: str) -> str:
-    """A local checkpoint directory as is; otherwise a hub name, downloaded (config, safetensors, tokenizer)."""
+    """A local checkpoint directory as is; otherwise a hub name, downloaded (config, safetensors, tokenizer).
+
+    A name that can only be a path (starts with ".", "/" or "~", or is no hub id "org/name") and does not
+    exist, a file, and a hub name that cannot be fetched are ValueErrors naming ``config.model_path``.
+    """
+    import re
+
     if Path(name).is_dir():
         return name
+    if Path(name).expanduser().is_dir():
+        return str(Path(name).expanduser())
+    if Path(name).expanduser().exists():
+        raise ValueError(f"config.model_path={name!r} is a file; it must name a checkpoint directory (config.json, "
+                         "*.safetensors, tokenizer) or a hub model 'org/name'")
+    if name.startswith((".", "/", "~")) or "\\" in name or not re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", name):
+        raise ValueError(f"config.model_path: no such checkpoint directory: {name}")
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
 
-    return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"])
+    try:
+        return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"])
+    except (OSError, HFValidationError) as error:  # the hub's HTTP, not-found and offline errors are OSErrors
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"config.model_path: no such checkpoint directory: {name}, and no hub model of that name "
+                         f"could be fetched ({type(error).__name__}: {reason})") from error
 
 
 BUILTIN_TASKS = ("arithmetic", "math")
@@ -74,20 +93,47 @@ def load_policy_of(config):
     """The policy of ``config``: the shipped arithmetic policy when ``model_path`` is "" (any task but
     ``math``), else the checkpoint at ``model_path`` (a directory or a hub name) in ``model_dtype``.
 
-    A checkpoint's tokenizer is loaded where it has one (required for ``math``).
+    A checkpoint's tokenizer is loaded where it has one (required for ``math``). Errors (no such
+    directory, no config.json or weights, no tokenizer for ``math``, a wave wider than the model's
+    context: ``config_checks.check_context``) are ValueErrors naming ``config.model_path`` or the fields.
     """
+    import json
+
+    from optpo_jax.train.config_checks import check_context
+
     if not config.model_path:
         if config.task == "math":
             raise ValueError("config.model_path must name a checkpoint directory or hub model for task 'math'")
-        return load_policy()
-    if config.task == "arithmetic":
-        return load_policy(config.model_path)
+        policy = load_policy()
+        check_context(config, policy.config.max_position_embeddings, "the shipped arithmetic policy")
+        return policy
     from optpo_jax.models import load_hf
     from optpo_jax.models.hf_io import TOKENIZER_FILES
 
-    path = resolve_model_path(config.model_path)
-    has_tokenizer = config.task == "math" or any((Path(path) / name).exists() for name in TOKENIZER_FILES)
-    return load_hf(path, dtype=config.get("model_dtype", "float32"), load_tokenizer=has_tokenizer)
+    if config.task == "arithmetic" and not Path(config.model_path).is_dir():
+        raise ValueError(f"config.model_path: no such checkpoint directory: {config.model_path}")
+    path = config.model_path if config.task == "arithmetic" else resolve_model_path(config.model_path)
+    has_tokenizer = any((Path(path) / name).exists() for name in TOKENIZER_FILES)
+    if config.task == "math" and not has_tokenizer:
+        raise ValueError(f"config.model_path={config.model_path!r} has no tokenizer (none of "
+                         f"{', '.join(TOKENIZER_FILES)} in {path}); task 'math' needs the model's tokenizer: copy "
+                         f"its tokenizer files (tokenizer.json, tokenizer_config.json, ...) into {path}")
+    model = f"config.model_path={config.model_path!r}"
+    try:  # before the weights are read: the context as config.json states it
+        context = json.loads((Path(path) / "config.json").read_text()).get("max_position_embeddings")
+    except (OSError, ValueError, AttributeError):
+        context = None  # load_hf names what is wrong with config.json
+    if isinstance(context, int):
+        check_context(config, context, model)
+    try:
+        if config.task == "arithmetic":
+            policy = load_policy(path)
+        else:
+            policy = load_hf(path, dtype=config.get("model_dtype", "float32"), load_tokenizer=has_tokenizer)
+    except FileNotFoundError as error:  # no config.json, no weights: the file is named
+        raise ValueError(f"config.model_path={config.model_path!r}: {error}") from error
+    check_context(config, policy.config.max_position_embeddings, model)
+    return policy
 
 
 def task_of(config, tokenizer) -> Task:
@@ -107,17 +153,48 @@ def task_of(config, tokenizer) -> Task:
 
 def problems_of(config, task) -> tuple[list, list | None]:
     """(training problems, held-out problems or None): the task's own ``problems(config)`` where it has one,
-    else the JSON / JSONL files ``config.data.path`` and ``config.data.held_out_path``."""
-    if hasattr(task, "problems"):
-        return task.problems(config)
-    from optpo_jax.tasks.data import load_problems
+    else the JSON / JSONL files ``config.data.path`` and ``config.data.held_out_path``.
 
-    if not config.data.get("path"):
-        raise ValueError(f"config.data.path must name a problem file (JSON / JSONL) for task {config.task!r}")
-    fields = {"prompt_field": config.data.prompt_field, "answer_field": config.data.answer_field,
-              "limit": config.data.num_prompts}
-    train_problems = load_problems(config.data.path, **fields)
-    held_out = load_problems(config.data.held_out_path, **fields) if config.data.mode == "held_out" else None
+    With ``config.sampling.prompt_buckets``, every prompt must fit the largest bucket (a ValueError naming
+    the field and the prompt's width), so that no wave stops the run mid-way. ``MathTask``'s prompts are
+    measured as it will cut them (to ``math.max_prompt_tokens``) without counting them as truncated.
+    """
+    if hasattr(task, "problems"):
+        train_problems, held_out = task.problems(config)
+    else:
+        from optpo_jax.tasks.data import load_problems
+
+        if not config.data.get("path"):
+            raise ValueError(f"config.data.path must name a problem file (JSON / JSONL) for task {config.task!r}")
+        if config.data.mode == "held_out" and not config.data.get("held_out_path"):
+            raise ValueError("config.data.mode='held_out' needs config.data.held_out_path, the problem file "
+                             "(JSON / JSONL) to evaluate on")
+        fields = {"prompt_field": config.data.prompt_field, "answer_field": config.data.answer_field,
+                  "limit": config.data.num_prompts}
+        loaded = {}
+        for name in ("path", "held_out_path") if config.data.mode == "held_out" else ("path",):
+            try:
+                loaded[name] = load_problems(config.data[name], **fields)
+            except (FileNotFoundError, ImportError) as error:  # no such file, or a hub dataset without `datasets`
+                raise ValueError(f"config.data.{name}: {error}") from error
+        train_problems, held_out = loaded["path"], loaded.get("held_out_path")
+    buckets = tuple(int(bucket) for bucket in config.sampling.get("prompt_buckets", ()))
+    cuts = hasattr(task, "truncated_prompts")  # its prompt_tokens would count each cut prompt now, not when drawn
+    measurable = not cuts or (hasattr(task, "_chat_tokens") and isinstance(getattr(task, "max_prompt_tokens", None),
+                                                                               int))
+
+    def width_of(problem) -> int:
+        if cuts:  # MathTask: the chat prompt, cut to max_prompt_tokens
+            return min(len(task._chat_tokens(problem.prompt)), task.max_prompt_tokens)
+        return len(task.prompt_tokens(problem))
+
+    if buckets and measurable and not (cuts and task.max_prompt_tokens <= max(buckets)):
+        for problem in [*train_problems, *(held_out or [])]:
+            width = width_of(problem)
+            if width > max(buckets):
+                label = getattr(problem, "id", None) or repr(getattr(problem, "prompt", problem))[:60]
+                raise ValueError(f"config.sampling.prompt_buckets={buckets}: a prompt of {width} tokens (problem "
+                                 f"{label}) exceeds the largest bucket; add a bucket >= {width}")
     return train_problems, held_out
 
 
@@ -174,21 +251,38 @@ def lora_config(config) -> LoRAConfig | None:
     return _build(LoRAConfig, settings, "lora")
 
 
-def build_setup(config, task: Task | None = None) -> Setup:
-    """Validates ``config`` (ConfigError naming the field and value) and loads the task and policy.
+def _with_config_errors(check):
+    """``check`` with its ValueErrors (each names a config field) raised as ConfigError."""
 
-    ``task``: a ``tasks.base.Task`` object to use instead of the one ``config.task`` names.
-    ``config.steps = 0`` is one epoch of the training prompts (``Setup.config`` holds the number).
-    """
-    try:
-        return _build_setup(config, task)
-    except ConfigError:
-        raise
-    except ValueError as error:  # the checks below and the layout checks all name a config field
-        raise ConfigError(str(error)) from error
+    def checked(*args):
+        try:
+            return check(*args)
+        except ConfigError:
+            raise
+        except ValueError as error:
+            raise ConfigError(str(error)) from error
+
+    return checked
 
 
-def _build_setup(config, task: Task | None) -> Setup:
+def step_config_of(config, stop_token_ids=(), pad_token_id: int = 0) -> tuple[StepConfig, SamplingConfig]:
+    """(the StepConfig of every training step, the evaluation's SamplingConfig) of ``config``, with the task's
+    stop and pad tokens (placeholders when only checking)."""
+    common = {"stop_token_ids": stop_token_ids, "pad_token_id": pad_token_id}
+    sampling = _build(SamplingConfig, dict(config.sampling, **common), "sampling")
+    eval_sampling = dataclasses.replace(sampling, temperature=config.eval.temperature, top_p=config.eval.top_p)
+    grpo = _build(GRPOConfig, dict(config.grpo, temperature=sampling.temperature,
+                                   token_scale=sampling.max_new_tokens), "grpo")
+    step_config = StepConfig(sprt=_build(SPRTConfig, config.sprt, "sprt"), sampling=sampling,
+                             update=_build(UpdateConfig, config.policy_update, "policy_update"), grpo=grpo,
+                             rows_per_wave=int(config.rows_per_wave), reward=config.get("reward", "consensus"))
+    return step_config, eval_sampling
+
+
+@_with_config_errors
+def check_config(config) -> None:
+    """Every check of ``config`` that needs neither the model nor the data (ConfigError naming the field):
+    what ``train`` and ``compare`` pass before anything in a workdir is removed or trained."""
     validate_config(config)
     if config.get("reward", "consensus") not in REWARDS:
         raise ValueError(f"config.reward must be one of {tuple(REWARDS)}, got {config.reward!r}")
@@ -197,11 +291,28 @@ def _build_setup(config, task: Task | None) -> Setup:
     for name in ("prompts_per_step", "rows_per_wave"):
         if int(config[name]) < 1:
             raise ValueError(f"config.{name} must be >= 1, got {config[name]!r}")
+    num_prompts = int(config.data.get("num_prompts", 0))
+    if num_prompts and config.prompts_per_step > num_prompts:
+        raise ValueError(f"config.prompts_per_step={config.prompts_per_step} exceeds config.data.num_prompts="
+                         f"{num_prompts}")
     # Split evenly over the processes (each fills its share of every wave and micro-batch).
     local_row_count(int(config.prompts_per_step), "config.prompts_per_step")
-    fields = {"config.rows_per_wave": config.rows_per_wave,
-              "config.policy_update.micro_batch_rows": config.policy_update.micro_batch_rows}
-    rows_per_process = {name: local_row_count(int(value), name) for name, value in fields.items()}
+    local_row_count(int(config.rows_per_wave), "config.rows_per_wave")
+    local_row_count(int(config.policy_update.micro_batch_rows), "config.policy_update.micro_batch_rows")
+    step_config_of(config)
+    make_optimizer(config)
+    lora_config(config)
+
+
+@_with_config_errors
+def build_setup(config, task: Task | None = None) -> Setup:
+    """Validates ``config`` (``check_config``; ConfigError naming the field and value) and loads the task and
+    policy.
+
+    ``task``: a ``tasks.base.Task`` object to use instead of the one ``config.task`` names.
+    ``config.steps = 0`` is one epoch of the training prompts (``Setup.config`` holds the number).
+    """
+    check_config(config)
     task, policy, train_problems, eval_problems = make_task(config, task)
     if eval_problems is None:
         raise ValueError("config.data.mode='held_out' needs held-out problems: set config.data.held_out_path")
@@ -209,22 +320,23 @@ def _build_setup(config, task: Task | None) -> Setup:
         config = copy.deepcopy(config)
         config.steps = max(len(train_problems) // int(config.prompts_per_step), 1)
     policy = place_policy(policy, config)
-    check_row_layout(mesh_of(policy.params), rows_per_process)
+    check_row_layout(mesh_of(policy.params), {
+        "config.rows_per_wave": local_row_count(int(config.rows_per_wave), "config.rows_per_wave"),
+        "config.policy_update.micro_batch_rows": local_row_count(int(config.policy_update.micro_batch_rows),
+                                                                 "config.policy_update.micro_batch_rows")})
     if config.prompts_per_step > len(train_problems):
         raise ValueError(f"config.prompts_per_step={config.prompts_per_step} exceeds the "
                          f"{len(train_problems)} training prompts")
-    common = {"stop_token_ids": task.stop_token_ids, "pad_token_id": task.pad_token_id}
-    sampling = _build(SamplingConfig, dict(config.sampling, **common), "sampling")
-    eval_sampling = dataclasses.replace(sampling, temperature=config.eval.temperature, top_p=config.eval.top_p)
-    grpo = _build(GRPOConfig, dict(config.grpo, temperature=sampling.temperature,
-                                   token_scale=sampling.max_new_tokens), "grpo")
-    step_config = StepConfig(sprt=_build(SPRTConfig, config.sprt, "sprt"), sampling=sampling,
-                             update=_build(UpdateConfig, config.policy_update, "policy_update"), grpo=grpo,
-                             rows_per_wave=int(config.rows_per_wave),
-                             reward=config.get("reward", "consensus"))
+    step_config, eval_sampling = step_config_of(config, task.stop_token_ids, task.pad_token_id)
     optimizer = make_optimizer(config)
     lora = lora_config(config)
-    update_step = make_update_step(policy.config, optimizer, grpo, step_config.update.grad_accumulation, lora)
+    if lora is not None:
+        narrowest = min(min(shape) for _, shape in targeted_kernels(policy.params, lora))
+        if lora.rank > narrowest:  # a rank above a kernel's smaller side adds parameters, not expressiveness
+            raise ValueError(f"config.lora.rank={lora.rank} exceeds {narrowest}, the smaller side of the narrowest "
+                             f"targeted projection of this model: at most {narrowest}")
+    update_step = make_update_step(policy.config, optimizer, step_config.grpo, step_config.update.grad_accumulation,
+                                   lora)
     return Setup(config=config, policy=policy, learner=Learner(task, policy.config, step_config, update_step, lora),
                  eval_sampling=eval_sampling, optimizer=optimizer, train_problems=train_problems,
                  eval_problems=eval_problems)

@@ -21,7 +21,8 @@ from optpo_jax.models.lora import PROJECTIONS
 from optpo_jax.tasks.math import TTRL_INSTRUCTION
 
 # What a run writes; --overwrite removes exactly these.
-RUN_FILES = ("checkpoints", "carry", "tb", "metrics.jsonl", "config.json", "summary.json", "final_eval.json")
+RUN_FILES = ("checkpoints", "carry", "tb", "metrics.jsonl", "config.json", "summary.json", "final_eval.json",
+             "fingerprints.json")
 
 # Fields a resumed run may change: they decide how long it runs and what it evaluates or
 # how it is laid out on devices, not what it computes up to the restored step. ``steps``
@@ -42,8 +43,12 @@ class WorkdirLock:
         self.handle = None
 
     def __enter__(self) -> Self:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(self.path, "a+")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(self.path, "a+")
+        except OSError as error:  # a file where a folder should be, a read-only or full disk, a .lock folder
+            raise WorkdirError(f"cannot use {self.path.parent} as a workdir: {error.strerror or error} "
+                               f"({error.filename or self.path}); choose another --workdir") from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -69,14 +74,36 @@ def holds_run(workdir: Path) -> bool:
     return any((Path(workdir) / name).exists() for name in RUN_FILES)
 
 
+def model_type_in(directory: Path) -> str | None:
+    """What model ``directory`` holds when it holds a model rather than a run: "a <model_type> checkpoint"
+    (a Hugging Face config.json), "LoRA adapters" (PEFT's adapter_config.json), or None."""
+    directory = Path(directory)
+    if (directory / "adapter_config.json").exists():
+        return "LoRA adapters"
+    try:
+        saved = json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError):
+        saved = None
+    if isinstance(saved, dict) and "model_type" in saved and "sprt" not in saved:
+        return f"a {saved['model_type']} checkpoint"
+    return "a checkpoint" if any(directory.glob("*.safetensors")) else None
+
+
 def check_fresh_start(workdir: Path, overwrite: bool) -> None:
-    """Refuses to start a new run over an old one unless ``overwrite``, which removes the old run."""
+    """Refuses to start a new run over an old one unless ``overwrite`` (``remove_run`` removes it once every
+    other check has passed), and refuses a model directory even then (its config.json is the model's)."""
     workdir = Path(workdir)
-    if not holds_run(workdir):
-        return
-    if not overwrite:
+    model = model_type_in(workdir)
+    if model is not None:
+        raise WorkdirError(f"{workdir} holds {model}, not a run: choose another --workdir (--overwrite would "
+                           "replace the model's config.json)")
+    if holds_run(workdir) and not overwrite:
         raise WorkdirError(f"{workdir} holds a run already: pass --resume to continue it, or --overwrite to "
                            "remove it and start again (or choose another --workdir)")
+
+
+def remove_run(workdir: Path) -> None:
+    """Removes the files of the run in ``workdir`` (``--overwrite``, after every check has passed)."""
     for name in RUN_FILES:
         path = workdir / name
         if path.is_dir():
@@ -106,6 +133,15 @@ ADDED_FIELDS = {"policy_update.min_rollouts_per_prompt": 0, "policy_update.optim
                 "math.max_prompt_tokens": 1024, "math.multiple_choice": False, "math.timeout_seconds": 2}
 
 
+def config_differences(saved: dict, new: dict, allowed=()) -> list[str]:
+    """``config.field: saved -> new`` for every flattened field that differs, except ``allowed`` fields
+    (a name, or a section ending in "."); fields added since ``saved`` was written take ``ADDED_FIELDS``."""
+    saved, new = {**ADDED_FIELDS, **flatten(saved)}, {**ADDED_FIELDS, **flatten(new)}
+    free = lambda name: any(name == field or (field.endswith(".") and name.startswith(field)) for field in allowed)
+    return [f"config.{name}: {saved.get(name, '<absent>')!r} -> {new.get(name, '<absent>')!r}"
+            for name in sorted(set(saved) | set(new)) if saved.get(name) != new.get(name) and not free(name)]
+
+
 def check_resumable(workdir: Path, config) -> None:
     """Refuses to resume with a config that defines another run than the one saved in ``workdir``.
 
@@ -114,14 +150,15 @@ def check_resumable(workdir: Path, config) -> None:
     saved_path = Path(workdir) / "config.json"
     if not saved_path.exists():
         raise WorkdirError(f"--resume: {saved_path} is missing, so this cannot be checked to be the same run")
-    saved = {**ADDED_FIELDS, **flatten(json.loads(saved_path.read_text()))}
-    new = {**ADDED_FIELDS, **flatten(json.loads(config.to_json_best_effort()))}
+    saved = read_json(saved_path, "it cannot be checked to be the same run: put back the run's config.json, "
+                                  "or use --overwrite to start the run again (or another --workdir)")
+    new = json.loads(config.to_json_best_effort())
     allowed = set(RESUMABLE_FIELDS)
-    schedule_uses_steps = new.get("optimizer.schedule") != "constant" or new.get("optimizer.warmup_fraction", 0) > 0
+    schedule_uses_steps = (config.optimizer.get("schedule") != "constant"
+                           or config.optimizer.get("warmup_fraction", 0) > 0)
     if schedule_uses_steps:
         allowed.discard("steps")  # the learning-rate schedule is laid out over the steps
-    changed = [f"config.{name}: {saved.get(name, '<absent>')!r} -> {new.get(name, '<absent>')!r}"
-               for name in sorted(set(saved) | set(new)) if saved.get(name) != new.get(name) and name not in allowed]
+    changed = config_differences(saved, new, allowed)
     if changed:
         raise WorkdirError(
             f"--resume with a config that defines another run than the one in {workdir}:\n  " + "\n  ".join(changed)
@@ -129,3 +166,69 @@ def check_resumable(workdir: Path, config) -> None:
             + (" (steps not with this learning-rate schedule, which spans the steps)" if schedule_uses_steps else "")
             + ". Use another --workdir, or --overwrite to start this one again."
         )
+
+
+def write_atomically(path: str | Path, text: str) -> None:
+    """Writes ``text`` to ``path`` so that a reader (or a resumed run) finds the old file or the whole new one,
+    never an empty or cut one: a temporary file in the same directory, flushed and fsynced, then renamed over
+    ``path`` (``os.replace``, atomic within a filesystem). The new file gets the usual permissions (umask)."""
+    path = Path(path)
+    temp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    handle = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(handle, "w") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)  # the rename itself survives a crash once the folder is synced
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def read_json(path: str | Path, remedy: str):
+    """The JSON in ``path``; WorkdirError naming the file and ``remedy`` (what to do) when it is empty or cut."""
+    path = Path(path)
+    data = path.read_bytes()
+    try:
+        return json.loads(data)
+    except ValueError as error:  # JSONDecodeError, or bytes that are not UTF-8
+        state = "empty" if not data.strip() else f"cut or not JSON ({error})"
+        raise WorkdirError(f"{path} is {state} (the run was interrupted while writing it?): {remedy}") from None
+
+
+def read_json_lines(path: str | Path) -> tuple[list[dict], bool]:
+    """(records, cut) of a JSON-lines file that is appended line by line (metrics.jsonl).
+
+    A last line that is not a whole JSON record is what a kill while appending leaves: it is
+    dropped and ``cut`` is True. A line before it that is not one is damage that no interruption
+    explains: WorkdirError naming the file and the line number (nothing is skipped silently).
+    Blank lines are ignored.
+    """
+    path = Path(path)
+    lines = path.read_bytes().split(b"\n")
+    last = max((number for number, line in enumerate(lines, start=1) if line.strip()), default=0)
+    records, cut = [], False
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as error:
+            record, message = None, str(error)
+        else:
+            message = f"a JSON {type(record).__name__}, not a record"
+        if isinstance(record, dict):
+            records.append(record)
+        elif number == last:  # the last line: an interrupted append
+            cut = True
+        else:
+            raise WorkdirError(f"{path}, line {number}: not a JSON record ({message}); only a last line can be cut "
+                               "by an interruption: repair or remove that line, or start the run again with "
+                               "--overwrite")
+    return records, cut
