@@ -127,15 +127,19 @@ def _config_of_run(command: str, free=FREE_FIELDS):
 
     from optpo_jax.train.config_checks import ConfigError
     from optpo_jax.train.loop import load_run_config
-    from optpo_jax.train.workdir import config_differences
+    from optpo_jax.train.workdir import config_differences, flatten
 
     saved = load_run_config(_WORKDIR.value)
     saved_json = json.loads(saved.to_json_best_effort())
+    is_free = lambda field: any(field == name or (name.endswith(".") and field.startswith(name)) for name in free)
+    given = {}
+    if flags.FLAGS["config"].present:  # a whole config file: its free fields apply, the rest must match
+        given = flatten(json.loads(_CONFIG.value.to_json_best_effort()))
+    given.update(flags_of_config.get_override_values(flags.FLAGS["config"]))
     differing = []
-    if flags.FLAGS["config"].present:
-        differing = config_differences(saved_json, json.loads(_CONFIG.value.to_json_best_effort()), free)
-    for field, value in flags_of_config.get_override_values(flags.FLAGS["config"]).items():
-        if any(field == name or (name.endswith(".") and field.startswith(name)) for name in free):
+    for field, value in given.items():
+        value = json.loads(json.dumps(value))  # as config.json holds it: (128,) is [128]
+        if is_free(field):
             saved.update_from_flattened_dict({field: value})
         else:
             differing += config_differences(saved_json, {**saved_json, **_nested(field, value, saved_json)}, free)
@@ -158,11 +162,12 @@ def _nested(field: str, value, like: dict) -> dict:
 def command_eval(_):
     """pass@1 / maj@k / pass@k of the run in --workdir (its latest checkpoint, under its own config.json) on its
     evaluation prompts; --workdir='' evaluates the initial policy of --config."""
-    from optpo_jax.train.loop import restore_run_state, run_eval
+    from optpo_jax.train.loop import check_fingerprints, restore_run_state, run_eval
     from optpo_jax.train.setup import build_setup
 
     if _WORKDIR.value:
         setup = build_setup(_start(_config_of_run("eval")))
+        check_fingerprints(_WORKDIR.value, setup, "eval")
         state, step = restore_run_state(setup, _WORKDIR.value)
         params = state.policy_params()
         print(f"evaluating {_WORKDIR.value} at step {step}")
@@ -202,7 +207,7 @@ def command_export(_):
     from optpo_jax.models import save_hf
     from optpo_jax.optim import float32_master_params
     from optpo_jax.train.config_checks import ConfigError
-    from optpo_jax.train.loop import restore_run_state
+    from optpo_jax.train.loop import check_fingerprints, restore_run_state
     from optpo_jax.train.setup import build_setup
     from optpo_jax.train.workdir import holds_run, model_type_in
 
@@ -216,6 +221,7 @@ def command_export(_):
                           "config.json: choose another --out")
     config = _config_of_run("export")
     setup = build_setup(config)
+    check_fingerprints(_WORKDIR.value, setup, "export")
     state, step = restore_run_state(setup, _WORKDIR.value)
     if _ADAPTERS_ONLY.value and state.lora is None:
         raise ConfigError("--adapters_only needs a LoRA run (config.lora.rank > 0)")

@@ -147,8 +147,14 @@ def test_resume_after_the_data_or_the_model_changed_is_refused(tmp_path):
     train(tiny_config(steps=1, model_path=str(tmp_path / "policy"), **{"eval.every_steps": 0}), tmp_path / "run",
           progress=False, task=Sums(3))
     assert json.loads((tmp_path / "run" / "fingerprints.json").read_text())["train_prompts"]
-    with pytest.raises(WorkdirError, match="data or model changed since it started.*train_prompts"):
+    with pytest.raises(WorkdirError, match="--resume: the run's task, data or model differ.*train_prompts"):
         train(config, tmp_path / "run", resume=True, progress=False, task=Sums(4))
+    # eval / export of it through the command line build the config's own task, not the one it trained with
+    from optpo_jax.train.loop import check_fingerprints
+    from optpo_jax.train.setup import build_setup
+
+    with pytest.raises(WorkdirError, match=r"eval: .*task: test_run_safety.*Sums -> optpo_jax.tasks.arithmetic"):
+        check_fingerprints(tmp_path / "run", build_setup(config), "eval")
     weights = tmp_path / "policy" / "model.safetensors"
     from safetensors.numpy import load_file, save_file
 

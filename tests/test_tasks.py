@@ -60,11 +60,32 @@ def test_ground_truth_reward_grades_each_rollout_and_consensus_rewards_the_major
     assert set(REWARDS) == {"consensus", "ground_truth"}
 
 
-def test_ground_truth_reward_runs_in_training_and_an_unknown_reward_is_named():
+def test_ground_truth_reward_runs_in_training_and_an_unknown_reward_is_named(monkeypatch):
+    """A training step rewards by the configured registry entry (spied on): ground truth, not the vote."""
+    import jax
+
+    from optpo_jax.train.loop import init_train_state
+    from optpo_jax.train.step import training_step
+
     with pytest.raises(ConfigError, match=r"config.reward must be one of \('consensus', 'ground_truth'\), got 'gt'"):
         build_setup(_small_config(reward="gt"))
     setup = build_setup(_small_config(reward="ground_truth"))
-    assert setup.learner.config.reward == "ground_truth"
+    graded = []
+
+    def spy(rollouts, problems, task):
+        graded.append(ground_truth_rewards(rollouts, problems, task))
+        return graded[-1]
+
+    monkeypatch.setitem(REWARDS, "ground_truth", spy)
+    problems = setup.train_problems[:4]
+    _, output = training_step(init_train_state(setup), setup.learner, problems, jax.random.key(0),
+                              np.random.default_rng(0))
+    assert len(graded) == 1 and np.array_equal(output.rewards, graded[0])
+    answers = [output.rollouts.answer_slots.answer(int(p), int(s))
+               for p, s in zip(output.rollouts.prompt_index, output.rollouts.slots, strict=True)]
+    truth = [float(a is not None and a == problems[p].answer) for a, p in zip(answers, output.rollouts.prompt_index,
+                                                                              strict=True)]
+    np.testing.assert_array_equal(output.rewards, truth)  # reference: the sums' exact answers
 
 
 def test_a_task_object_replaces_config_task_and_steps_0_is_one_epoch():

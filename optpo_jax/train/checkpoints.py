@@ -65,8 +65,11 @@ class Checkpointer:
         self._save_carry(step, carry)
         # A copy: Orbax writes asynchronously and the caller goes on updating its totals.
         saved = dict(copy.deepcopy(totals), checksums=tree_checksums(state))
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                        totals=ocp.args.JsonSave(saved)))
+        try:  # Orbax first waits for the previous save, and re-raises its failure here
+            self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                            totals=ocp.args.JsonSave(saved)))
+        except OSError as error:
+            raise self._save_failed(error) from None
 
     def restore(self, like: dict, step: int | None = None) -> tuple[dict, dict, LookaheadCarry | None]:
         """(state, totals, carry) at ``step`` (default: the latest), shaped like ``like``.

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from optpo_jax.models.lora import init_adapters
 from optpo_jax.prior import fitted_concentration, init_prior_state, prior_from_json, prior_to_json
-from optpo_jax.train.checkpoints import Checkpointer, CheckpointError, tree_checksums
+from optpo_jax.train.checkpoints import Checkpointer, tree_checksums
 from optpo_jax.train.distributed import is_lead_process, mesh_of, process_share, replicate_unplaced
 from optpo_jax.train.evaluation import EvalResult, evaluate
 from optpo_jax.train.memory_plan import check_fits, device_memory_limit
@@ -93,6 +93,8 @@ def load_run_config(workdir: str | Path):
 def restore_run_state(setup: Setup, workdir: str | Path, step: int | None = None) -> tuple[TrainState, int]:
     """(the TrainState, step) of a checkpoint of the run in ``workdir`` (the latest, or ``step``);
     ``state.policy_params()`` is the policy (with LoRA: the frozen base with the adapters merged in)."""
+    if not (Path(workdir) / "checkpoints").is_dir():  # checked first: a Checkpointer would create the folder
+        raise WorkdirError(f"{workdir} holds no checkpoint")
     checkpointer = Checkpointer(Path(workdir) / "checkpoints")
     step = checkpointer.latest_step() if step is None else step
     if step is None:
@@ -152,15 +154,14 @@ def train(config, workdir: str | Path, resume: bool = False, progress: bool = Tr
         _check_workdir(workdir, config, resume, overwrite, resume_step)
         setup = build_setup(config, task)
         check_fits(config, setup.policy.config, device_memory_limit())  # before an out-of-memory in XLA
-        fingerprints = run_fingerprints(setup)
         if resume:
             _check_resume_step(workdir, setup.config.steps, resume_step)
-            _check_fingerprints(workdir, fingerprints)
+            check_fingerprints(workdir, setup, "--resume")
         elif overwrite and is_lead_process():
             remove_run(workdir)  # only now: a config error above leaves the old run as it was
         if is_lead_process():
             write_atomically(workdir / "config.json", config.to_json_best_effort(indent=1))
-            write_atomically(workdir / FINGERPRINTS, json.dumps(fingerprints, indent=1))
+            write_atomically(workdir / FINGERPRINTS, json.dumps(run_fingerprints(setup), indent=1))
         try:
             return _train(setup, workdir, resume, resume_step, progress)
         except BaseException:
@@ -190,29 +191,34 @@ FINGERPRINTS = "fingerprints.json"
 
 
 def run_fingerprints(setup: Setup) -> dict:
-    """What the config alone does not pin down: the prompts as tokenized (with their answers) and the initial
-    policy's weights (checksums of every array), each as a sha256 prefix."""
+    """What the config alone does not pin down: the task's class (``train(task=...)`` leaves config.task as it
+    is), the prompts and answers (a replaced data file) and the initial policy's weights (checksums of every
+    array), the last three as sha256 prefixes. Problems are read as given (their ``prompt`` and ``answer``, else
+    their repr), not tokenized: tokenizing every prompt here would count truncations before any wave."""
     digest = lambda value: hashlib.sha256(repr(value).encode()).hexdigest()[:16]
-    prompts = lambda problems: [(setup.task.prompt_tokens(problem), repr(getattr(problem, "answer", None)))
-                                for problem in problems]
-    return {"train_prompts": digest(prompts(setup.train_problems)),
-            "eval_prompts": digest(prompts(setup.eval_problems)),
+    content = lambda problem: ((problem.prompt, getattr(problem, "answer", None)) if hasattr(problem, "prompt")
+                               else problem)
+    task = type(setup.task)
+    return {"task": f"{task.__module__}.{task.__qualname__}",
+            "train_prompts": digest([content(problem) for problem in setup.train_problems]),
+            "eval_prompts": digest([content(problem) for problem in setup.eval_problems]),
             "initial_policy": digest(sorted(tree_checksums(setup.policy.params).items()))}
 
 
-def _check_fingerprints(workdir: Path, fingerprints: dict) -> None:
-    """A resumed run trains on the prompts and from the policy it started with (runs saved before
-    fingerprints.json existed are not checked)."""
-    path = workdir / FINGERPRINTS
+def check_fingerprints(workdir: str | Path, setup: Setup, doing: str) -> None:
+    """Refuses to ``doing`` (resume, eval, export) the run in ``workdir`` with a setup whose task, prompts or
+    initial policy differ from the run's (runs saved before fingerprints.json existed are not checked)."""
+    path = Path(workdir) / FINGERPRINTS
     if not path.exists():
         return
     saved = read_json(path, "restore it, or start the run again with --overwrite")
-    changed = [f"{name}: {saved[name]} -> {value}" for name, value in fingerprints.items()
+    changed = [f"{name}: {saved[name]} -> {value}" for name, value in run_fingerprints(setup).items()
                if name in saved and saved[name] != value]
     if changed:
-        raise WorkdirError(f"--resume: the run's data or model changed since it started ({'; '.join(changed)}): "
-                           "the same config now reads other prompts or weights (a data file or checkpoint "
-                           "directory was replaced). Put them back, or start a new run in another --workdir")
+        raise WorkdirError(f"{doing}: the run's task, data or model differ from what this config now reads "
+                           f"({'; '.join(changed)}): a data file or checkpoint directory was replaced, or the run "
+                           "was trained with train(task=...) (use that task from Python). Put them back, or start "
+                           "a new run in another --workdir")
 
 
 def _nothing_trained(workdir: Path) -> bool:
@@ -220,8 +226,10 @@ def _nothing_trained(workdir: Path) -> bool:
     try:
         records = read_json_lines(workdir / "metrics.jsonl")[0] if (workdir / "metrics.jsonl").exists() else []
         checkpoints = workdir / "checkpoints"
-        saved = checkpoints.is_dir() and Checkpointer(checkpoints).latest_step() is not None
-    except (WorkdirError, OSError, CheckpointError):
+        # Step folders on disk (Orbax names a finished step by its number), not a CheckpointManager: creating one
+        # waits for every process, and only the lead process is here.
+        saved = checkpoints.is_dir() and any(child.name.isdigit() for child in checkpoints.iterdir())
+    except (WorkdirError, OSError):
         return False  # unsure: keep the files
     return not saved and not any(record.get("step", 0) > 0 for record in records)
 
