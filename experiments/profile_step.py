@@ -24,9 +24,9 @@ import numpy as np
 from optpo_jax.default_config import arithmetic_config
 from optpo_jax.grpo import group_advantages
 from optpo_jax.train.loop import batch_problems, init_train_state
+from optpo_jax.train.rewards import consensus_rewards
 from optpo_jax.train.rollouts import collect_rollouts
 from optpo_jax.train.setup import build_setup
-from optpo_jax.train.rewards import consensus_rewards
 from optpo_jax.train.step import grpo_arrays, rollout_advantages, training_rows, update_policy
 
 

@@ -247,9 +247,8 @@ def command_plan(_):
     """The memory plan of --config per device (no weights loaded, nothing compiled)."""
     import jax
 
-    from optpo_jax.train.memory_plan import format_plan, parse_bytes, plan_memory, run_shape
-
     from optpo_jax.train.config_checks import ConfigError
+    from optpo_jax.train.memory_plan import format_plan, parse_bytes, plan_memory, run_shape
 
     config = _config_or_default(_CONFIG, "optpo")
     device_bytes = parse_bytes(_DEVICE_MEMORY.value) if _DEVICE_MEMORY.value else None

@@ -44,7 +44,6 @@ from optpo_jax.posterior import host_check, host_int32, posterior_mode_prob
 from optpo_jax.predictive import MAX_REMAINING, plurality_at_budget_prob
 from optpo_jax.prior import PriorState, branch_concentrations, learned_concentration, prior_branch
 
-
 # Concentrations every rule computes with in float32: below, the Dirichlet rule's grid
 # (nodes ~ 1 / prior) and the Beta rule's betainc degenerate; above, the predictive rule's
 # lgamma differences (~1e4 at 1e3) lose all digits.
@@ -57,14 +56,14 @@ MAX_SAMPLES_LIMIT = 2**20
 def _config_int(name: str, value) -> int:
     """``value`` as a Python int; ValueError naming the field unless it is an int (bool is not)."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"SPRTConfig.{name} must be an int, got {value!r} of type {type(value).__name__}")
+        raise ValueError(f"SPRTConfig.{name} must be an int, got {value!r} of type {type(value).__name__}")  # noqa: TRY004
     return int(value)
 
 
 def _config_real(name: str, value) -> float:
     """``value`` as a Python float; ValueError naming the field unless it is a finite real number."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise ValueError(f"SPRTConfig.{name} must be a finite number, got {value!r} of type {type(value).__name__}")
+        raise ValueError(f"SPRTConfig.{name} must be a finite number, got {value!r} of type {type(value).__name__}")  # noqa: TRY004
     return float(value)
 
 

@@ -14,7 +14,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from absl import flags
 from flax import nnx
 
 from optpo_jax.models import LoRAConfig, init_adapters, load_hf, merge_adapters, save_hf
@@ -197,15 +196,12 @@ def save_run(workdir, run_args, float32_master: bool) -> tuple[dict, dict]:
 
 def export(capsys, config, workdir, out, *extra) -> str:
     """``optpo-jax export`` in this process (absl flags parsed as main() would); returns what it printed."""
-    from optpo_jax import cli
+    from tests.cli_in_process import run_command
 
-    flags.FLAGS.unparse_flags()
-    flags.FLAGS(["optpo-jax", f"--config={config}", f"--workdir={workdir}", f"--out={out}", *extra])
-    try:
-        cli.command_export([])
-    finally:
-        flags.FLAGS.unparse_flags()
-    return capsys.readouterr().out
+    code, printed, _ = run_command(capsys, "export", f"--config={config}", f"--workdir={workdir}", f"--out={out}",
+                                   *extra)
+    assert code == 0, code
+    return printed
 
 
 def test_cli_float32_export_writes_the_master_weights_exactly(run_args, tmp_path, capsys):

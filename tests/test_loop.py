@@ -16,9 +16,9 @@ from optpo_jax.grpo import token_logprobs
 from optpo_jax.models import forward
 from optpo_jax.sprt import SPRTConfig
 from optpo_jax.train.loop import batch_problems, train
+from optpo_jax.train.rewards import consensus_labels, consensus_rewards
 from optpo_jax.train.rollouts import collect_rollouts
 from optpo_jax.train.setup import build_setup
-from optpo_jax.train.rewards import consensus_labels, consensus_rewards
 from optpo_jax.train.step import grpo_arrays, training_rows
 from optpo_jax.train.step_config import UpdateConfig
 

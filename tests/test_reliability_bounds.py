@@ -181,12 +181,17 @@ def test_item12_a_bad_device_memory_is_a_config_error(text):
         parse_bytes(text)
 
 
-def test_item12_plan_flags_end_as_one_line():
-    _one_line_error(_cli("plan", "--device_memory", "1e400GB"), "--device_memory must be")
-    _one_line_error(_cli("plan", "--device_memory", "abc"), "--device_memory must be")
+def test_item12_plan_flags_end_as_one_line(capsys):
+    """In this process (the command's one-line exit text); one run as a command shows there is no traceback."""
+    from cli_in_process import run_command
+
+    for memory in ("1e400GB", "abc"):
+        code, _, _ = run_command(capsys, "plan", "--device_memory", memory)
+        assert code.startswith("optpo-jax: error: --device_memory must be")
     for devices in ("0", "-1"):
-        last = _one_line_error(_cli("plan", "--devices", devices), "--devices must be a positive")
-        assert last.endswith(f"got {devices}")
+        code, _, _ = run_command(capsys, "plan", "--devices", devices)
+        assert code.startswith("optpo-jax: error: --devices must be a positive") and code.endswith(f"got {devices}")
+    _one_line_error(_cli("plan", "--devices", "0"), "--devices must be a positive")
 
 
 @pytest.mark.parametrize("suffix", [".json", ".jsonl"])

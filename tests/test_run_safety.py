@@ -12,6 +12,7 @@ from pathlib import Path
 
 import jax.numpy as jnp
 import pytest
+from cli_in_process import run_command
 from test_loop import tiny_config
 
 from optpo_jax.train.checkpoints import Checkpointer, CheckpointError
@@ -99,34 +100,32 @@ def test_training_into_a_model_directory_is_refused_even_with_overwrite(tmp_path
     assert _files(model) == before
 
 
-def test_eval_reads_the_runs_config_and_refuses_flags_that_differ(run_copy):
+def test_eval_reads_the_runs_config_and_refuses_flags_that_differ(run_copy, capsys):
     """A LoRA run evaluated with no config flags reproduces its own final evaluation (same samples and seed);
     --config.lora.* that differ are refused, naming them (they once gave pass@1 0.0 and exit 0)."""
     summary = json.loads((run_copy / "summary.json").read_text())
-    result = _cli("eval", f"--workdir={run_copy}")
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert f"evaluating {run_copy} at step 2" in result.stdout
-    printed = json.loads(result.stdout[result.stdout.index("{"):])
-    assert printed == summary["after"]
+    code, out, _ = run_command(capsys, "eval", f"--workdir={run_copy}")
+    assert code == 0 and f"evaluating {run_copy} at step 2" in out
+    assert json.loads(out[out.index("{"):]) == summary["after"]
+    # Overrides reach ml_collections from the process's own command line, so these run as commands.
     refused = _cli("eval", f"--workdir={run_copy}", "--config.lora.rank=8", "--config.lora.alpha=1000")
     assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert refused.stderr.strip().splitlines()[-1].startswith("optpo-jax: error: eval uses the run's own config")
     assert "config.lora.alpha: 16.0 -> 1000" in refused.stderr and "config.lora.rank: 4 -> 8" in refused.stderr
     export = _cli("export", f"--workdir={run_copy}", f"--out={run_copy.parent / 'model'}", "--config.lora.alpha=1000")
     assert export.returncode != 0 and "config.lora.alpha" in export.stderr
     assert not (run_copy.parent / "model").exists()
 
 
-def test_eval_of_a_workdir_without_a_run_is_an_error_and_export_never_writes_into_a_run(run_copy, tmp_path):
-    missing = _cli("eval", f"--workdir={tmp_path / 'reff'}")
-    assert missing.returncode != 0 and "holds no run" in missing.stderr and "Traceback" not in missing.stderr
+def test_eval_of_a_workdir_without_a_run_is_an_error_and_export_never_writes_into_a_run(run_copy, tmp_path, capsys):
+    code, _, _ = run_command(capsys, "eval", f"--workdir={tmp_path / 'reff'}")
+    assert "holds no run" in code
     before = _files(run_copy)
-    into_run = _cli("export", f"--workdir={run_copy}", f"--out={run_copy}")
-    assert into_run.returncode != 0 and "holds a training run" in into_run.stderr
-    assert _files(run_copy) == before
+    code, _, _ = run_command(capsys, "export", f"--workdir={run_copy}", f"--out={run_copy}")
+    assert "holds a training run" in code and _files(run_copy) == before
     (tmp_path / "a_file").write_text("x")
-    onto_file = _cli("export", f"--workdir={run_copy}", f"--out={tmp_path / 'a_file'}")
-    assert onto_file.returncode != 0 and "is a file, not a directory" in onto_file.stderr
-    assert "Traceback" not in onto_file.stderr
+    code, _, _ = run_command(capsys, "export", f"--workdir={run_copy}", f"--out={tmp_path / 'a_file'}")
+    assert "is a file, not a directory" in code
 
 
 def test_resume_after_the_data_or_the_model_changed_is_refused(tmp_path):

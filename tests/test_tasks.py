@@ -13,7 +13,7 @@ import pytest
 
 from optpo_jax.default_config import arithmetic_config
 from optpo_jax.sprt import SPRTConfig, init_vote_state, sprt_update
-from optpo_jax.tasks.arithmetic import ArithmeticTask, generate_problems, SHIFTED
+from optpo_jax.tasks.arithmetic import SHIFTED, ArithmeticTask, generate_problems
 from optpo_jax.train.answer_slots import AnswerSlots
 from optpo_jax.train.config_checks import ConfigError
 from optpo_jax.train.rewards import REWARDS, consensus_rewards, ground_truth_rewards
@@ -28,7 +28,7 @@ def _readme_blocks(language: str) -> list[str]:
     text = README.read_text()
     section = text[text.index("## Your own model, data and task"):]
     section = section[: section.index("\n## ", 1)]
-    return re.findall(rf"```{language}\n(.*?)```", section, re.S)
+    return re.findall(rf"```{language}\n(.*?)```", section, re.DOTALL)
 
 
 def _small_config(**overrides):
@@ -155,7 +155,7 @@ def test_readme_custom_task_runs_as_printed(tmp_path, monkeypatch):
     checked = []
     monkeypatch.setattr(setup_module, "check_task", lambda task, source: checked.append(task) or task)
     namespace = {"__name__": "readme"}
-    exec(compile(block, "README.md", "exec"), namespace)
+    exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - the README as printed
     assert namespace["summary"]["steps"] == 2 and (tmp_path / "runs/last_digit/summary.json").exists()
     assert [type(task).__name__ for task in checked] == ["LastDigitTask"]  # the run used the README's task
 

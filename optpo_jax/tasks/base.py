@@ -72,7 +72,7 @@ def check_task(task: Any, source: str) -> Task:
     if missing:
         raise ValueError(f"{source}: the task {type(task).__name__} lacks {', '.join(missing)} (see tasks.base.Task)")
     if not callable(task.prompt_tokens) or not callable(task.extract) or not callable(task.is_correct):
-        raise ValueError(f"{source}: prompt_tokens, extract and is_correct must be methods (see tasks.base.Task)")
+        raise ValueError(f"{source}: prompt_tokens, extract and is_correct must be methods (see tasks.base.Task)")  # noqa: TRY004
     return task
 
 
@@ -89,5 +89,5 @@ def import_factory(spec: str) -> TaskFactory:
         raise ValueError(f"config.task={spec!r}: cannot import module {module_name!r}: {error}") from error
     factory = getattr(module, attribute, None)
     if not callable(factory):
-        raise ValueError(f"config.task={spec!r}: module {module_name!r} has no callable {attribute!r}")
+        raise ValueError(f"config.task={spec!r}: module {module_name!r} has no callable {attribute!r}")  # noqa: TRY004
     return factory

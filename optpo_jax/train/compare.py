@@ -27,8 +27,7 @@ from optpo_jax.train.config_checks import ConfigError
 from optpo_jax.train.distributed import is_lead_process
 from optpo_jax.train.loop import train
 from optpo_jax.train.setup import check_config
-from optpo_jax.train.workdir import (WorkdirError, WorkdirLock, check_resumable, holds_run, read_json,
-                                    write_atomically)
+from optpo_jax.train.workdir import WorkdirError, WorkdirLock, check_resumable, holds_run, read_json, write_atomically
 
 # Per-run values reported for each method: name -> (column title, reads it off a run's summary).
 RUN_VALUES = {

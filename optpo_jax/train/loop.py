@@ -34,8 +34,16 @@ from optpo_jax.train.metrics_log import MetricsLog
 from optpo_jax.train.rollouts import LookaheadCarry
 from optpo_jax.train.setup import Setup, build_setup, check_config
 from optpo_jax.train.step import TrainState, training_step
-from optpo_jax.train.workdir import (WorkdirError, WorkdirLock, check_fresh_start, check_resumable, read_json,
-                                    read_json_lines, remove_run, write_atomically)
+from optpo_jax.train.workdir import (
+    WorkdirError,
+    WorkdirLock,
+    check_fresh_start,
+    check_resumable,
+    read_json,
+    read_json_lines,
+    remove_run,
+    write_atomically,
+)
 
 
 def batch_problems(problems: list, step: int, prompts_per_step: int, seed: int) -> list:

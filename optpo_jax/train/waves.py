@@ -14,8 +14,15 @@ import dataclasses
 import jax
 import numpy as np
 
-from optpo_jax.sampler import (SamplingConfig, bucket_width, decode_progress, pad_wave, progress_every, right_padded,
-                               sample_padded)
+from optpo_jax.sampler import (
+    SamplingConfig,
+    bucket_width,
+    decode_progress,
+    pad_wave,
+    progress_every,
+    right_padded,
+    sample_padded,
+)
 from optpo_jax.sprt import SPRTConfig, VoteState, sprt_update
 from optpo_jax.train.answer_slots import AnswerSlots
 from optpo_jax.train.distributed import local_rows, mesh_of, process_max, rows_to_global
