@@ -4,8 +4,6 @@ Each test names the sub-point it covers; each failed on the code before the fix.
 """
 
 import functools
-import re
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -199,23 +197,15 @@ def test_allocate_wave_accepts_numpy_integer():
 # --- Issue: hardening the public pure API (README vmap, 64-bit host ids, empty waves, negative counts). ---
 
 
-def _readme_python_blocks(section):
-    """The ```python blocks of README.md between the bold heading ``section`` and the next bold heading."""
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    start = text.index(f"**{section}**")
-    end = text.index("\n**", start + len(section) + 4)
-    return re.findall(r"```python\n(.*?)```", text[start:end], flags=re.DOTALL)
-
-
-# 1: the README's vmap over a batch of independent vote problems runs as written and equals
+# 1: the documented vmap over a batch of independent vote problems runs as written and equals
 # running each problem alone (reference: an unbatched sprt_update per problem).
 def test_readme_vmap_snippet_runs_and_matches_each_problem_alone(capsys):
-    blocks = _readme_python_blocks("The sequential test in your own JAX code.")
-    vmap_blocks = [block for block in blocks if "jax.vmap(functools.partial(sprt_update, config=config))" in block]
-    assert len(vmap_blocks) == 1, "README must show the vmap with functools.partial(sprt_update, config=config)"
+    from doc_blocks import code_blocks
+
+    (block,) = code_blocks("docs/pure_api.md", "python")
+    assert "jax.vmap(functools.partial(sprt_update, config=config))" in block
     namespace = {}
-    for block in blocks:  # the vmap block reuses the first block's imports and config
-        exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - the README as printed
+    exec(compile(block, "docs/pure_api.md", "exec"), namespace)  # noqa: S102 - the page as printed
     capsys.readouterr()
     config, batched = namespace["config"], namespace["states"]
     num_problems = namespace["prompt_ids"].shape[0]

@@ -2,7 +2,6 @@
 own-model-and-data command and custom task, run as printed."""
 
 import json
-import re
 import shlex
 import subprocess
 import sys
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from doc_blocks import ROOT, code_blocks
 
 from optpo_jax.default_config import arithmetic_config
 from optpo_jax.sprt import SPRTConfig, init_vote_state, sprt_update
@@ -20,15 +20,10 @@ from optpo_jax.train.rewards import REWARDS, consensus_rewards, ground_truth_rew
 from optpo_jax.train.rollouts import Rollouts
 from optpo_jax.train.setup import build_setup
 
-README = Path(__file__).resolve().parents[1] / "README.md"
-
 
 def _readme_blocks(language: str) -> list[str]:
     """The ```language blocks of the README's "Your own model, data and task" section."""
-    text = README.read_text()
-    section = text[text.index("## Your own model, data and task"):]
-    section = section[: section.index("\n## ", 1)]
-    return re.findall(rf"```{language}\n(.*?)```", section, re.DOTALL)
+    return code_blocks("README.md", language, "Your own model, data and task")
 
 
 def _small_config(**overrides):
@@ -240,7 +235,7 @@ def test_record_votes_reads_a_lora_run_with_its_own_config(tmp_path):
     checkpointer = Checkpointer(workdir / "checkpoints")
     checkpointer.save(1, {"params": state.params, "opt_state": state.opt_state}, {"step": 1})
     checkpointer.wait()
-    spec = importlib.util.spec_from_file_location("record_votes", README.parent / "experiments/record_votes.py")
+    spec = importlib.util.spec_from_file_location("record_votes", ROOT / "experiments/record_votes.py")
     record_votes = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(record_votes)
     out = tmp_path / "votes.jsonl"
