@@ -15,17 +15,8 @@ def lora_section(rank: int = 0, alpha: float = 16.0) -> ml_collections.ConfigDic
     return ml_collections.ConfigDict({"rank": rank, "alpha": alpha, "targets": ",".join(PROJECTIONS)})
 
 
-def arithmetic_config(method: str = "optpo") -> ml_collections.ConfigDict:
-    """Test-time RL of the shipped policy on the shifted arithmetic test prompts.
-
-    ``optpo``: Dirichlet-posterior stopping at 0.95 (4 to 64 votes), GRPO on every
-    rollout drawn. ``ttrl``: the fixed 64-vote budget, GRPO on 32 of them (arXiv 2504.16084).
-    """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    config = ml_collections.ConfigDict()
-    config.method = method
-    config.seed = 0
+def _add_task_and_data(config: ml_collections.ConfigDict) -> None:
+    """The task, the model, the reward and where the prompts come from (the embedded task's defaults)."""
     # "arithmetic", "math" or "module:factory" (your own task: tasks/base.py)
     config.task = "arithmetic"
     config.model_path = ""  # "" = the shipped policy (optpo_jax/tasks/arith_policy); else a checkpoint directory
@@ -43,6 +34,20 @@ def arithmetic_config(method: str = "optpo") -> ml_collections.ConfigDict:
     config.math = ml_collections.ConfigDict({
         "instruction": TTRL_INSTRUCTION, "max_prompt_tokens": 1024, "multiple_choice": False, "timeout_seconds": 2,
     })
+
+
+def arithmetic_config(method: str = "optpo") -> ml_collections.ConfigDict:
+    """Test-time RL of the shipped policy on the shifted arithmetic test prompts.
+
+    ``optpo``: Dirichlet-posterior stopping at 0.95 (4 to 64 votes), GRPO on every
+    rollout drawn. ``ttrl``: the fixed 64-vote budget, GRPO on 32 of them (arXiv 2504.16084).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    config = ml_collections.ConfigDict()
+    config.method = method
+    config.seed = 0
+    _add_task_and_data(config)
     config.steps = 16  # 0: one epoch of the training prompts
     config.prompts_per_step = 32
     config.rows_per_wave = 256
