@@ -58,17 +58,18 @@ MAX_TABLE_ENTRIES = 2**24
 OUT_OF_INT32 = int(np.iinfo(np.int32).min)
 
 
-def _num_nodes(prior: float, max_count: int) -> int:
-    """Nodes of the grid for ``prior`` and counts up to ``max_count`` (see ``quadrature_nodes``)."""
-    largest_shape = max_count + prior
-    # Upper end well past the right tail of the largest leader's Gamma law.
+def _grid_size(step_prior: float, end_prior: float, max_count: int) -> tuple[int, float]:
+    """(nodes, step) of a grid in y = sqrt(x): the step of ``step_prior`` (finer below 1), out past the
+    right tail of the largest leader's Gamma law, shape max_count + ``end_prior``."""
+    step = _BASE_STEP * min(1.0, step_prior)
+    largest_shape = max_count + end_prior
     x_end = largest_shape + 10.0 * math.sqrt(largest_shape) + 10.0
-    return math.ceil(math.sqrt(x_end) / (_BASE_STEP * min(1.0, prior)))
+    return math.ceil(math.sqrt(x_end) / step), step
 
 
 def table_entries(prior: float, max_count: int) -> int:
     """Entries of each quadrature table for ``prior`` and ``max_count``: (max_count + 1) x nodes."""
-    return (max_count + 1) * _num_nodes(prior, max_count)
+    return (max_count + 1) * _grid_size(prior, prior, max_count)[0]
 
 
 def _check_table_size(entries: int, what: str) -> None:
@@ -91,8 +92,7 @@ def quadrature_nodes(prior: float, max_count: int) -> tuple[np.ndarray, float]:
     if max_count < 1:
         raise ValueError(f"max_count must be >= 1, got {max_count!r}")
     _check_table_size(table_entries(prior, max_count), f"prior={prior!r} and max_count={max_count}")
-    step = _BASE_STEP * min(1.0, prior)
-    num_nodes = _num_nodes(prior, max_count)
+    num_nodes, step = _grid_size(prior, prior, max_count)
     return step * np.arange(1, num_nodes + 1, dtype=np.float64), step  # y = 0 contributes 0
 
 
@@ -204,11 +204,7 @@ def _log_gamma_cdf(shape: jax.Array, x: jax.Array, num_terms: int) -> jax.Array:
 def _traced_grid(prior_range: tuple[float, float], max_count: int) -> tuple[np.ndarray, float]:
     """Static nodes (in y) and step that serve every prior of ``prior_range``: the finest step
     (the lowest prior's) out to the upper end of the highest prior's largest Gamma law."""
-    low, high = prior_range
-    step = _BASE_STEP * min(1.0, low)
-    largest_shape = max_count + high
-    x_end = largest_shape + 10.0 * math.sqrt(largest_shape) + 10.0
-    num_nodes = math.ceil(math.sqrt(x_end) / step)
+    num_nodes, step = _grid_size(*prior_range, max_count)
     _check_table_size((max_count + 1) * num_nodes,
                       f"traced_prior_range={prior_range!r} and max_count={max_count}")
     return step * np.arange(1, num_nodes + 1, dtype=np.float64), step
