@@ -127,35 +127,22 @@ def _config_of_run(command: str, free=FREE_FIELDS):
 
     from optpo_jax.train.config_checks import ConfigError
     from optpo_jax.train.loop import load_run_config
-    from optpo_jax.train.workdir import config_differences, flatten
+    from optpo_jax.train.workdir import config_differences, flatten, in_fields
 
     saved = load_run_config(_WORKDIR.value)
     saved_json = json.loads(saved.to_json_best_effort())
-    is_free = lambda field: any(field == name or (name.endswith(".") and field.startswith(name)) for name in free)
     given = {}
     if flags.FLAGS["config"].present:  # a whole config file: its free fields apply, the rest must match
         given = flatten(json.loads(_CONFIG.value.to_json_best_effort()))
     given.update(flags_of_config.get_override_values(flags.FLAGS["config"]))
-    differing = []
-    for field, value in given.items():
-        value = json.loads(json.dumps(value))  # as config.json holds it: (128,) is [128]
-        if is_free(field):
-            saved.update_from_flattened_dict({field: value})
-        else:
-            differing += config_differences(saved_json, {**saved_json, **_nested(field, value, saved_json)}, free)
+    given = {field: json.loads(json.dumps(value)) for field, value in given.items()}  # as config.json: (128,) is [128]
+    saved.update_from_flattened_dict({field: value for field, value in given.items() if in_fields(field, free)})
+    differing = config_differences(saved_json, {**flatten(saved_json), **given}, free)
     if differing:
         raise ConfigError(f"{command} uses the run's own config ({Path(_WORKDIR.value) / 'config.json'}); these "
-                          f"differ from it: {'; '.join(sorted(set(differing)))}. Leave them out (only "
-                          f"{', '.join(free)} may differ)")
+                          f"differ from it: {'; '.join(differing)}. Leave them out (only {', '.join(free)} may "
+                          "differ)")
     return saved
-
-
-def _nested(field: str, value, like: dict) -> dict:
-    """{"a": {**like["a"], "b": value}} for ``field`` "a.b": the one override, in the saved config's shape."""
-    head, _, rest = field.partition(".")
-    if not rest:
-        return {head: value}
-    return {head: {**like.get(head, {}), **_nested(rest, value, like.get(head, {}))}}
 
 
 @_one_line_errors

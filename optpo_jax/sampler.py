@@ -196,14 +196,14 @@ class _DecodeBar:
 
 
 @contextlib.contextmanager
-def decode_progress(bar):
-    """Within this block, long decodes show ``token i/N`` in ``bar``'s postfix (a tqdm bar, or None)."""
-    previous = _DecodeBar.bar
-    _DecodeBar.bar = bar
+def decode_progress(bar, max_new_tokens: int):
+    """Within this block, long decodes show ``token i/max_new_tokens`` in ``bar``'s postfix (a tqdm bar, or None)."""
+    previous = _DecodeBar.bar, _DecodeBar.max_new_tokens
+    _DecodeBar.bar, _DecodeBar.max_new_tokens = bar, max_new_tokens
     try:
         yield
     finally:
-        _DecodeBar.bar = previous
+        _DecodeBar.bar, _DecodeBar.max_new_tokens = previous
 
 
 def _report_token(step) -> None:
@@ -216,7 +216,6 @@ def progress_every(config: SamplingConfig, bar) -> int:
     """The static ``progress_every`` of a decode: PROGRESS_EVERY for a long one with a bar to report to, else 0."""
     if bar is None or getattr(bar, "disable", False) or config.max_new_tokens < 4 * PROGRESS_EVERY:
         return 0
-    _DecodeBar.max_new_tokens = config.max_new_tokens
     return PROGRESS_EVERY
 
 

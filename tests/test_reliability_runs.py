@@ -36,12 +36,17 @@ def finished_run(tmp_path_factory):
     return workdir
 
 
-@pytest.fixture
-def run_copy(finished_run, tmp_path):
-    copy = tmp_path / "run"
-    shutil.copytree(finished_run, copy)
+def copy_run(source: Path, folder: Path) -> Path:
+    """A copy of the run in ``source`` at ``folder / "run"``, without its lock file."""
+    copy = folder / "run"
+    shutil.copytree(source, copy)
     (copy / ".lock").unlink(missing_ok=True)
     return copy
+
+
+@pytest.fixture
+def run_copy(finished_run, tmp_path):
+    return copy_run(finished_run, tmp_path)
 
 
 def test_item1_a_second_run_into_a_used_workdir_is_refused_unless_overwritten(run_copy):

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import pytest
 from cli_in_process import run_command
 from test_loop import tiny_config
+from test_reliability_runs import copy_run
 
 from optpo_jax.train.checkpoints import Checkpointer, CheckpointError
 from optpo_jax.train.compare import compare_methods
@@ -34,10 +35,7 @@ def lora_run(tmp_path_factory):
 
 @pytest.fixture
 def run_copy(lora_run, tmp_path):
-    copy = tmp_path / "run"
-    shutil.copytree(lora_run, copy)
-    (copy / ".lock").unlink(missing_ok=True)
-    return copy
+    return copy_run(lora_run, tmp_path)
 
 
 def _files(workdir: Path) -> dict:

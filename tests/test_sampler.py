@@ -215,7 +215,7 @@ def test_a_long_decode_reports_its_token_count_to_the_progress_bar(params):
     inputs = pad_wave(tokens, lengths, np.ones(2, bool), config)
     bar = Bar()
     assert progress_every(config, None) == 0 and progress_every(SamplingConfig(max_new_tokens=32), bar) == 0
-    with decode_progress(bar):
+    with decode_progress(bar, config.max_new_tokens):
         every = progress_every(config, bar)
         reported = sample_padded(params, *inputs, jax.random.key(0), model_config=CONFIG, config=config,
                                  progress_every=every)

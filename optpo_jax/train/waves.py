@@ -83,7 +83,7 @@ def sample_wave(params, model_config, task, prompts: PromptTable, prompt_ids: np
     width = bucket_width(process_max(int(lengths[valid].max(initial=1))), sampling)
     inputs = pad_wave(prompts.tokens[prompt_ids], lengths, valid, sampling, width=width)
     mesh = mesh_of(params)
-    with decode_progress(bar):
+    with decode_progress(bar, sampling.max_new_tokens):
         out = sample_padded(params, *rows_to_global(inputs, mesh), key, model_config=model_config, config=sampling,
                             progress_every=progress_every(sampling, bar))
         completions, completion_lengths = local_rows(out.tokens, mesh), local_rows(out.lengths, mesh)

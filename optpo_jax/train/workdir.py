@@ -133,13 +133,18 @@ ADDED_FIELDS = {"policy_update.min_rollouts_per_prompt": 0, "policy_update.optim
                 "math.max_prompt_tokens": 1024, "math.multiple_choice": False, "math.timeout_seconds": 2}
 
 
+def in_fields(name: str, fields) -> bool:
+    """Whether the dotted field ``name`` is one of ``fields``: a name, or a section ending in "."."""
+    return any(name == field or (field.endswith(".") and name.startswith(field)) for field in fields)
+
+
 def config_differences(saved: dict, new: dict, allowed=()) -> list[str]:
-    """``config.field: saved -> new`` for every flattened field that differs, except ``allowed`` fields
-    (a name, or a section ending in "."); fields added since ``saved`` was written take ``ADDED_FIELDS``."""
+    """``config.field: saved -> new`` for every field that differs (nested or already flattened dicts), except
+    ``allowed`` fields (``in_fields``); fields added since ``saved`` was written take ``ADDED_FIELDS``."""
     saved, new = {**ADDED_FIELDS, **flatten(saved)}, {**ADDED_FIELDS, **flatten(new)}
-    free = lambda name: any(name == field or (field.endswith(".") and name.startswith(field)) for field in allowed)
     return [f"config.{name}: {saved.get(name, '<absent>')!r} -> {new.get(name, '<absent>')!r}"
-            for name in sorted(set(saved) | set(new)) if saved.get(name) != new.get(name) and not free(name)]
+            for name in sorted(set(saved) | set(new))
+            if saved.get(name) != new.get(name) and not in_fields(name, allowed)]
 
 
 def check_resumable(workdir: Path, config) -> None:
