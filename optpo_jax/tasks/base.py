@@ -48,6 +48,9 @@ class Task(Protocol):
         equivalent to (e.g. ``0.5`` and ``\\frac{1}{2}``; ``MathTask`` uses math-verify).
       problems(config) -> (train_problems, held_out_problems or None): where the prompts come
         from; without it they are ``tasks.data.load_problems(config.data.path, ...)``.
+      prompt_length(problem) -> int: the prompt's tokens as ``prompt_tokens`` will give them, for the setup's
+        check against ``sampling.prompt_buckets`` (without it: ``len(prompt_tokens(problem))``, or no check
+        for a task that counts its cuts in ``truncated_prompts``).
       truncated_prompts, overlong_answers: running counts, reported in the step metrics.
     """
 

@@ -313,6 +313,13 @@ class MathTask:
                                                     add_generation_prompt=True, tokenize=True)
         return list(tokens["input_ids"] if hasattr(tokens, "keys") else tokens)
 
+    def prompt_length(self, problem: MathProblem) -> int:
+        """Tokens of the prompt as ``prompt_tokens`` will give it (cut to ``max_prompt_tokens``), without counting
+        a cut: what the setup checks against the prompt buckets before any wave."""
+        if problem in self._prompt_cache:
+            return len(self._prompt_cache[problem])
+        return min(len(self._chat_tokens(problem.prompt)), self.max_prompt_tokens)
+
     def _tokenize(self, problem: MathProblem) -> list[int]:
         """The chat prompt; an over-long one loses the end of its question, never the template's header,
         the instruction or the assistant header (without them the model does not answer in format)."""

@@ -178,24 +178,27 @@ def problems_of(config, task) -> tuple[list, list | None]:
             except (FileNotFoundError, ImportError) as error:  # no such file, or a hub dataset without `datasets`
                 raise ValueError(f"config.data.{name}: {error}") from error
         train_problems, held_out = loaded["path"], loaded.get("held_out_path")
-    buckets = tuple(int(bucket) for bucket in config.sampling.get("prompt_buckets", ()))
-    cuts = hasattr(task, "truncated_prompts")  # its prompt_tokens would count each cut prompt now, not when drawn
-    measurable = not cuts or (hasattr(task, "_chat_tokens") and isinstance(getattr(task, "max_prompt_tokens", None),
-                                                                               int))
-
-    def width_of(problem) -> int:
-        if cuts:  # MathTask: the chat prompt, cut to max_prompt_tokens
-            return min(len(task._chat_tokens(problem.prompt)), task.max_prompt_tokens)
-        return len(task.prompt_tokens(problem))
-
-    if buckets and measurable and not (cuts and task.max_prompt_tokens <= max(buckets)):
-        for problem in [*train_problems, *(held_out or [])]:
-            width = width_of(problem)
-            if width > max(buckets):
-                label = getattr(problem, "id", None) or repr(getattr(problem, "prompt", problem))[:60]
-                raise ValueError(f"config.sampling.prompt_buckets={buckets}: a prompt of {width} tokens (problem "
-                                 f"{label}) exceeds the largest bucket; add a bucket >= {width}")
+    check_prompt_buckets(config, task, [*train_problems, *(held_out or [])])
     return train_problems, held_out
+
+
+def check_prompt_buckets(config, task, problems: list) -> None:
+    """Every prompt fits the largest of ``config.sampling.prompt_buckets`` (a ValueError naming the field and the
+    prompt's width), so that no wave stops the run mid-way. A task's ``prompt_length(problem)`` measures where it
+    has one (``MathTask``: as it will cut the prompt, without counting a cut); a task that counts its cuts
+    (``truncated_prompts``) but cannot measure without one is not checked; other tasks are measured by
+    ``prompt_tokens``."""
+    buckets = tuple(int(bucket) for bucket in config.sampling.get("prompt_buckets", ()))
+    measure = getattr(task, "prompt_length", None)
+    if measure is None and hasattr(task, "truncated_prompts"):
+        return
+    measure = measure or (lambda problem: len(task.prompt_tokens(problem)))
+    for problem in problems if buckets else ():
+        width = measure(problem)
+        if width > max(buckets):
+            label = getattr(problem, "id", None) or repr(getattr(problem, "prompt", problem))[:60]
+            raise ValueError(f"config.sampling.prompt_buckets={buckets}: a prompt of {width} tokens (problem "
+                             f"{label}) exceeds the largest bucket; add a bucket >= {width}")
 
 
 def make_task(config, task: Task | None = None):
