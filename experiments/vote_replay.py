@@ -22,12 +22,14 @@ DATASETS = {"gsm8k": "consol_gsm8k_gpt-4o-mini.jsonl", "medqa": "consol_medqa_gp
 class VoteSamples:
     """slots: [Q, N] int32 answer slot per recorded rollout (-1 none);
     truth_slots: [Q] int32 slot of the true answer (-1 if never sampled);
-    full_majority: [Q] int32 consensus slot over all N votes (-1 if no vote)."""
+    full_majority: [Q] int32 consensus slot over all N votes (-1 if no vote);
+    tokens: [Q, N] int32 generated tokens of each recorded rollout, None if the file has none."""
 
     name: str
     slots: np.ndarray
     truth_slots: np.ndarray
     full_majority: np.ndarray
+    tokens: np.ndarray | None = None
 
 
 def load_vote_samples(name: str, data_dir: Path = DEFAULT_DATA_DIR) -> VoteSamples:
@@ -43,7 +45,7 @@ def load_vote_file(path: Path, name: str | None = None) -> VoteSamples:
     ``truth``); raises naming the file and line on bad rows. ``name`` defaults to the file's stem."""
     path = Path(path)
     name = name or path.stem
-    slots, truth_slots = [], []
+    slots, truth_slots, tokens = [], [], []
     with path.open() as lines:
         for line_number, line in enumerate(lines, 1):
             try:
@@ -57,10 +59,13 @@ def load_vote_file(path: Path, name: str | None = None) -> VoteSamples:
                     slot_of[answer] = len(slot_of)
             slots.append([slot_of.get(a, -1) if a != "" else -1 for a in answers])
             truth_slots.append(slot_of.get(truth, -1))
+            tokens.append(row.get("tokens"))
     lengths = {len(s) for s in slots}
     if len(lengths) != 1:
         raise ValueError(f"{path}: questions have different numbers of answers {sorted(lengths)}")
     slots = np.asarray(slots, np.int32)
     counts = np.stack([np.bincount(row[row >= 0], minlength=slots.shape[1]) for row in slots])
     full_majority = np.where(counts.max(1) > 0, counts.argmax(1), -1).astype(np.int32)
-    return VoteSamples(name, slots, np.asarray(truth_slots, np.int32), full_majority)
+    has_tokens = all(row is not None and len(row) == slots.shape[1] for row in tokens)
+    return VoteSamples(name, slots, np.asarray(truth_slots, np.int32), full_majority,
+                       np.asarray(tokens, np.int32) if has_tokens else None)

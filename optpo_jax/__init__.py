@@ -1,6 +1,6 @@
 """optpo-jax: test-time RL of language models with optimal rollout allocation."""
 
-from optpo_jax.allocation import allocate_wave
+from optpo_jax.allocation import allocate_wave, refill
 from optpo_jax.grpo import GRPOBatch, GRPOConfig, group_advantages, grpo_step, policy_loss
 from optpo_jax.posterior import posterior_mode_prob
 from optpo_jax.sprt import SPRTConfig, VoteState, consensus, init_vote_state, sprt_update
@@ -18,6 +18,7 @@ __all__ = [
     "init_vote_state",
     "policy_loss",
     "posterior_mode_prob",
+    "refill",
     "sprt_update",
 ]
 

@@ -1,4 +1,5 @@
-"""Which prompt each row of the next fixed-size wave serves.
+"""Which prompt each row of the next fixed-size wave (``allocate_wave``) or each freed row of a
+continuous decode (``refill``) serves.
 
 The rule (``allocate_wave``), in two passes over the active prompts:
 
@@ -14,6 +15,9 @@ The rule (``allocate_wave``), in two passes over the active prompts:
    rollout drawn is reused by the GRPO update.
 
 Rows that no prompt can use are returned with ``valid`` False and prompt id 0.
+
+``refill`` is the same rule with the rollouts already in flight counted as agreeing
+votes: a continuous decode calls it whenever rows finish, for the freed rows only.
 """
 
 from __future__ import annotations
@@ -78,6 +82,16 @@ def rows_to_prompts(rows_per_prompt: jax.Array, num_rows: int) -> tuple[jax.Arra
     return jnp.where(valid, prompt_ids, 0), valid
 
 
+def _check_num_rows(num_rows) -> int:
+    if isinstance(num_rows, (bool, np.bool_)) or not isinstance(num_rows, (int, np.integer)):
+        raise TypeError(
+            f"num_rows must be a Python int (static under jit), got {num_rows!r} of type {type(num_rows).__name__}"
+        )
+    if num_rows < 1:
+        raise ValueError(f"num_rows must be >= 1, got {num_rows!r}")
+    return int(num_rows)
+
+
 def allocate_wave(state: VoteState, num_rows: int, config: SPRTConfig,
                   prior_state: PriorState | None = None) -> tuple[jax.Array, jax.Array]:
     """Gives each row of a wave of ``num_rows`` rows to an active prompt.
@@ -96,19 +110,45 @@ def allocate_wave(state: VoteState, num_rows: int, config: SPRTConfig,
     Raises:
       TypeError if ``num_rows`` is not an integer, ValueError if it is below 1.
     """
-    if isinstance(num_rows, (bool, np.bool_)) or not isinstance(num_rows, (int, np.integer)):
-        raise TypeError(
-            f"num_rows must be a Python int (static under jit), got {num_rows!r} of type {type(num_rows).__name__}"
-        )
-    num_rows = int(num_rows)
-    if num_rows < 1:
-        raise ValueError(f"num_rows must be >= 1, got {num_rows!r}")
+    num_rows = _check_num_rows(num_rows)
+    in_flight = jnp.zeros(state.counts.shape[:1], jnp.int32)
+    return refill(state, in_flight, num_rows, config, prior_state)
+
+
+def refill(state: VoteState, in_flight: jax.Array, num_rows: int, config: SPRTConfig,
+           prior_state: PriorState | None = None, num_free=None, to_stop=None) -> tuple[jax.Array, jax.Array]:
+    """Gives each freed row of a continuous decode to an active prompt, counting rollouts in flight.
+
+    ``allocate_wave``'s two passes, with each prompt's in-flight rollouts counted as if
+    they already agreed with its leader: a prompt's demand is ``rollouts_to_stop`` minus
+    its rollouts in flight (a prompt whose rollouts in flight could already settle it
+    gets no more), and its room is its remaining budget minus them, so a prompt never
+    has more rollouts drawn or in flight than ``max_samples``. ``allocate_wave`` is this
+    with nothing in flight.
+
+    Args:
+      state: votes of P prompts.
+      in_flight: [P] int32 rollouts of each prompt being decoded (not yet voted).
+      num_rows: static capacity R >= 1 (a Python int; static under ``jit``).
+      config, prior_state: the stopping rule and its learned prior, as for ``allocate_wave``.
+      num_free: rows actually free, 0 <= num_free <= R (may be traced); default R. Rows
+        from ``num_free`` on come back invalid, so one compilation serves every count.
+      to_stop: [P] ``rollouts_to_stop(state, config, prior_state)`` when the caller keeps it
+        current (a continuous driver re-plans only the prompts a vote touched); default computed.
+
+    Returns:
+      prompt_ids [R] int32 and valid [R] bool, as ``allocate_wave``.
+    """
+    num_rows = _check_num_rows(num_rows)
+    num_free = num_rows if num_free is None else jnp.clip(num_free, 0, num_rows)
     num_prompts = state.counts.shape[0]
-    budget = remaining_budget(state, config)
-    demand = rollouts_to_stop(state, config, prior_state)
+    in_flight = jnp.asarray(in_flight, jnp.int32)
+    budget = jnp.maximum(remaining_budget(state, config) - in_flight, 0)
+    to_stop = rollouts_to_stop(state, config, prior_state) if to_stop is None else jnp.asarray(to_stop, jnp.int32)
+    demand = jnp.minimum(jnp.maximum(to_stop - in_flight, 0), budget)
     prompt_order = jnp.arange(num_prompts)
-    granted = _fill_in_order(demand, prompt_order, num_rows)
-    spare = num_rows - jnp.sum(granted)
+    granted = _fill_in_order(demand, prompt_order, num_free)
+    spare = num_free - jnp.sum(granted)
     room = budget - granted
     # Spread spare rows evenly over prompts with room, the remainder least settled first.
     even_share = jnp.minimum(room, spare // jnp.maximum(jnp.sum(room > 0), 1))

@@ -66,6 +66,9 @@ def arithmetic_config(method: str = "optpo") -> ml_collections.ConfigDict:
     })
     config.sampling = ml_collections.ConfigDict({
         "max_new_tokens": 32, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "prompt_buckets": (24,),
+        # "waves": each sampler call decodes until its longest row stops (32-token answers waste little);
+        # "continuous": rows refilled as rollouts finish (docs/architecture.md). on_stop: "finish" | "cancel".
+        "schedule": "waves", "on_stop": "finish",
     })
     config.grpo = ml_collections.ConfigDict({
         "clip_eps": 0.2, "clip_eps_high": 0.2, "kl_coef": 0.0, "loss_aggregation": "token-mean",
@@ -126,6 +129,8 @@ def math_config(benchmark: str, method: str = "optpo") -> ml_collections.ConfigD
     config.checkpoint_every = 20
     config.sampling = ml_collections.ConfigDict({
         "max_new_tokens": 3072, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "prompt_buckets": (256, 512, 1024),
+        # Long-tailed generations: a wave would wait for its longest row (docs/results.md, continuous rollouts).
+        "schedule": "continuous", "on_stop": "finish",
     })
     config.grpo.kl_coef = 0.001
     # 64 rows per optimizer step, one row (up to 4096 tokens) per micro-batch, blocks recomputed in the

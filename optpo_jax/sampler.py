@@ -35,6 +35,10 @@ from optpo_jax.models.decoder import forward, init_cache
 TRACE_COUNTS: collections.Counter = collections.Counter()
 
 
+SCHEDULES = ("waves", "continuous")
+ON_STOP = ("finish", "cancel")
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
     """How a wave is sampled (hashable: static under jit).
@@ -49,6 +53,10 @@ class SamplingConfig:
       prompt_buckets: allowed padded prompt widths, ascending; a wave's prompts are padded
         to the smallest bucket that holds them, so waves share compilations. Empty: no
         bucketing (the given width is used).
+      schedule: "waves" (fixed waves, each decoded until its longest row stops) or
+        "continuous" (a pool of rows refilled as rollouts finish: ``continuous.py``).
+      on_stop: continuous only: what happens to a prompt's rollouts in flight when its vote
+        stops: "finish" (they finish and train, like any retained rollout) or "cancel".
     """
 
     max_new_tokens: int = 128
@@ -58,6 +66,8 @@ class SamplingConfig:
     stop_token_ids: tuple[int, ...] = ()
     pad_token_id: int = 0
     prompt_buckets: tuple[int, ...] = ()
+    schedule: str = "waves"
+    on_stop: str = "finish"
 
     def __post_init__(self):
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
@@ -72,6 +82,10 @@ class SamplingConfig:
             raise ValueError(f"SamplingConfig.top_k must be >= 0, got {self.top_k}")
         if any(t < 0 for t in self.stop_token_ids):
             raise ValueError(f"SamplingConfig.stop_token_ids must be non-negative, got {self.stop_token_ids}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"SamplingConfig.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.on_stop not in ON_STOP:
+            raise ValueError(f"SamplingConfig.on_stop must be one of {ON_STOP}, got {self.on_stop!r}")
         buckets = self.prompt_buckets
         if any(b < 1 for b in buckets) or list(buckets) != sorted(set(buckets)):
             raise ValueError(f"SamplingConfig.prompt_buckets must be positive and strictly ascending, got {buckets}")
@@ -219,17 +233,40 @@ def progress_every(config: SamplingConfig, bar) -> int:
     return PROGRESS_EVERY
 
 
-def _sample_padded(params, prompt_tokens, prompt_lengths, valid, key, model_config, config, progress_every=0):
+def policy_functions(model_config):
+    """(init_cache, forward) of the policy ``model_config`` describes: the decoder, or the scripted
+    replay policy (``models.scripted``), whose forward also takes each row's ``rollout_index``."""
+    from optpo_jax.models import scripted
+
+    if isinstance(model_config, scripted.ScriptedConfig):
+        return scripted.init_cache, scripted.forward
+    decoder_forward = lambda config, params, tokens, positions, cache, logit_indices=None, rollout_index=None: (
+        forward(config, params, tokens, positions, cache, logit_indices))
+    return init_cache, decoder_forward
+
+
+def prefill(model_config, params, prompt_tokens, prompt_lengths, valid, num_slots, rollout_index=None):
+    """Prompts [R, W] into a fresh cache of ``num_slots`` slots: (logits [R, V] after each prompt, cache)."""
+    num_rows, width = prompt_tokens.shape
+    new_cache, policy_forward = policy_functions(model_config)
+    columns = jnp.arange(width, dtype=jnp.int32)[None, :]
+    in_prompt = (columns < prompt_lengths[:, None]) & valid[:, None]
+    logits, cache = policy_forward(
+        model_config, params, prompt_tokens, jnp.where(in_prompt, columns, -1), new_cache(model_config, num_rows,
+                                                                                         num_slots),
+        logit_indices=jnp.maximum(prompt_lengths - 1, 0), rollout_index=rollout_index,
+    )
+    return logits[:, 0], cache
+
+
+def _sample_padded(params, prompt_tokens, prompt_lengths, valid, key, model_config, config, progress_every=0,
+                   rollout_index=None):
     num_rows, width = prompt_tokens.shape
     TRACE_COUNTS[(num_rows, width, config.max_new_tokens)] += 1
     max_new = config.max_new_tokens
-    columns = jnp.arange(width, dtype=jnp.int32)[None, :]
-    in_prompt = (columns < prompt_lengths[:, None]) & valid[:, None]
-    cache = init_cache(model_config, num_rows, width + max_new)
-    logits, cache = forward(
-        model_config, params, prompt_tokens, jnp.where(in_prompt, columns, -1), cache,
-        logit_indices=jnp.maximum(prompt_lengths - 1, 0),
-    )
+    policy_forward = policy_functions(model_config)[1]
+    first_logits, cache = prefill(model_config, params, prompt_tokens, prompt_lengths, valid, width + max_new,
+                                  rollout_index)
 
     def emit(state, logits, step_key):
         """Draws token ``step`` from ``logits`` [R, V] for the rows still running."""
@@ -254,7 +291,7 @@ def _sample_padded(params, prompt_tokens, prompt_lengths, valid, key, model_conf
             jax.lax.cond(step % progress_every == 0, lambda: jax.debug.callback(_report_token, step), lambda: None)
         previous = jax.lax.dynamic_slice_in_dim(tokens, step - 1, 1, axis=1)
         positions = jnp.where(state[6], -1, prompt_lengths + step - 1)[:, None]
-        logits, cache = forward(model_config, params, previous, positions, cache)
+        logits, cache = policy_forward(model_config, params, previous, positions, cache)
         key, step_key = jax.random.split(key)
         return emit((step, cache, key, *state[3:]), logits[:, 0], step_key)
 
@@ -264,7 +301,7 @@ def _sample_padded(params, prompt_tokens, prompt_lengths, valid, key, model_conf
         jnp.zeros((), jnp.int32), cache, key, jnp.full((num_rows, max_new), config.pad_token_id, jnp.int32),
         zeros, zeros, ~valid, jnp.zeros((num_rows,), jnp.int32),
     )
-    state = jax.lax.while_loop(keep_going, decode_step, emit(state, logits[:, 0], first_key))
+    state = jax.lax.while_loop(keep_going, decode_step, emit(state, first_logits, first_key))
     _, _, _, tokens, logprobs, policy_logprobs, _, lengths = state
     last_token = jnp.take_along_axis(tokens, jnp.maximum(lengths - 1, 0)[:, None], axis=1)[:, 0]
     stopped = valid & (lengths > 0) & _is_stop(last_token, config)
@@ -273,8 +310,9 @@ def _sample_padded(params, prompt_tokens, prompt_lengths, valid, key, model_conf
 
 sample_padded = jax.jit(_sample_padded, static_argnames=("model_config", "config", "progress_every"))
 sample_padded.__doc__ = """The jitted sampler on inputs already padded by ``pad_wave`` (and placed on a mesh, if any):
-``(params, prompt_tokens [R, W], prompt_lengths [R], valid [R], key, *, model_config, config, progress_every=0)
--> SampleOutput``; ``progress_every`` > 0 reports the token count to ``decode_progress``'s bar that often."""
+``(params, prompt_tokens [R, W], prompt_lengths [R], valid [R], key, *, model_config, config, progress_every=0,
+rollout_index=None) -> SampleOutput``; ``progress_every`` > 0 reports the token count to ``decode_progress``'s bar
+that often; ``rollout_index`` [R] int32 numbers each row's rollout of its prompt (read by the scripted policy)."""
 
 
 def bucket_width(width: int, config: SamplingConfig) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import jax
 import numpy as np
@@ -12,6 +13,7 @@ from optpo_jax.sampler import SamplingConfig
 from optpo_jax.sprt import SPRTConfig, consensus, init_vote_state
 from optpo_jax.train.answer_slots import AnswerSlots
 from optpo_jax.train.distributed import allgather_objects, local_row_count, merge_shares, process_max, process_share
+from optpo_jax.train.row_pool import RowPool, pad_finished
 from optpo_jax.train.waves import count_votes, sample_wave, tokenize_prompts
 
 
@@ -62,6 +64,42 @@ class EvalResult:
         }
 
 
+def _sample_waves(policy, task, prompts, row_prompts, num_rows, key, sampling, bar, count, votes, answers):
+    """Waves of ``num_rows`` rows over ``row_prompts`` in order (the last padded): (votes, generated tokens)."""
+    generated = 0
+    num_waves = process_max(-(-len(row_prompts) // num_rows))
+    bar.reset(total=num_waves)
+    for wave_index in range(num_waves):
+        chunk = row_prompts[wave_index * num_rows : (wave_index + 1) * num_rows]
+        valid = np.arange(num_rows) < len(chunk)
+        wave = sample_wave(policy.params, policy.config, task, prompts, np.pad(chunk, (0, num_rows - len(chunk))),
+                           valid, jax.random.fold_in(key, wave_index), sampling, bar=bar)
+        generated += int(wave.completion_lengths[valid].sum())
+        votes = count(votes, wave)
+        for prompt, answer in zip(chunk, wave.answers[: len(chunk)], strict=True):  # the rest are padding rows
+            answers[prompt].append(answer)
+        bar.update(1)
+    return votes, generated
+
+
+def _sample_continuous(policy, task, prompts, row_prompts, num_rows, key, sampling, bar, count, votes, answers):
+    """``row_prompts`` through a ``RowPool``, each freed row taking the next: (votes, generated tokens)."""
+    generated, next_row = 0, 0
+    bar.reset(total=len(row_prompts))
+    pool = RowPool(policy.params, policy.config, task, prompts, sampling, num_rows, key)
+    while next_row < len(row_prompts) or pool.in_flight().any():
+        start = row_prompts[next_row : next_row + len(pool.free_rows())]
+        pool.insert(start)
+        next_row += len(start)
+        finished = pool.decode()
+        generated += int(finished.completion_lengths.sum())
+        votes = count(votes, pad_finished(finished, num_rows))
+        for prompt, answer in zip(finished.prompt_ids, finished.answers, strict=True):
+            answers[prompt].append(answer)
+        bar.update(len(finished.prompt_ids))
+    return votes, generated
+
+
 def evaluate(
     policy,
     task,
@@ -74,8 +112,8 @@ def evaluate(
 ) -> EvalResult:
     """Samples ``num_samples`` completions per problem and grades them.
 
-    Rows are filled in problem order (k rows per problem) through the same wave driver as
-    training, and maj@k is the consensus of the same answer tables and votes that
+    Rows are filled in problem order (k rows per problem) through the same driver as
+    training (waves, or a continuous row pool with ``sampling.schedule="continuous"``), and maj@k is the consensus of the same answer tables and votes that
     training uses (so equivalent spellings such as ``0.5`` and ``\\frac{1}{2}`` vote together).
 
     Args:
@@ -98,18 +136,19 @@ def evaluate(
     votes = init_vote_state(max(len(local_problems), 1), num_samples)
     answer_slots = AnswerSlots.for_task(task, len(local_problems), num_samples)
     vote_config = SPRTConfig(rule="fixed", min_samples=num_samples, max_samples=num_samples)
-    answers, generated = [[] for _ in local_problems], 0
-    num_waves = process_max(-(-len(row_prompts) // num_rows))
-    bar = tqdm(range(num_waves), desc="evaluate", disable=not progress, leave=False)
-    for wave_index in bar:
-        chunk = row_prompts[wave_index * num_rows : (wave_index + 1) * num_rows]
-        valid = np.arange(num_rows) < len(chunk)
-        wave = sample_wave(policy.params, policy.config, task, prompts, np.pad(chunk, (0, num_rows - len(chunk))),
-                           valid, jax.random.fold_in(key, wave_index), sampling, bar=bar)
-        generated += int(wave.completion_lengths[valid].sum())
-        votes, _ = count_votes(votes, answer_slots, wave, vote_config)
-        for prompt, answer in zip(chunk, wave.answers[: len(chunk)], strict=True):  # the rest are padding rows
-            answers[prompt].append(answer)
+    answers = [[] for _ in local_problems]
+    sample = _sample_waves
+    if sampling.schedule == "continuous":
+        if jax.process_count() == 1:
+            sample = _sample_continuous
+        else:
+            warnings.warn(f"evaluation over {jax.process_count()} processes samples in waves: the continuous "
+                          "schedule runs on one process", stacklevel=2)
+    bar = tqdm(desc="evaluate", disable=not progress, leave=False)
+    votes, generated = sample(policy, task, prompts, row_prompts, num_rows, key, sampling, bar,
+                              lambda votes, batch: count_votes(votes, answer_slots, batch, vote_config)[0], votes,
+                              answers)
+    bar.close()
     # The vote tables have at least one row (an empty share still joins every wave); only real prompts have labels.
     slots = np.asarray(consensus(votes))[: len(local_problems)]
     labels = [answer_slots.answer(prompt, int(slot)) for prompt, slot in enumerate(slots)]

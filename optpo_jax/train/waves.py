@@ -71,21 +71,25 @@ class Wave:
 
 
 def sample_wave(params, model_config, task, prompts: PromptTable, prompt_ids: np.ndarray, valid: np.ndarray,
-                key: jax.Array, sampling: SamplingConfig, bar=None) -> Wave:
+                key: jax.Array, sampling: SamplingConfig, bar=None, rollout_index: np.ndarray | None = None) -> Wave:
     """Samples rows ``prompt_ids`` of ``prompts`` (this process's share of the wave) and extracts answers.
 
     The padded width is the bucket of the longest valid prompt of the wave on any
     process; rows are placed over the params' mesh and this process's rows read back.
     ``bar``: a tqdm bar whose postfix shows the decode's token count on long generations.
+    ``rollout_index``: [R] number of each row's rollout among its prompt's (read by the scripted
+    replay policy; the decoder ignores it).
     """
     prompt_ids, valid = np.asarray(prompt_ids), np.asarray(valid, bool)
     lengths = prompts.lengths[prompt_ids]
     width = bucket_width(process_max(int(lengths[valid].max(initial=1))), sampling)
     inputs = pad_wave(prompts.tokens[prompt_ids], lengths, valid, sampling, width=width)
     mesh = mesh_of(params)
+    if rollout_index is not None:
+        rollout_index = rows_to_global(np.asarray(rollout_index, np.int32), mesh)
     with decode_progress(bar, sampling.max_new_tokens):
         out = sample_padded(params, *rows_to_global(inputs, mesh), key, model_config=model_config, config=sampling,
-                            progress_every=progress_every(sampling, bar))
+                            progress_every=progress_every(sampling, bar), rollout_index=rollout_index)
         completions, completion_lengths = local_rows(out.tokens, mesh), local_rows(out.lengths, mesh)
     answers = [task.extract(completions[row, : completion_lengths[row]]) if valid[row] else None
                for row in range(len(valid))]

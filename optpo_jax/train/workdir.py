@@ -130,7 +130,8 @@ ADDED_FIELDS = {"policy_update.min_rollouts_per_prompt": 0, "policy_update.optim
                 "lora.rank": 0, "lora.alpha": 16.0, "lora.targets": ",".join(PROJECTIONS),
                 "reward": "consensus", "model_dtype": "float32", "data.path": "", "data.held_out_path": "",
                 "data.prompt_field": "prompt", "data.answer_field": "answer", "math.instruction": TTRL_INSTRUCTION,
-                "math.max_prompt_tokens": 1024, "math.multiple_choice": False, "math.timeout_seconds": 2}
+                "math.max_prompt_tokens": 1024, "math.multiple_choice": False, "math.timeout_seconds": 2,
+                "sampling.schedule": "waves", "sampling.on_stop": "finish"}
 
 
 def in_fields(name: str, fields) -> bool:
