@@ -50,6 +50,7 @@ from optpo_jax.sprt import SPRTConfig, consensus
 from optpo_jax.train.rollouts import collect_rollouts
 from optpo_jax.train.step_config import StepConfig, UpdateConfig
 
+
 class ReplayTask:
     """The scripted policy's task: question q's prompt is the token q; an answer is its recorded slot."""
 

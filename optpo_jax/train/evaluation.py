@@ -68,12 +68,16 @@ def _sample_waves(policy, task, prompts, row_prompts, num_rows, key, sampling, b
     """Waves of ``num_rows`` rows over ``row_prompts`` in order (the last padded): (votes, generated tokens)."""
     generated = 0
     num_waves = process_max(-(-len(row_prompts) // num_rows))
+    sample_number = np.arange(len(row_prompts)) - np.searchsorted(row_prompts, row_prompts)  # k-th of its prompt
     bar.reset(total=num_waves)
     for wave_index in range(num_waves):
-        chunk = row_prompts[wave_index * num_rows : (wave_index + 1) * num_rows]
+        rows = slice(wave_index * num_rows, (wave_index + 1) * num_rows)
+        chunk = row_prompts[rows]
         valid = np.arange(num_rows) < len(chunk)
-        wave = sample_wave(policy.params, policy.config, task, prompts, np.pad(chunk, (0, num_rows - len(chunk))),
-                           valid, jax.random.fold_in(key, wave_index), sampling, bar=bar)
+        padding = (0, num_rows - len(chunk))
+        wave = sample_wave(policy.params, policy.config, task, prompts, np.pad(chunk, padding), valid,
+                           jax.random.fold_in(key, wave_index), sampling, bar=bar,
+                           rollout_index=np.pad(sample_number[rows], padding))
         generated += int(wave.completion_lengths[valid].sum())
         votes = count(votes, wave)
         for prompt, answer in zip(chunk, wave.answers[: len(chunk)], strict=True):  # the rest are padding rows

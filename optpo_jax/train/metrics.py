@@ -18,7 +18,8 @@ def step_metrics(output: StepOutput, problems: list, task) -> dict:
     """Per-step metrics over every process's prompts.
 
     Each process grades its own prompts and their sums and the task's counters are added
-    over processes; ``waves`` is common to all and the ``*_seconds`` timings are this process's.
+    over processes; ``waves`` is common to all and ``decode_steps``, ``useful_row_fraction`` and the
+    ``*_seconds`` timings are this process's.
     """
     rollouts, rewards, leader = output.rollouts, output.rewards, output.labels
     per_prompt = np.bincount(rollouts.prompt_index, minlength=len(problems))
@@ -42,6 +43,8 @@ def step_metrics(output: StepOutput, problems: list, task) -> dict:
         "rollouts_per_prompt_histogram": histogram.tolist(),
         "generated_tokens": int(total["generated_tokens"]), "waves": rollouts.waves,
         "wave_utilization": total["rows_used"] / max(total["rows_total"], 1),
+        # Decode row-steps that produced a kept token (this process's rows; docs/architecture.md, continuous rollouts).
+        "decode_steps": rollouts.decode_steps, "useful_row_fraction": rollouts.useful_row_fraction,
         # Rollouts with an extractable answer: 0 means no vote, no label, no reward and nothing trained.
         "answered_fraction": total["answered"] / max(total["rollouts"], 1),
         "label_accuracy": total["labels_right"] / total["prompts"],
