@@ -299,12 +299,13 @@ def test_every_rule_gives_nan_for_negative_counts(rule):
     config = SPRTConfig(rule=rule, threshold=0.9, min_samples=1, max_samples=16, esc_window=1)
     counts = jnp.array([[9, -5, 0], [0, 0, -1], [3, 0, 0]], jnp.int32)
     run_length = jnp.array([9, 9, 3], jnp.int32)
-    got = np.asarray(sprt.rule_confidence(counts, run_length, config))
+    confidence = jax.jit(sprt.rule_confidence, static_argnums=2)  # eagerly, the predictive rule takes ~20 s
+    got = np.asarray(confidence(counts, run_length, config))
     assert np.isnan(got[0]) and np.isnan(got[1]), got
-    clean = np.asarray(sprt.rule_confidence(counts[2:], run_length[2:], config))
+    clean = np.asarray(confidence(counts[2:], run_length[2:], config))
     np.testing.assert_allclose(got[2:], clean, rtol=0, atol=1e-6)
     state = init_vote_state(3, 3).replace(counts=counts, num_samples=jnp.array([4, 1, 3], jnp.int32),
                                           run_slot=jnp.array([0, 0, 0], jnp.int32), run_length=run_length)
-    state = sprt_update(state, *_rows([0, 1], [0, 0]), config)
+    state = jax.jit(sprt_update, static_argnums=4)(state, *_rows([0, 1], [0, 0]), config)
     assert np.isnan(np.asarray(state.confidence[:2])).all()
     assert not np.asarray(state.done[:2]).any()

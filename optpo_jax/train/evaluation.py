@@ -13,8 +13,8 @@ from optpo_jax.sampler import SamplingConfig
 from optpo_jax.sprt import SPRTConfig, consensus, init_vote_state
 from optpo_jax.train.answer_slots import AnswerSlots
 from optpo_jax.train.distributed import allgather_objects, local_row_count, merge_shares, process_max, process_share
-from optpo_jax.train.row_pool import RowPool, pad_finished
-from optpo_jax.train.waves import count_votes, sample_wave, tokenize_prompts
+from optpo_jax.train.row_pool import RowPool
+from optpo_jax.train.waves import Wave, count_votes, sample_wave, tokenize_prompts
 
 
 @dataclasses.dataclass
@@ -87,8 +87,10 @@ def _sample_waves(policy, task, prompts, row_prompts, num_rows, key, sampling, b
 
 
 def _sample_continuous(policy, task, prompts, row_prompts, num_rows, key, sampling, bar, count, votes, answers):
-    """``row_prompts`` through a ``RowPool``, each freed row taking the next: (votes, generated tokens)."""
-    generated, next_row = 0, 0
+    """``row_prompts`` through a ``RowPool``, each freed row taking the next: (votes, generated tokens).
+
+    The votes are counted once, at the end (nothing here depends on them): one compilation."""
+    generated, next_row, voted = 0, 0, []
     bar.reset(total=len(row_prompts))
     pool = RowPool(policy.params, policy.config, task, prompts, sampling, num_rows, key)
     while next_row < len(row_prompts) or pool.in_flight().any():
@@ -97,11 +99,13 @@ def _sample_continuous(policy, task, prompts, row_prompts, num_rows, key, sampli
         next_row += len(start)
         finished = pool.decode()
         generated += int(finished.completion_lengths.sum())
-        votes = count(votes, pad_finished(finished, num_rows))
+        voted.append((finished.prompt_ids, finished.answers))
         for prompt, answer in zip(finished.prompt_ids, finished.answers, strict=True):
             answers[prompt].append(answer)
         bar.update(len(finished.prompt_ids))
-    return votes, generated
+    prompt_ids = np.concatenate([ids for ids, _ in voted]) if voted else np.zeros(0, np.int32)
+    every_answer = [answer for _, batch in voted for answer in batch]
+    return count(votes, Wave(prompt_ids, np.ones(len(prompt_ids), bool), None, None, None, every_answer)), generated
 
 
 def evaluate(

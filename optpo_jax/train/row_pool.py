@@ -155,11 +155,3 @@ class RowPool:
 
 
 
-
-def pad_finished(finished: Finished, num_rows: int) -> Wave:
-    """Finished rollouts as a Wave padded with invalid rows to a ``row_bucket``, so that
-    ``waves.count_votes`` compiles for a few shapes only. Arrays of the rollouts themselves stay [n, ...]."""
-    count = len(finished.prompt_ids)
-    pad = lambda values: np.pad(values, (0, row_bucket(count, num_rows) - count))
-    return Wave(pad(finished.prompt_ids), pad(finished.valid), finished.completions, finished.completion_lengths,
-                finished.policy_logprobs, list(finished.answers) + [None] * (len(pad(finished.valid)) - count))
