@@ -65,9 +65,10 @@ class ReplayTask:
 
 
 def script_lengths(tokens: np.ndarray, length_scale: float, max_new_tokens: int) -> tuple[np.ndarray, int]:
-    """(scripted lengths [Q, N], rollouts cut at max_new_tokens): recorded lengths scaled, at least 2."""
+    """(scripted lengths [Q, N], rollouts cut at max_new_tokens): recorded lengths scaled, at least 2. A cut
+    script is max_new_tokens + 2 long, so its answer (at length - 2) is never generated either."""
     lengths = np.maximum(np.ceil(tokens * length_scale).astype(np.int64), 2)
-    return np.minimum(lengths, max_new_tokens + 1), int(np.sum(lengths > max_new_tokens))
+    return np.where(lengths > max_new_tokens, max_new_tokens + 2, lengths), int(np.sum(lengths > max_new_tokens))
 
 
 def stopping_rule(config_path: str | None, budget: int) -> SPRTConfig:

@@ -122,9 +122,11 @@ def refill(state: VoteState, in_flight: jax.Array, num_rows: int, config: SPRTCo
     ``allocate_wave``'s two passes, with each prompt's in-flight rollouts counted as if
     they already agreed with its leader: a prompt's demand is ``rollouts_to_stop`` minus
     its rollouts in flight (a prompt whose rollouts in flight could already settle it
-    gets no more), and its room is its remaining budget minus them, so a prompt never
-    has more rollouts drawn or in flight than ``max_samples``. ``allocate_wave`` is this
-    with nothing in flight.
+    demands no more), and its room is its remaining budget minus them, so a prompt never
+    has more rollouts drawn or in flight than ``max_samples``. Rows left after every
+    demand still go to prompts with room, as in a wave (a continuous driver with
+    lookahead rarely has any: the next batch's demands take them). ``allocate_wave`` is
+    this with nothing in flight.
 
     Args:
       state: votes of P prompts.

@@ -89,8 +89,11 @@ def _sample_waves(policy, task, prompts, row_prompts, num_rows, key, sampling, b
 def _sample_continuous(policy, task, prompts, row_prompts, num_rows, key, sampling, bar, count, votes, answers):
     """``row_prompts`` through a ``RowPool``, each freed row taking the next: (votes, generated tokens).
 
-    The votes are counted once, at the end (nothing here depends on them): one compilation."""
-    generated, next_row, voted = 0, 0, []
+    Each answer goes to its sample's place (``rollout_index``), and the votes are counted once, at the
+    end, in the waves' order (prompt, then sample): the same maj@k as waves, ties included."""
+    generated, next_row = 0, 0
+    num_samples = len(row_prompts) // max(len(answers), 1)
+    placed = [[None] * num_samples for _ in answers]
     bar.reset(total=len(row_prompts))
     pool = RowPool(policy.params, policy.config, task, prompts, sampling, num_rows, key)
     while next_row < len(row_prompts) or pool.in_flight().any():
@@ -99,13 +102,13 @@ def _sample_continuous(policy, task, prompts, row_prompts, num_rows, key, sampli
         next_row += len(start)
         finished = pool.decode()
         generated += int(finished.completion_lengths.sum())
-        voted.append((finished.prompt_ids, finished.answers))
-        for prompt, answer in zip(finished.prompt_ids, finished.answers, strict=True):
-            answers[prompt].append(answer)
+        for prompt, sample, answer in zip(finished.prompt_ids, finished.rollout_index, finished.answers, strict=True):
+            placed[prompt][sample] = answer
         bar.update(len(finished.prompt_ids))
-    prompt_ids = np.concatenate([ids for ids, _ in voted]) if voted else np.zeros(0, np.int32)
-    every_answer = [answer for _, batch in voted for answer in batch]
-    return count(votes, Wave(prompt_ids, np.ones(len(prompt_ids), bool), None, None, None, every_answer)), generated
+    for prompt, row in enumerate(placed):
+        answers[prompt].extend(row)
+    every_answer = [answer for row in placed for answer in row]
+    return count(votes, Wave(row_prompts, np.ones(len(row_prompts), bool), None, None, None, every_answer)), generated
 
 
 def evaluate(

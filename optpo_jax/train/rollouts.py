@@ -52,6 +52,8 @@ class Rollouts:
       waves: sampler calls (waves, or continuous decode chunks); sampling_seconds: wall time in them.
       decode_steps: one-token decode steps over all rows (the prefill's first token not counted).
       num_rows: rows decoded at once (this process's).
+      decoded_tokens: tokens those steps produced for kept rollouts, the lookahead's included: the
+        sum of (length - 1) over every rollout this call kept.
     """
 
     prompt_index: np.ndarray
@@ -69,6 +71,7 @@ class Rollouts:
     sampling_seconds: float
     decode_steps: int = 0
     num_rows: int = 0
+    decoded_tokens: int = 0
 
     @property
     def utilization(self) -> float:
@@ -77,9 +80,9 @@ class Rollouts:
 
     @property
     def useful_row_fraction(self) -> float:
-        """Decode row-steps that produced a token of a kept rollout: sum(length - 1) / (rows x decode steps)."""
-        useful = np.sum(np.maximum(self.completion_lengths - 1, 0))
-        return float(useful / max(self.num_rows * self.decode_steps, 1))
+        """Decode row-steps of this call that produced a token of a kept rollout (the lookahead's included):
+        decoded_tokens / (rows x decode steps)."""
+        return self.decoded_tokens / max(self.num_rows * self.decode_steps, 1)
 
 
 @dataclasses.dataclass
@@ -189,7 +192,7 @@ def collect_rollouts(params, model_config, task, problems: list, config: StepCon
         policy_logprobs=batch["policy_logprobs"], slots=batch["slots"],
         votes=votes.select(slice(None, num_prompts)), answer_slots=answer_slots.select(slice(None, num_prompts)),
         rows_total=run.rows_total, rows_used=rows_used, waves=waves, sampling_seconds=sampling_seconds,
-        decode_steps=run.decode_steps, num_rows=num_rows,
+        decode_steps=run.decode_steps, num_rows=num_rows, decoded_tokens=run.decoded_tokens,
     )
     return rollouts, _carry_of_lookahead(votes, answer_slots, kept, num_prompts) if lookahead else None
 
@@ -211,6 +214,7 @@ class _Collection:
     rows_total: int = 0
     calls: int = 0
     decode_steps: int = 0
+    decoded_tokens: int = 0
     sampling_seconds: float = 0.0
     book: VoteBook | None = None  # continuous: the votes live here, re-planned prompt by prompt
 
@@ -234,6 +238,7 @@ class _Collection:
             self.kept[name].append(values[rows])
         self.drawn += np.bincount(sampled.prompt_ids[rows], minlength=len(self.drawn))
         self.rows_used += len(rows)
+        self.decoded_tokens += int(np.sum(np.maximum(sampled.completion_lengths[rows] - 1, 0)))
         self.bar.set_postfix(undecided=int(np.sum(~np.asarray(self.votes.done)[: self.num_prompts])))
 
     def wanted(self, in_flight=None) -> np.ndarray:
@@ -388,9 +393,12 @@ def _allocate_with_lookahead(votes: VoteState, num_prompts: int, num_rows: int, 
     counts rollouts being decoded (default none: a wave); ``to_stop`` [P] is ``rollouts_to_stop`` if
     kept current by the caller (``VoteBook``).
 
-    The batch gets exactly the rows it would get alone, so lookahead never delays it.
+    The batch gets exactly the rows it would get alone. (In a pool, rows the lookahead took stay
+    busy until its rollouts finish, so a batch prompt that needs rollouts later waits for the next
+    freed row.)
     """
-    in_flight = np.zeros(votes.counts.shape[0], np.int32) if in_flight is None else in_flight.astype(np.int32)
+    wave = in_flight is None
+    in_flight = np.zeros(votes.counts.shape[0], np.int32) if wave else in_flight.astype(np.int32)
     num_free = num_rows if num_free is None else num_free
     batch = slice(None, num_prompts)
     plan = (lambda part: None) if to_stop is None else (lambda part: to_stop[part])
@@ -405,8 +413,11 @@ def _allocate_with_lookahead(votes: VoteState, num_prompts: int, num_rows: int, 
     if spare == 0 or votes.counts.shape[0] == num_prompts:
         return prompt_ids, valid
     lookahead = slice(num_prompts, None)
+    # A wave gives the lookahead the first spare rows of a whole wave's allocation (its demands and even
+    # shares, as ever: the same waves as before refill existed); a pool refills them demand first.
+    lookahead_free = num_rows if wave else spare
     early_ids, early_valid = (np.asarray(x) for x in _refill(votes.select(lookahead), in_flight[lookahead], num_rows,
-                                                              config, prior_state, spare, plan(lookahead)))
+                                                              config, prior_state, lookahead_free, plan(lookahead)))
     extra_ids = early_ids[early_valid][:spare] + num_prompts
     rows = np.flatnonzero(~valid[:num_free])[: len(extra_ids)]
     prompt_ids[rows], valid[rows] = extra_ids, True

@@ -1,7 +1,7 @@
 """The host side of continuous decoding: which prompt and rollout each row of the pool serves.
 
 ``RowPool`` owns a ``continuous.DecodeState`` and the bookkeeping around it: it inserts
-prompts into free rows (in buckets of a power of two, so a handful of shapes compile),
+prompts into free rows (padded to a ``row_bucket``, so a handful of shapes compile),
 cancels rows, runs ``decode_chunk`` and hands back the rollouts that finished, with their
 extracted answers, in the order they were started. Training (``rollouts.py``) and
 evaluation (``evaluation.py``) both drive it; what to insert is theirs to decide (``refill``).

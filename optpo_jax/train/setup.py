@@ -6,6 +6,7 @@ import copy
 import dataclasses
 from pathlib import Path
 
+import jax
 import optax
 
 from optpo_jax.grpo import GRPOConfig
@@ -302,6 +303,9 @@ def check_config(config) -> None:
     local_row_count(int(config.prompts_per_step), "config.prompts_per_step")
     local_row_count(int(config.rows_per_wave), "config.rows_per_wave")
     local_row_count(int(config.policy_update.micro_batch_rows), "config.policy_update.micro_batch_rows")
+    if config.sampling.get("schedule", "waves") == "continuous" and jax.process_count() > 1:
+        raise ValueError(f"config.sampling.schedule='continuous' runs on one process, this run has "
+                         f"{jax.process_count()}: set config.sampling.schedule='waves'")
     step_config_of(config)
     make_optimizer(config)
     lora_config(config)
