@@ -207,11 +207,15 @@ def scripted_run(schedule, on_stop="finish", num_rows=8, lookahead=0):
 
 
 def test_continuous_and_waves_reach_the_same_votes_on_a_deterministic_trace():
-    """The same rollouts (rollout k of a question plays its k-th script in both) reach the same labels. The
+    """The same rollouts (rollout k of a question plays its k-th script in both) reach the same labels, and a
+    second identical continuous run compiles no new shape of the pool. The
     counts at the stop may differ: the rule is applied once per ``sprt_update``, i.e. per wave or per round
     trip, so a prompt can take in a vote or two more in one schedule than in the other."""
     waves, _ = scripted_run("waves")
     continuous, _ = scripted_run("continuous")
+    traces = TRACE_COUNTS.copy()
+    scripted_run("continuous")
+    assert TRACE_COUNTS == traces, "a second identical run compiled new shapes"
     assert np.asarray(waves.votes.done).all() and np.asarray(continuous.votes.done).all()
     labels = lambda run: [run.answer_slots.answer(p, int(s)) for p, s in enumerate(consensus(run.votes))]
     assert labels(continuous) == labels(waves)
@@ -248,13 +252,6 @@ def test_cancel_never_gives_a_stopped_prompt_a_row_and_keeps_every_budget(monkey
                                   np.asarray(carry.votes.num_samples))
 
 
-def test_pool_shapes_compile_once():
-    scripted_run("continuous", num_rows=16)
-    before = TRACE_COUNTS.copy()
-    scripted_run("continuous", num_rows=16)
-    assert TRACE_COUNTS == before, "a second identical run compiled new shapes"
-
-
 class GradedReplayTask(ReplayTask):
     def is_correct(self, answer, question):
         return answer == "0"
@@ -278,3 +275,37 @@ def test_evaluation_samples_the_same_rollouts_in_both_schedules():
     assert results["waves"].answers == results["continuous"].answers == expected
     assert results["waves"].summary() == results["continuous"].summary()
     assert results["waves"].generated_tokens == results["continuous"].generated_tokens == lengths.sum()
+
+
+def test_a_continuous_run_stopped_mid_batch_resumes_like_an_uninterrupted_one(tmp_path, monkeypatch):
+    """Nothing of the pool is saved: a run stopped inside the third step's decode (an exception here;
+    tests/test_loop.py SIGKILLs a waves run and a LoRA run) resumes from its last checkpoint and carry, the
+    lookahead's rollouts in flight dropped, and ends with the same metrics as a run never stopped."""
+    import json
+
+    from optpo_jax.train import row_pool
+    from optpo_jax.train.loop import train
+    from tests.test_loop import tiny_config
+
+    config = tiny_config(steps=3, **{"sampling.schedule": "continuous", "sampling.on_stop": "cancel",
+                                      "policy_update.min_rollouts_per_prompt": 4, "eval.every_steps": 0})
+    train(config, tmp_path / "full", progress=False)
+    stopped, decode, calls = tmp_path / "stopped", row_pool.RowPool.decode, []
+
+    def stop_in_step_three(pool):
+        if (stopped / "checkpoints" / "2").exists():
+            calls.append(1)
+            if len(calls) == 2:  # rollouts are in flight: the batch is half drawn
+                assert pool.in_flight().any()
+                raise KeyboardInterrupt("stopped mid-batch")
+        return decode(pool)
+
+    monkeypatch.setattr(row_pool.RowPool, "decode", stop_in_step_three)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, stopped, progress=False)
+    monkeypatch.setattr(row_pool.RowPool, "decode", decode)
+    train(config, stopped, resume=True, progress=False)
+    lines = lambda run: [{k: v for k, v in json.loads(line).items() if "seconds" not in k}
+                         for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert lines(stopped) == lines(tmp_path / "full")
+    assert len(lines(stopped)) >= 3

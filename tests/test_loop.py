@@ -203,15 +203,13 @@ def _final_metrics(workdir):
     return lines, json.loads((workdir / "summary.json").read_text())
 
 
-# Continuous rollouts with cancel: rows in flight at a kill and at each update are dropped, owed rollouts kept.
-RESUMED_RUN = {"sprt.learn_prior": True, "policy_update.min_rollouts_per_prompt": 4, "lora.rank": 8,
-               "sampling.schedule": "continuous", "sampling.on_stop": "cancel"}
+RESUMED_RUN = {"sprt.learn_prior": True, "policy_update.min_rollouts_per_prompt": 4, "lora.rank": 8}
 
 
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
-    """Also with the state a run carries besides params (the learned prior, in the checkpoint's totals), with
-    LoRA (only the adapters and their optimizer state are saved; the base is reloaded) and with continuous
-    rollouts (the lookahead's finished rollouts are carried, those in flight dropped)."""
+    """Also with the state a run carries besides params (the learned prior, in the checkpoint's totals) and
+    with LoRA (only the adapters and their optimizer state are saved; the base is reloaded). A continuous run
+    stopped mid-batch: tests/test_continuous.py."""
     config = tiny_config(steps=4, **RESUMED_RUN)
     full = tmp_path / "full"
     train(config, full, progress=False)
