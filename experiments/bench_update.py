@@ -1,23 +1,30 @@
-"""GRPO update throughput on the embedded task against this CPU's matmul limit.
+"""GRPO update throughput on the embedded task: the reference path against the packed one, in one process.
 
-One wave of real rollouts of the shipped policy (the demo's 256 rows, 32 new tokens)
-becomes one GRPO micro-batch, trained (forward + backward + AdamW, jitted, the same
-``make_update_step`` the loop uses) two ways in this one process:
+One step's real rollouts of the shipped policy (the demo's 256-row micro-batch, 32 new
+tokens) are trained (forward + backward + AdamW, jitted, the ``make_update_step`` the
+loop uses) two ways:
 
-- padded: every micro-batch at the prompt bucket + max_new_tokens (the old update);
-- fitted: at its longest sequence rounded up to ``policy_update.width_bucket``.
+- reference: one rollout per row at its longest sequence rounded up to
+  ``policy_update.width_bucket``, full-vocabulary logits (``policy_update.pack_width=0``);
+- packed: each prompt once with its completions, rows of ``pack_width`` tokens, the head
+  in chunks (``train.packing``, ``models.logprobs``; the default).
 
-Tokens are the real (prompt + completion) tokens of the rows; the limit is what those
-tokens would cost at 6 x parameters FLOPs each at this machine's matmul rate for a
-[tokens, hidden] x [hidden, parameters / hidden] float32 product (the shape of the
-model's own matmuls). The last line is the fitted update's fraction of that limit.
+Both give the same update (tests/test_update_paths.py). The limit is what the rollouts'
+tokens (the prompt and completion of every rollout as the reference path feeds them,
+8,182 here) would cost at 6 x parameters
+FLOPs each at this machine's matmul rate for a [tokens, hidden] x [hidden, parameters /
+hidden] float32 product (the shape of the model's own matmuls); the fraction is that
+limit's share reached. Packed, a prompt is computed once for all of its completions, so
+the hardware works on fewer tokens than the rollouts hold: the table also gives the
+fraction for the tokens each path computes.
 
-    python experiments/bench_update.py [--rows 256] [--repeats 5]
+    python experiments/bench_update.py [--rows 256] [--repeats 5] [--pack_width 128]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -29,11 +36,11 @@ from optpo_jax.grpo import GRPOBatch
 from optpo_jax.train.loop import batch_problems, init_train_state
 from optpo_jax.train.rollouts import collect_rollouts
 from optpo_jax.train.setup import build_setup
-from optpo_jax.train.step import grpo_arrays, micro_batch_shape
+from optpo_jax.train.step import _fit_micro_batch, update_rows
 
 
-def real_micro_batch(rows: int):
-    """(setup, state, arrays [rows, W - 1]) from one step's rollouts of the shipped policy, with random advantages."""
+def real_rollouts(rows: int):
+    """(setup, state, update_rows of ``rows`` rollouts) from one step of the shipped policy, random advantages."""
     config = arithmetic_config("optpo")
     config.policy_update.micro_batch_rows = rows
     setup = build_setup(config)
@@ -43,7 +50,7 @@ def real_micro_batch(rows: int):
                                    jax.random.key(0))
     chosen = np.arange(min(rows, len(rollouts.prompt_index)))
     advantages = np.random.default_rng(0).standard_normal(len(rollouts.prompt_index)).astype(np.float32)
-    return setup, state, grpo_arrays(rollouts, chosen, advantages)
+    return setup, state, update_rows(rollouts, chosen, advantages)
 
 
 def matmul_limit(tokens: int, hidden: int, num_params: int, repeats: int) -> float:
@@ -55,10 +62,8 @@ def matmul_limit(tokens: int, hidden: int, num_params: int, repeats: int) -> flo
     return tokens / (3 * best_time(lambda: matmul(activations, weights).block_until_ready(), repeats))
 
 
-def time_update(setup, state, arrays: dict, width: int, repeats: int) -> tuple[float, float]:
-    """(seconds of one update at ``width`` columns, compile seconds), the best of ``repeats`` after compiling."""
-    batch = GRPOBatch(**{name: jnp.asarray(values[:, :width] if values.ndim == 2 else values)
-                         for name, values in arrays.items()})
+def time_update(setup, state, batch: GRPOBatch, repeats: int) -> tuple[float, float]:
+    """(seconds of one update of ``batch``, compile seconds), the best of ``repeats`` after compiling."""
     params, opt_state = state.params, state.opt_state
     step = setup.learner.update_step
     copy = lambda tree: jax.tree.map(jnp.copy, tree)  # the step donates its inputs
@@ -71,30 +76,34 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=256, help="micro-batch rows (the demo's micro_batch_rows)")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--pack_width", type=int, default=None, help="tokens per packed row (default: the config's)")
     args = parser.parse_args()
-    setup, state, arrays = real_micro_batch(args.rows)
-    lengths = (arrays["positions"] >= 0).sum(axis=1)
-    real_tokens = int(lengths.sum())
-    full_width = arrays["input_tokens"].shape[1]
+    setup, state, rows = real_rollouts(args.rows)
     update = setup.learner.config.update
-    _, fitted_width = micro_batch_shape(len(lengths), int(lengths.max()), args.rows, full_width, update)
+    packed_update = update if args.pack_width is None else dataclasses.replace(update, pack_width=args.pack_width)
+    rollout_tokens = int((rows["prompt_lengths"] + rows["completion_lengths"] - 1).sum())
     model = setup.policy.config
-    limit = matmul_limit(real_tokens, model.hidden_size, model.num_params(), 10 * args.repeats)
-    print(f"shipped policy ({model.num_params() / 1e6:.2f}M parameters), {len(lengths)} rows, {real_tokens:,} real "
-          f"tokens (prompt + completion; longest {int(lengths.max())}), jax {jax.__version__}, "
-          f"{jax.devices()[0].device_kind}")
-    print("| update | width | seconds | compile s | real tokens/s | fraction of matmul limit |")
-    print("|---|---|---|---|---|---|")
-    rates = {}
-    for name, width in (("padded (bucket + max_new_tokens)", full_width), ("fitted (longest, rounded up)",
-                                                                             fitted_width)):
-        seconds, compile_seconds = time_update(setup, state, arrays, width, args.repeats)
-        rates[name] = real_tokens / seconds
-        print(f"| {name} | {width} | {seconds:.3f} | {compile_seconds:.1f} | {rates[name]:,.0f} "
-              f"| {rates[name] / limit:.0%} |")
-    fitted = rates["fitted (longest, rounded up)"]
-    print(f"matmul limit {limit:,.0f} tokens/s; fitted / padded {fitted / rates['padded (bucket + max_new_tokens)']:.2f}x")
-    print(f"fraction of the matmul limit: {fitted / limit:.2f}")
+    limit = matmul_limit(rollout_tokens, model.hidden_size, model.num_params(), 10 * args.repeats)
+    print(f"shipped policy ({model.num_params() / 1e6:.2f}M parameters), {len(rows['advantages'])} rollouts, "
+          f"{rollout_tokens:,} rollout tokens (prompt + completion, as fed), jax {jax.__version__}, "
+          f"{jax.devices()[0].device_kind}; matmul limit {limit:,.0f} tokens/s")
+    print("| update | rows x width | tokens computed | seconds | compile s | rollout tokens/s | fraction of the limit "
+          "| fraction for the tokens computed |")
+    print("|---|---|---|---|---|---|---|---|")
+    seconds = {}
+    for name, config in (("reference (one rollout per row)", dataclasses.replace(update, pack_width=0)),
+                         (f"packed ({packed_update.pack_width}-token rows)", packed_update)):
+        arrays = _fit_micro_batch(rows, args.rows, config, None)
+        batch = GRPOBatch(**{key: jnp.asarray(values) for key, values in arrays.items()})
+        computed = int((arrays["positions"] >= 0).sum())
+        seconds[name], compile_seconds = time_update(setup, state, batch, args.repeats)
+        rate = rollout_tokens / seconds[name]
+        print(f"| {name} | {' x '.join(map(str, arrays['input_tokens'].shape))} | {computed:,} | {seconds[name]:.3f} "
+              f"| {compile_seconds:.1f} | {rate:,.0f} | {rate / limit:.2f} "
+              f"| {computed / seconds[name] / limit:.2f} |")
+    reference, packed = seconds.values()
+    print(f"update speed-up over the reference path: {reference / packed:.2f}x; "
+          f"fraction of the matmul limit: {rollout_tokens / packed / limit:.2f}")
 
 
 if __name__ == "__main__":

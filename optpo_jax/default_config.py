@@ -82,8 +82,9 @@ def arithmetic_config(method: str = "optpo") -> ml_collections.ConfigDict:
         "grad_accumulation": 1, "epochs": 1,
         "advantage_mode": "grpo",
         # Micro-batches train at their longest sequence (rounded up to 16) and at the
-        # smallest of 256 / 128 / 64 rows that holds them.
-        "width_bucket": 16, "row_buckets": 3,
+        # smallest of 256 / 128 / 64 rows that holds them; each prompt is packed once with
+        # its completions into rows of 128 tokens (0: one rollout per row).
+        "width_bucket": 16, "row_buckets": 3, "pack_width": 128,
     })
     config.lora = lora_section()
     config.optimizer = ml_collections.ConfigDict({

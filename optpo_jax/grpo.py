@@ -28,8 +28,8 @@ class GRPOConfig:
       kl_coef: weight of the k3 KL penalty to the reference policy; 0 disables it and
         then no reference log-probabilities are needed.
       loss_aggregation: one of ``LOSS_AGGREGATIONS``.
-      temperature: sampling temperature; logits are divided by it so the recomputed
-        log-probabilities match those of the sampler.
+      temperature: sampling temperature; a ``logprob_fn`` divides the logits by it so the
+        recomputed log-probabilities match those of the sampler.
       token_scale: the constant T of ``seq-mean-token-scale`` (the generation budget,
         max_new_tokens); 0 uses the batch's token width, which changes with padding.
     """
@@ -60,16 +60,23 @@ class GRPOConfig:
 
 @struct.dataclass
 class GRPOBatch:
-    """R rollouts of T tokens, aligned so that logits[:, t] predict target_tokens[:, t].
+    """R rollouts with T trained tokens each, and the model's input rows.
+
+    Two layouts of the input rows. One rollout per row (``target_index`` None): the rows
+    are the rollouts, [R, T], and position t's logits predict target_tokens[:, t]. Packed
+    (``train.packing``): [P, L] rows each holding prompts once and their completions,
+    and target_index[r, t] names the row token (row * L + column) predicting target t.
 
     Attributes:
-      input_tokens: [R, T] int32 fed to the model.
+      input_tokens: [R, T] or [P, L] int32 fed to the model.
       target_tokens: [R, T] int32 tokens whose log-probability is trained.
       loss_mask: [R, T] bool, True on completion tokens (not prompt, not padding).
       advantages: [R] float32 one advantage per rollout.
       old_logprobs: [R, T] float32 log-probabilities under the sampling policy.
       ref_logprobs: [R, T] float32 under the reference policy, or None if kl_coef = 0.
-      positions: [R, T] int32 positions for the model, or None for 0..T-1.
+      positions: like input_tokens, int32 positions for the model (-1 on padding), or None for 0..T-1.
+      groups, branches: [P, L] int32 of packed rows (``decoder.attention_mask``), else None.
+      target_index: [R, T] int32 of packed rows, else None.
     """
 
     input_tokens: jax.Array
@@ -79,6 +86,9 @@ class GRPOBatch:
     old_logprobs: jax.Array
     ref_logprobs: jax.Array | None = None
     positions: jax.Array | None = None
+    groups: jax.Array | None = None
+    branches: jax.Array | None = None
+    target_index: jax.Array | None = None
 
 
 def grpo_advantage(centered: jax.Array, variance: jax.Array, eps: float) -> jax.Array:
@@ -255,35 +265,58 @@ def policy_loss(
     return loss_sum / jnp.maximum(denominator, 1e-9), metrics
 
 
+def strided_micro_batches(batch: Any, num_micro_batches: int) -> Any:
+    """Every leaf [N, ...] as [M, N / M, ...], micro-batch m holding rows m, m + M, m + 2M, ...
+
+    Strided, not contiguous: rows sharded over devices stay spread over all of them in every
+    micro-batch, and packed rows (``train.packing``) interleave their pieces the same way.
+    """
+    def split(x):
+        if x.shape[0] % num_micro_batches:
+            raise ValueError(f"num_micro_batches={num_micro_batches} must divide every leading dimension, got {x.shape}")
+        return jnp.swapaxes(x.reshape(x.shape[0] // num_micro_batches, num_micro_batches, *x.shape[1:]), 0, 1)
+    return jax.tree.map(split, batch)
+
+
 def accumulate_gradients(
     params: Any,
     batch: GRPOBatch,
-    apply_fn: Callable[[Any, GRPOBatch], jax.Array],
+    logprob_fn: Callable[[Any, GRPOBatch], jax.Array],
     config: GRPOConfig,
     num_micro_batches: int = 1,
+    pullback: Callable[[Any], Any] | None = None,
 ) -> tuple[Any, jax.Array, dict[str, jax.Array]]:
     """Gradient of the batch's loss, accumulated exactly over ``num_micro_batches``.
 
-    The micro-batches run in a ``lax.scan`` (activations of one at a time) and add up the
-    loss numerator's gradient and the denominator, which divides at the end: the same
-    gradient as the full batch, not a mean of means.
+    The micro-batches (``strided_micro_batches``) run in a ``lax.scan`` (activations of one
+    at a time) and add up the loss numerator's gradient and the denominator, which divides
+    at the end: the same gradient as the full batch, not a mean of means.
+
+    Args:
+      params: what ``logprob_fn`` differentiates.
+      batch: the rollouts; every leaf's leading dimension divisible by ``num_micro_batches``.
+      logprob_fn: ``logprob_fn(params, micro_batch) -> [R, T]`` float32 log-probabilities of
+        ``micro_batch.target_tokens`` (at ``config.temperature``).
+      config: the loss.
+      num_micro_batches: M.
+      pullback: a linear map applied to each micro-batch's gradient before it is summed,
+        so the sum lives in its (smaller) space: LoRA's gradient of the adapters from the
+        gradient of the merged kernels. None: the gradient of ``params``.
 
     Returns:
       (grads, loss, metrics): token-mean metrics (clip_fraction, kl, mean_ratio) and
       mean_advantage of the whole batch, plus loss_sum and loss_denominator.
     """
-    num_rows = batch.input_tokens.shape[0]
+    num_rows = batch.target_tokens.shape[0]
     if num_micro_batches < 1 or num_rows % num_micro_batches:
         raise ValueError(f"num_micro_batches={num_micro_batches} must be >= 1 and divide the {num_rows} rows")
+    pullback = pullback or (lambda grads: grads)
 
     def summed_loss(trained_params, micro_batch):
-        logits = apply_fn(trained_params, micro_batch)
-        logprobs = token_logprobs(logits, micro_batch.target_tokens, config.temperature)
+        logprobs = logprob_fn(trained_params, micro_batch)
         _, metrics = policy_loss(logprobs, micro_batch.old_logprobs, micro_batch.advantages, micro_batch.loss_mask,
                                  config, micro_batch.ref_logprobs)
         return metrics["loss_sum"], metrics
-
-    split = lambda x: x.reshape(num_micro_batches, num_rows // num_micro_batches, *x.shape[1:])
 
     def accumulate(carry, micro_batch):
         grads_sum, metric_sums = carry
@@ -296,13 +329,14 @@ def accumulate_gradients(
                     if name not in ("loss_sum", "loss_denominator")}
         weighted.update(loss_sum=metrics["loss_sum"], loss_denominator=metrics["loss_denominator"], tokens=tokens,
                         rows=rows)
-        return (jax.tree.map(jnp.add, grads_sum, grads), jax.tree.map(jnp.add, metric_sums, weighted)), None
+        return (jax.tree.map(jnp.add, grads_sum, pullback(grads)), jax.tree.map(jnp.add, metric_sums, weighted)), None
 
-    zeros = jax.tree.map(jnp.zeros_like, params)
+    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(pullback, params))
     metric_names = ("clip_fraction", "kl", "mean_ratio", "mean_advantage", "loss_sum", "loss_denominator", "tokens",
                     "rows")
     metric_zeros = {name: jnp.zeros((), jnp.float32) for name in metric_names}
-    (grads_sum, sums), _ = jax.lax.scan(accumulate, (zeros, metric_zeros), jax.tree.map(split, batch))
+    (grads_sum, sums), _ = jax.lax.scan(accumulate, (zeros, metric_zeros),
+                                        strided_micro_batches(batch, num_micro_batches))
     denominator = jnp.maximum(sums["loss_denominator"], 1e-9)
     grads = jax.tree.map(lambda g: g / denominator, grads_sum)
     metrics = {name: sums[name] / jnp.maximum(sums["rows" if name == "mean_advantage" else "tokens"], 1.0)
@@ -336,7 +370,7 @@ def grpo_step(
     params: Any,
     opt_state: optax.OptState,
     batch: GRPOBatch,
-    apply_fn: Callable[[Any, GRPOBatch], jax.Array],
+    logprob_fn: Callable[[Any, GRPOBatch], jax.Array],
     optimizer: optax.GradientTransformation,
     config: GRPOConfig,
     num_micro_batches: int = 1,
@@ -347,7 +381,9 @@ def grpo_step(
       params: parameter pytree (for example a Flax NNX ``nnx.State``).
       opt_state: ``optimizer.init(params)`` or a later state.
       batch: the rollouts, advantages and old log-probabilities.
-      apply_fn: ``apply_fn(params, batch) -> logits [R, T, V]``.
+      logprob_fn: ``logprob_fn(params, batch) -> [R, T]`` float32 log-probabilities of
+        ``batch.target_tokens`` at the sampling temperature; from logits [R, T, V] that is
+        ``token_logprobs(logits, batch.target_tokens, config.temperature)``.
       optimizer: an Optax gradient transformation.
       config: the loss configuration.
       num_micro_batches: static M dividing R; gradients are accumulated exactly over M
@@ -359,7 +395,7 @@ def grpo_step(
       unchanged and ``metrics["skipped"]`` is True. Token-mean metrics (clip_fraction, kl,
       mean_ratio) and mean_advantage are those of the whole batch.
     """
-    grads, loss, metrics = accumulate_gradients(params, batch, apply_fn, config, num_micro_batches)
+    grads, loss, metrics = accumulate_gradients(params, batch, logprob_fn, config, num_micro_batches)
     grad_norm = optax.tree.norm(grads)
     new_params, new_opt_state, finite = apply_update(params, opt_state, grads, loss, optimizer)
     return new_params, new_opt_state, dict(metrics, loss=loss, grad_norm=grad_norm, skipped=~finite)

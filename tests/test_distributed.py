@@ -12,7 +12,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from test_sampler import CONFIG, right_padded
 
-from optpo_jax.grpo import GRPOBatch, GRPOConfig, grpo_step
+from optpo_jax.grpo import GRPOBatch, GRPOConfig, grpo_step, token_logprobs
 from optpo_jax.models import forward, init_decoder
 from optpo_jax.sampler import SamplingConfig, sample
 from optpo_jax.train.checkpoints import Checkpointer
@@ -67,7 +67,7 @@ def grpo_batch(num_rows=8, width=10, seed=0):
 
 
 def apply_fn(params, batch):
-    return forward(CONFIG, params, batch.input_tokens, batch.positions)[0]
+    return token_logprobs(forward(CONFIG, params, batch.input_tokens, batch.positions)[0], batch.target_tokens)
 
 
 SEQ_MEAN = GRPOConfig(loss_aggregation="seq-mean-token-mean")
@@ -97,7 +97,7 @@ def test_sharded_grpo_step_matches_one_device(params, shape):
 def test_micro_batched_step_equals_the_full_batch(params, aggregation):
     batch = grpo_batch(num_rows=8, seed=1)
     batch = batch.replace(loss_mask=batch.loss_mask.copy())
-    batch.loss_mask[6:] = False  # two padding rows, a whole padding micro-batch
+    batch.loss_mask[3::4] = False  # rows 3 and 7: a whole padding micro-batch (micro-batches are strided)
     config = GRPOConfig(loss_aggregation=aggregation)
     # Plain SGD: the parameter change is the gradient itself (Adam would amplify rounding in tiny gradients).
     full, full_metrics = one_step(params, batch, 1, config, optax.sgd(1.0))

@@ -78,7 +78,7 @@ def _toy_batch(rng, advantages, num_tokens=3, vocab=5):
 
 def _apply_table(params, batch):
     """The toy policy's logits are its parameters."""
-    return params["logits"]
+    return token_logprobs(params["logits"], batch.target_tokens)
 
 
 def test_gradient_on_two_group_toy_matches_hand_computation():
@@ -133,7 +133,7 @@ def test_zero_advantage_group_gets_zero_gradient_and_sgd_step_matches(maybe_jit)
     params, batch = _toy_batch(rng, advantages)
     config = GRPOConfig()
     optimizer = optax.sgd(0.1)
-    step = maybe_jit(functools.partial(grpo_step, apply_fn=_apply_table, optimizer=optimizer, config=config))
+    step = maybe_jit(functools.partial(grpo_step, logprob_fn=_apply_table, optimizer=optimizer, config=config))
     new_params, _, metrics = step(params, optimizer.init(params), batch)
     change = np.asarray(new_params["logits"] - params["logits"])
     np.testing.assert_array_equal(change[:3], 0.0)
@@ -146,7 +146,7 @@ def test_jit_and_eager_steps_agree():
     rng = np.random.default_rng(2)
     params, batch = _toy_batch(rng, jnp.array([1.0, -0.5, 0.25]))
     optimizer, config = optax.adam(1e-2), GRPOConfig(loss_aggregation="seq-mean-token-scale")
-    step = functools.partial(grpo_step, apply_fn=_apply_table, optimizer=optimizer, config=config)
+    step = functools.partial(grpo_step, logprob_fn=_apply_table, optimizer=optimizer, config=config)
     eager = step(params, optimizer.init(params), batch)
     jitted = jax.jit(step)(params, optimizer.init(params), batch)
     for got, want in zip(jax.tree.leaves(jitted), jax.tree.leaves(eager)):
@@ -160,7 +160,7 @@ def test_non_finite_loss_skips_the_update():
     optimizer = optax.adam(1e-2)
     opt_state = optimizer.init(params)
     new_params, new_state, metrics = jax.jit(
-        functools.partial(grpo_step, apply_fn=_apply_table, optimizer=optimizer, config=GRPOConfig())
+        functools.partial(grpo_step, logprob_fn=_apply_table, optimizer=optimizer, config=GRPOConfig())
     )(params, opt_state, batch)
     assert bool(metrics["skipped"])
     for got, want in zip(jax.tree.leaves((new_params, new_state)), jax.tree.leaves((params, opt_state))):

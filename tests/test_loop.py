@@ -12,14 +12,13 @@ import numpy as np
 import pytest
 
 from optpo_jax.default_config import arithmetic_config
-from optpo_jax.grpo import token_logprobs
-from optpo_jax.models import forward
+from optpo_jax.grpo import GRPOBatch
 from optpo_jax.sprt import SPRTConfig
 from optpo_jax.train.loop import batch_problems, train
 from optpo_jax.train.rewards import consensus_labels, consensus_rewards
 from optpo_jax.train.rollouts import collect_rollouts
 from optpo_jax.train.setup import build_setup
-from optpo_jax.train.step import grpo_arrays, training_rows
+from optpo_jax.train.step import _fit_micro_batch, batch_logprobs, training_rows, update_rows
 from optpo_jax.train.step_config import UpdateConfig
 
 
@@ -141,14 +140,20 @@ def test_rewards_rows_and_old_logprobs_line_up(setup):
     advantages[rollouts.prompt_index == 0] = 0.0  # a unanimous prompt: dropped from the update
     rows = training_rows(rollouts, advantages, UpdateConfig(), np.random.default_rng(0))
     assert 0 not in set(rollouts.prompt_index[rows])
-    arrays = grpo_arrays(rollouts, rows, advantages)
-    # The sampler's policy log-probabilities are what the trainer recomputes at the loss-mask positions.
-    logits, _ = forward(setup.policy.config, setup.policy.params, jnp.asarray(arrays["input_tokens"]),
-                        jnp.asarray(arrays["positions"]))
-    recomputed = np.asarray(token_logprobs(logits, jnp.asarray(arrays["target_tokens"])))
-    mask = arrays["loss_mask"]
-    np.testing.assert_array_equal(mask.sum(axis=1), rollouts.completion_lengths[rows])
-    np.testing.assert_allclose(recomputed[mask], arrays["old_logprobs"][mask], atol=2e-4)
+    # The sampler's policy log-probabilities are what the trainer recomputes at the loss-mask positions, whether
+    # the rollouts are packed (each prompt once, with its completions) or one per row.
+    chunk_rows = 1 << (len(rows) - 1).bit_length()
+    for pack_width in (0, 32):
+        update = UpdateConfig(pack_width=pack_width, micro_batch_rows=chunk_rows, width_bucket=8)
+        arrays = _fit_micro_batch(update_rows(rollouts, rows, advantages), chunk_rows, update, None)
+        if pack_width:
+            assert (arrays["positions"] >= 0).any(axis=1).sum() < len(rows)  # several rollouts share a packed row
+        recomputed = np.asarray(batch_logprobs(setup.policy.config, setup.policy.params,
+                                               GRPOBatch(**{k: jnp.asarray(v) for k, v in arrays.items()}), 1.0))
+        mask = arrays["loss_mask"]
+        np.testing.assert_array_equal(mask.sum(axis=1)[:len(rows)], rollouts.completion_lengths[rows])
+        assert not mask[len(rows):].any()
+        np.testing.assert_allclose(recomputed[mask], arrays["old_logprobs"][mask], atol=2e-4)
     subsample = training_rows(rollouts, np.ones_like(advantages), UpdateConfig(train_samples_per_prompt=2),
                               np.random.default_rng(0))
     assert (np.bincount(rollouts.prompt_index[subsample]) <= 2).all()
@@ -282,7 +287,7 @@ def test_micro_batch_shapes_follow_the_rows_and_the_longest_sequence():
     assert micro_batch_shape(10, 10, 256, 55, UpdateConfig(width_bucket=0, row_buckets=1)) == (256, 55)
 
 
-def test_fitted_micro_batches_train_like_padded_ones(setup):
+def test_fitted_and_packed_micro_batches_train_like_padded_ones(setup):
     """The update at fitted widths and row counts takes the same gradients as the one padded to the full
     micro-batch (float tolerance).
 
@@ -301,30 +306,34 @@ def test_fitted_micro_batches_train_like_padded_ones(setup):
     rollouts, _ = collect_rollouts(setup.policy.params, setup.policy.config, setup.task, problems,
                                    setup.learner.config, jax.random.key(5))
     advantages = np.random.default_rng(0).standard_normal(len(rollouts.prompt_index)).astype(np.float32)
-    arrays = grpo_arrays(rollouts, np.arange(len(advantages)), advantages)
+    arrays = update_rows(rollouts, np.arange(len(advantages)), advantages)
     learning_rate = 1e-2
     sgd = optax.sgd(learning_rate)
     results = []
-    for width_bucket, row_buckets in ((0, 1), (8, 3)):
+    # One rollout per row at the full width, the same at the longest row, and packed (prompts once, the head in
+    # chunks; grad_accumulation 2 splits it into two packed micro-batches): one update.
+    for width_bucket, row_buckets, pack_width, accumulation in ((0, 1, 0, 1), (8, 3, 0, 1), (8, 3, 32, 2)):
         update = dc.replace(setup.learner.config.update, width_bucket=width_bucket, row_buckets=row_buckets,
-                            micro_batch_rows=16)
+                            micro_batch_rows=16, pack_width=pack_width, grad_accumulation=accumulation)
         learner = dc.replace(setup.learner, config=dc.replace(setup.learner.config, update=update),
-                             update_step=make_update_step(setup.policy.config, sgd, setup.learner.config.grpo))
+                             update_step=make_update_step(setup.policy.config, sgd, setup.learner.config.grpo,
+                                                          accumulation))
         params = jax.tree.map(jnp.copy, setup.policy.params)  # the update donates what it is given
         state = init_train_state(setup).replace(params=params, opt_state=sgd.init(params))
         state, metrics = update_policy(state, arrays, learner, np.random.default_rng(1))
         results.append((jax.tree.leaves(state.params), metrics))
-    (padded, padded_metrics), (fitted, fitted_metrics) = results
-    assert padded_metrics["optimizer_steps"] == fitted_metrics["optimizer_steps"] > 1
-    np.testing.assert_allclose(fitted_metrics["loss"], padded_metrics["loss"], rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(fitted_metrics["grad_norm"], padded_metrics["grad_norm"], rtol=1e-4)
+    (padded, padded_metrics) = results[0]
     initial = jax.tree.leaves(setup.policy.params)
-    for a, b, start in zip(padded, fitted, initial, strict=True):
-        a, b, start = np.asarray(a), np.asarray(b), np.asarray(start)
-        # The steps' moves, lr x sum(g), agree to float32 rounding: of the gradients (1e-3 of the largest move)
-        # and of each param's own value (a few ulps), whatever the CPU's vector width.
-        bound = 1e-3 * np.abs(a - start).max() + 4 * np.finfo(np.float32).eps * np.abs(start)
-        assert np.all(np.abs(a - b) <= bound), np.abs(a - b).max()
+    for other, other_metrics in results[1:]:
+        assert padded_metrics["optimizer_steps"] == other_metrics["optimizer_steps"] > 1
+        np.testing.assert_allclose(other_metrics["loss"], padded_metrics["loss"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(other_metrics["grad_norm"], padded_metrics["grad_norm"], rtol=1e-4)
+        for a, b, start in zip(padded, other, initial, strict=True):
+            a, b, start = np.asarray(a), np.asarray(b), np.asarray(start)
+            # The steps' moves, lr x sum(g), agree to float32 rounding: of the gradients (1e-3 of the largest move)
+            # and of each param's own value (a few ulps), whatever the CPU's vector width.
+            bound = 1e-3 * np.abs(a - start).max() + 4 * np.finfo(np.float32).eps * np.abs(start)
+            assert np.all(np.abs(a - b) <= bound), np.abs(a - b).max()
 
 
 def test_float32_master_updates_float32_params():
@@ -340,7 +349,7 @@ def test_float32_master_updates_float32_params():
     advantages = np.random.default_rng(0).standard_normal(len(rollouts.prompt_index)).astype(np.float32)
     state = init_train_state(setup)
     before = [np.asarray(leaf).copy() for leaf in jax.tree.leaves(state.params)]
-    state, metrics = update_policy(state, grpo_arrays(rollouts, np.arange(len(advantages)), advantages),
+    state, metrics = update_policy(state, update_rows(rollouts, np.arange(len(advantages)), advantages),
                                    setup.learner, np.random.default_rng(1))
     assert metrics["optimizer_steps"] >= 1 and metrics["skipped_steps"] == 0
     after = [np.asarray(leaf) for leaf in jax.tree.leaves(state.params)]
@@ -372,7 +381,7 @@ def test_optimizer_steps_fixes_the_number_of_updates(setup):
                                    setup.learner.config, jax.random.key(5))
     advantages = np.random.default_rng(0).standard_normal(len(rollouts.prompt_index)).astype(np.float32)
     assert len(advantages) > 24
-    arrays = grpo_arrays(rollouts, np.arange(len(advantages)), advantages)
+    arrays = update_rows(rollouts, np.arange(len(advantages)), advantages)
     update = dataclasses.replace(setup.learner.config.update, optimizer_steps=3, micro_batch_rows=16)
     learner = dataclasses.replace(setup.learner, config=dataclasses.replace(setup.learner.config, update=update))
     state = init_train_state(setup)

@@ -135,15 +135,15 @@ def test_only_the_adapters_train_and_the_reference_kl_starts_at_zero():
     base_before = jax.tree.map(np.array, state.ref_params)
     batch = _update_batch()
     config = setup.learner.model_config
-    ref = _reference_logprobs(config, state.ref_params, 1.0, batch["input_tokens"], batch["target_tokens"],
-                              batch["positions"])
+    ref = _reference_logprobs(config, state.ref_params, GRPOBatch(old_logprobs=None, **batch), 1.0)
     policy_logits = type(setup.policy)(config, state.policy_params())(batch["input_tokens"])
     np.testing.assert_array_equal(np.asarray(token_logprobs(policy_logits, batch["target_tokens"], 1.0)),
                                   np.asarray(ref))
     adapters, _, metrics = setup.learner.update_step(state.params, state.opt_state,
                                                      GRPOBatch(old_logprobs=ref, ref_logprobs=ref, **batch),
                                                      state.ref_params)
-    assert float(metrics["kl"]) == 0.0 and not bool(metrics["skipped"])
+    # B = 0: the merged policy is the base, so the KL is 0 up to the rounding of two compiled programs.
+    assert abs(float(metrics["kl"])) < 1e-6 and not bool(metrics["skipped"])
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.array, state.ref_params), base_before)
     moved = [float(jnp.abs(leaf).max()) for path, leaf in jax.tree_util.tree_flatten_with_path(adapters)[0]
              if path[-1].key == "lora_b"]

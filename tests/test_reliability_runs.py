@@ -20,7 +20,7 @@ import optax
 import pytest
 from test_loop import tiny_config
 
-from optpo_jax.grpo import GRPOBatch, GRPOConfig, grpo_step
+from optpo_jax.grpo import GRPOBatch, GRPOConfig, grpo_step, token_logprobs
 from optpo_jax.train import checkpoints as checkpoints_module
 from optpo_jax.train.checkpoints import Checkpointer, CheckpointError
 from optpo_jax.train.config_checks import ConfigError
@@ -232,7 +232,7 @@ def _tiny_batch(num_rows=2, width=3, vocab=5):
 
 
 def _apply(params, batch):
-    return jax.nn.one_hot(batch.input_tokens, params["w"].shape[0]) @ params["w"]
+    return token_logprobs(jax.nn.one_hot(batch.input_tokens, params["w"].shape[0]) @ params["w"], batch.target_tokens)
 
 
 def test_item7_a_nan_in_a_padding_row_does_not_skip_the_update():

@@ -99,18 +99,33 @@ def _linear(config: ModelConfig, rngs, size_in: int, size_out: int, bias: bool) 
     )
 
 
-def attend(queries, keys, values, query_positions, slot_positions) -> jax.Array:
-    """Grouped-query attention with position masks; softmax in float32.
+def attention_mask(query_positions, slot_positions, groups=None, branches=None) -> jax.Array:
+    """[B, T, S] bool: which cache slot each query may attend to.
 
-    queries [B, T, H, D], keys/values [B, KVH, S, D], query_positions [B, T],
-    slot_positions [B, S] -> [B, T, H, D].
+    A query at position p sees the slots of its own row holding positions 0..p. Packed
+    training rows (``groups`` and ``branches`` [B, T], with the slots being the queries
+    themselves) hold several prompts, each followed by several completions: a token sees
+    only its own group, and within it the shared prompt (branch 0) and its own branch.
+    """
+    visible = (slot_positions[:, None, :] >= 0) & (slot_positions[:, None, :] <= query_positions[:, :, None])
+    if groups is not None:
+        same_group = groups[:, :, None] == groups[:, None, :]
+        on_path = (branches[:, None, :] == 0) | (branches[:, None, :] == branches[:, :, None])
+        visible = visible & same_group & on_path
+    return visible
+
+
+def attend(queries, keys, values, visible) -> jax.Array:
+    """Grouped-query attention under a mask; scores and softmax in float32 (the reference path).
+
+    queries [B, T, H, D], keys/values [B, KVH, S, D], visible [B, T, S] (``attention_mask``)
+    -> [B, T, H, D].
     """
     batch, num_tokens, num_heads, head_dim = queries.shape
     num_kv_heads = keys.shape[1]
     grouped = queries.reshape(batch, num_tokens, num_kv_heads, num_heads // num_kv_heads, head_dim)
     scores = jnp.einsum("btkgd,bksd->bkgts", grouped, keys, preferred_element_type=jnp.float32)
     scores = scores / np.sqrt(head_dim).astype(np.float32)
-    visible = (slot_positions[:, None, :] >= 0) & (slot_positions[:, None, :] <= query_positions[:, :, None])
     scores = jnp.where(visible[:, None, None], scores, _MASKED)
     weights = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
     # Batch dimensions first and the result in the dot's natural order: a plain batched
@@ -145,7 +160,7 @@ class Attention(nnx.Module):
             self.q_norm = RMSNorm(head_dim, config.rms_norm_eps, DTYPES[config.param_dtype])
             self.k_norm = RMSNorm(head_dim, config.rms_norm_eps, DTYPES[config.param_dtype])
 
-    def __call__(self, x, positions, layer_keys, layer_values, slot_positions, write_index):
+    def __call__(self, x, positions, layer_keys, layer_values, visible, write_index):
         """x [B, T, hidden] -> (out [B, T, hidden], keys, values) with this step written."""
         config = self.config
         batch, num_tokens, _ = x.shape
@@ -165,8 +180,36 @@ class Attention(nnx.Module):
             start = (0, 0, write_index, 0)
             all_keys = jax.lax.dynamic_update_slice(layer_keys, keys.astype(layer_keys.dtype), start)
             all_values = jax.lax.dynamic_update_slice(layer_values, values.astype(layer_values.dtype), start)
-        out = attend(queries, all_keys, all_values, positions, slot_positions)
+        out = attend(queries, all_keys, all_values, visible)
         return self.o_proj(out.reshape(batch, num_tokens, -1)), all_keys, all_values
+
+
+@jax.custom_vjp
+def gated_silu(gate: jax.Array, up: jax.Array) -> jax.Array:
+    """silu(gate) * up, with a hand-written gradient.
+
+    Differentiated by XLA, the gradient's elementwise work fused into the transposes that
+    feed the weight-gradient matmuls: on CPU those fusions cost more than the matmuls
+    (docs/results.md, "Update throughput"). The barrier keeps the elementwise gradient a
+    plain array in its natural layout.
+    """
+    return jax.nn.silu(gate) * up
+
+
+def _gated_silu_forward(gate, up):
+    return gated_silu(gate, up), (gate, up)
+
+
+def _gated_silu_backward(residuals, grad):
+    gate, up = residuals
+    gate32, up32, grad32 = gate.astype(jnp.float32), up.astype(jnp.float32), grad.astype(jnp.float32)
+    sigmoid = jax.nn.sigmoid(gate32)
+    d_gate = grad32 * up32 * sigmoid * (1 + gate32 * (1 - sigmoid))
+    d_up = grad32 * gate32 * sigmoid
+    return jax.lax.optimization_barrier((d_gate.astype(gate.dtype), d_up.astype(up.dtype)))
+
+
+gated_silu.defvjp(_gated_silu_forward, _gated_silu_backward)
 
 
 class MLP(nnx.Module):
@@ -177,7 +220,8 @@ class MLP(nnx.Module):
         self.down_proj = _linear(config, rngs, inner, hidden, config.mlp_bias)
 
     def __call__(self, x):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = _fused_projection(x, (self.gate_proj, self.up_proj))
+        return self.down_proj(gated_silu(gate, up))
 
 
 class Block(nnx.Module):
@@ -188,18 +232,18 @@ class Block(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype)
         self.mlp = MLP(config, rngs)
 
-    def __call__(self, x, positions, layer_keys, layer_values, slot_positions, write_index):
+    def __call__(self, x, positions, layer_keys, layer_values, visible, write_index):
         attended, keys, values = self.self_attn(
-            self.input_layernorm(x), positions, layer_keys, layer_values, slot_positions, write_index
+            self.input_layernorm(x), positions, layer_keys, layer_values, visible, write_index
         )
         x = x + attended
         return x + self.mlp(self.post_attention_layernorm(x)), keys, values
 
 
 @nnx.remat
-def _remat_block(block, x, positions, layer_keys, layer_values, slot_positions, write_index):
+def _remat_block(block, x, positions, layer_keys, layer_values, visible, write_index):
     """A block whose activations are recomputed in the backward pass (ModelConfig.remat)."""
-    return block(x, positions, layer_keys, layer_values, slot_positions, write_index)
+    return block(x, positions, layer_keys, layer_values, visible, write_index)
 
 
 class Decoder(nnx.Module):
@@ -216,10 +260,11 @@ class Decoder(nnx.Module):
         if not config.tie_word_embeddings:
             self.lm_head = _linear(config, rngs, config.hidden_size, config.vocab_size, False)
 
-    def __call__(self, tokens, positions, cache: KVCache | None = None, logit_indices=None):
-        """tokens, positions [B, T] (position -1 = padding) -> (logits [B, T, V] float32, cache).
+    def hidden_states(self, tokens, positions, cache: KVCache | None = None, groups=None, branches=None):
+        """tokens, positions [B, T] (position -1 = padding) -> (final-normed hidden [B, T, hidden], cache).
 
-        With ``logit_indices`` [B], logits are computed only at that token of each row: [B, 1, V].
+        ``groups`` / ``branches`` [B, T] pack several prompts and their completions into a row
+        (``attention_mask``); only without a cache.
         """
         x = self.embed_tokens(tokens)
         if cache is None:
@@ -228,27 +273,40 @@ class Decoder(nnx.Module):
         else:
             slot_positions = jax.lax.dynamic_update_slice(cache.slot_positions, positions, (0, cache.write_index))
             write_index, cached_keys, cached_values = cache.write_index, cache.keys, cache.values
+        visible = attention_mask(positions, slot_positions, groups, branches)  # once, for every layer
         new_keys, new_values = [], []
         # Remat pays off only in a backward pass; cached forwards (sampling) have none, and nnx.remat
         # inside the sampler's decode loop fails to merge its Variables.
         apply_block = _remat_block if self.config.remat and cache is None else Block.__call__
         for block, layer_keys, layer_values in zip(self.layers, cached_keys, cached_values, strict=True):
-            x, keys, values = apply_block(block, x, positions, layer_keys, layer_values, slot_positions, write_index)
+            x, keys, values = apply_block(block, x, positions, layer_keys, layer_values, visible, write_index)
             new_keys.append(keys)
             new_values.append(values)
-        if logit_indices is not None:
-            x = jnp.take_along_axis(x, logit_indices[:, None, None].astype(jnp.int32), axis=1)
-        x = self.norm(x)
-        if self.config.tie_word_embeddings:
-            logits = self.embed_tokens.attend(x)
-        else:
-            logits = self.lm_head(x)
         if cache is not None:
             cache = KVCache(
                 keys=tuple(new_keys), values=tuple(new_values), slot_positions=slot_positions,
                 lengths=cache.lengths + jnp.sum(positions >= 0, axis=-1).astype(jnp.int32),
                 write_index=cache.write_index + tokens.shape[1],
             )
+        return self.norm(x), cache
+
+    def head_kernel(self) -> jax.Array:
+        """[hidden, V] output projection (the embedding's transpose when tied), in the compute dtype."""
+        kernel = self.embed_tokens.embedding[...].T if self.config.tie_word_embeddings else self.lm_head.kernel[...]
+        return kernel.astype(DTYPES[self.config.compute_dtype])
+
+    def __call__(self, tokens, positions, cache: KVCache | None = None, logit_indices=None):
+        """tokens, positions [B, T] (position -1 = padding) -> (logits [B, T, V] float32, cache).
+
+        With ``logit_indices`` [B], logits are computed only at that token of each row: [B, 1, V].
+        """
+        x, cache = self.hidden_states(tokens, positions, cache)
+        if logit_indices is not None:
+            x = jnp.take_along_axis(x, logit_indices[:, None, None].astype(jnp.int32), axis=1)
+        if self.config.tie_word_embeddings:
+            logits = self.embed_tokens.attend(x)
+        else:
+            logits = self.lm_head(x)
         return logits.astype(jnp.float32), cache
 
 

@@ -7,9 +7,10 @@ equal the base exactly and the base doubles as the KL reference (no second copy)
 Why a transform and not ``flax.nnx.LoRA`` modules: the decoder stays one module whose
 fused q/k/v projection, sharding rules and checkpoint keys do not change; only the
 adapters (a small nested dict) are trained, sit in the optimizer state and go into
-checkpoints; sampling merges once per step and decodes at full speed. The price is one
-merge per update micro-batch inside the jitted step (rank x in x out multiply-adds per
-kernel, small next to the forward over a batch of tokens).
+checkpoints; sampling merges once per step and decodes at full speed. The update merges
+once per optimizer step too: each micro-batch differentiates the merged kernels and
+``adapter_pullback`` turns that gradient into the adapters' (two rank-wide matmuls per
+kernel), so only adapter-sized gradients are summed.
 
 Adapters are a nested dict mirroring the params: ``{"layers": {"0": {"self_attn":
 {"q_proj": {"lora_a": [in, r], "lora_b": [r, out]}}}}}`` (layer indices as strings so
@@ -129,6 +130,40 @@ def merge_adapters(params, adapters: dict, config: LoRAConfig):
 
 
 merged_params = jax.jit(merge_adapters, static_argnums=2)
+
+
+def split_targeted(params, config: LoRAConfig) -> tuple[dict, object]:
+    """(the adapted kernels as a nested dict shaped like the adapters, ``params``): what a LoRA step
+    differentiates, and the params ``join_targeted`` puts them back into."""
+    kernels: dict = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        adapter_path = _adapter_path(_names(path), config)
+        if adapter_path is not None:
+            node = kernels
+            for name in adapter_path[:-1]:
+                node = node.setdefault(name, {})
+            node[adapter_path[-1]] = leaf
+    return kernels, params
+
+
+def join_targeted(kernels: dict, params, config: LoRAConfig):
+    """``params`` with each adapted kernel taken from ``kernels`` (``split_targeted``'s layout)."""
+    def joined(path, leaf):
+        adapter_path = _adapter_path(_names(path), config)
+        return leaf if adapter_path is None else _lookup(kernels, adapter_path)
+
+    return jax.tree_util.tree_map_with_path(joined, params)
+
+
+def adapter_pullback(kernel_grads: dict, adapters: dict, config: LoRAConfig) -> dict:
+    """The adapters' gradient from the gradient G of the merged kernels W + scale * A @ B:
+    dA = scale * G @ B^T, dB = scale * A^T @ G, in float32 (what differentiating ``merge_adapters`` gives)."""
+    def pulled(adapter, grad):
+        grad = grad.astype(jnp.float32)
+        return {"lora_a": config.scale * jnp.dot(grad, adapter["lora_b"].T),
+                "lora_b": config.scale * jnp.dot(adapter["lora_a"].T, grad)}
+
+    return jax.tree.map(pulled, adapters, kernel_grads, is_leaf=lambda node: isinstance(node, dict) and "lora_a" in node)
 
 
 def num_adapter_params(adapters: dict) -> int:

@@ -49,6 +49,7 @@ LIMITS = {
     "policy_update.epochs": (_INT, 1, 1000, True, True),
     "policy_update.width_bucket": (_INT, 0, 65536, True, True),
     "policy_update.row_buckets": (_INT, 1, 16, True, True),
+    "policy_update.pack_width": (_INT, 0, 1 << 20, True, True),
     "optimizer.learning_rate": (_REAL, 0.0, 1.0, False, True),
     "lora.rank": (_INT, 0, 65536, True, True),
     "lora.alpha": (_REAL, 0.0, 1e6, False, True),

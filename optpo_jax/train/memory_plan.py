@@ -10,9 +10,14 @@ merged params). The plan is the persistent bytes plus the larger phase.
 
 Activations per token and layer are counted from what the backward pass needs: the
 block's inputs and norms, q/k/v before and after rope, the attention weights (float32
-and compute dtype, [heads, T] per token), the attention output, and the MLP's gate, up,
-their product and silu's output; the logits' float32 log-softmax and its gradient per
-token. With remat a block keeps only its input and one block is live at a time.
+and compute dtype, [heads, row width] per token), the attention output, and the MLP's
+gate, up, their product and silu's output. With remat a block keeps only its input and
+one block is live at a time. The head: packed micro-batches (``policy_update.pack_width``
+> 0) compute the log-probabilities in chunks of ``models.logprobs.logit_chunk_tokens``
+targets, so their float32 logits, log-softmax and gradient are one chunk's, plus the
+gathered hidden states of the targets; one rollout per row keeps them for every token.
+The tokens of a micro-batch are its rollouts at full length (prompt bucket +
+max_new_tokens), an upper bound on what packing feeds.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from flax import nnx
 
 from optpo_jax.models.config import DTYPES, ModelConfig
 from optpo_jax.models.decoder import init_decoder
+from optpo_jax.models.logprobs import logit_chunk_tokens
 from optpo_jax.models.lora import LoRAConfig, targeted_kernels
 
 _GIB = 1024**3
@@ -74,6 +80,12 @@ class RunShape:
     remat: bool = False
     batch_shards: int = 1  # devices the rows are split over (mesh data x fsdp)
     model_shards: int = 1  # devices each weight is split over (mesh fsdp x tensor)
+    pack_width: int = 0  # policy_update.pack_width: 0 = one rollout per row
+
+    @property
+    def row_width(self) -> int:
+        """Tokens per update row: a packed row, or one rollout's prompt bucket + max_new_tokens."""
+        return max(self.pack_width, self.prompt_tokens + self.max_new_tokens)
 
 
 def lora_sizes(model: ModelConfig, rank: int, targets: tuple[str, ...]) -> tuple[int, int]:
@@ -85,17 +97,25 @@ def lora_sizes(model: ModelConfig, rank: int, targets: tuple[str, ...]) -> tuple
 
 
 def _activation_bytes_per_token(model: ModelConfig, width: int, remat: bool) -> int:
-    """Bytes one token keeps for the backward pass (whole model; see the module docstring)."""
+    """Bytes one token keeps for the backward pass in the blocks (whole model; see the module docstring)."""
     compute = _bytes_of(model.compute_dtype)
     hidden, inner = model.hidden_size, model.intermediate_size
     queries, kv = model.num_heads * model.head_dim, model.num_kv_heads * model.head_dim
     per_layer = (compute * (4 * hidden + 2 * (queries + 2 * kv) + queries + 4 * inner)
                  + 4 * 2 * hidden  # the norms' float32 inputs
                  + (4 + compute) * model.num_heads * width)
-    logits = 3 * 4 * model.vocab_size  # float32 logits, log-softmax, and their gradient
     if remat:
-        return compute * hidden * model.num_layers + per_layer + logits
-    return per_layer * model.num_layers + logits
+        return compute * hidden * model.num_layers + per_layer
+    return per_layer * model.num_layers
+
+
+def head_bytes(model: ModelConfig, tokens: int, targets: int, packed: bool) -> int:
+    """The head's share of the update: float32 logits, log-softmax and gradient of every token (one rollout per
+    row), or of one chunk of the ``targets`` plus their gathered hidden states and its gradient (packed)."""
+    logits = 3 * 4 * model.vocab_size
+    if not packed:
+        return tokens * logits
+    return logit_chunk_tokens(model.vocab_size, targets) * logits + 2 * targets * model.hidden_size * 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,14 +172,15 @@ def plan_memory(shape: RunShape) -> MemoryPlan:
                 * _bytes_of(model.compute_dtype))
     micro_rows = math.ceil(shape.micro_batch_rows / shape.grad_accumulation / shape.batch_shards)
     tokens = micro_rows * sequence
+    head = head_bytes(model, tokens, micro_rows * shape.max_new_tokens, packed=shape.pack_width > 0)
     gradients = trained_count * (4 if master else trained_bytes) * (2 if shape.grad_accumulation > 1 else 1)
     return MemoryPlan(
         params=params, reference=reference, trained=trained, optimizer_state=master + moments, kv_cache=kv_cache,
         # Besides the cache: one layer's keys and values as they are rewritten, and the float32 logits.
         sampling_other=merged + kv_cache // model.num_layers + 2 * 4 * wave_rows * model.vocab_size,
         gradients=gradients,
-        activations=tokens * _activation_bytes_per_token(model, sequence, remat=False),
-        activations_with_remat=tokens * _activation_bytes_per_token(model, sequence, remat=True),
+        activations=tokens * _activation_bytes_per_token(model, shape.row_width, remat=False) + head,
+        activations_with_remat=tokens * _activation_bytes_per_token(model, shape.row_width, remat=True) + head,
         update_other=merged, remat=shape.remat, update_rows=micro_rows,
     )
 
@@ -256,6 +277,7 @@ def run_shape(config, model: ModelConfig | None = None, num_devices: int = 1) ->
         lora_targets=tuple(t for t in str(lora.targets).split(",") if t) if lora is not None else (),
         float32_master=bool(config.optimizer.get("float32_master", False)), remat=bool(config.get("remat", False)),
         batch_shards=batch_shards, model_shards=model_shards,
+        pack_width=int(config.policy_update.get("pack_width", 0)),
     )
 
 
@@ -310,12 +332,25 @@ def compiled_peak(config) -> dict:
     shape = run_shape(config, setup.policy.config)
     lora = state.lora is not None
     rows = shape.micro_batch_rows // shape.grad_accumulation
-    width = shape.prompt_tokens + shape.max_new_tokens
-    tokens = jnp.zeros((rows, width), jnp.int32)
-    batch = GRPOBatch(input_tokens=tokens, target_tokens=tokens, loss_mask=jnp.ones((rows, width), bool),
-                      advantages=jnp.zeros((rows,)), old_logprobs=jnp.zeros((rows, width)), positions=tokens)
+    sequence = shape.prompt_tokens + shape.max_new_tokens
+    if shape.pack_width:  # the plan's tokens (every rollout at full length) in packed rows
+        packed_rows, width, targets = -(-rows * sequence // shape.row_width), shape.row_width, shape.max_new_tokens
+        index = jnp.zeros((rows, targets), jnp.int32)
+        packed = {"groups": jnp.zeros((packed_rows, width), jnp.int32), "target_index": index,
+                  "branches": jnp.zeros((packed_rows, width), jnp.int32)}
+    else:
+        packed_rows, width, targets, packed = rows, sequence, sequence, {}
+    tokens = jnp.zeros((packed_rows, width), jnp.int32)
+    batch = GRPOBatch(input_tokens=tokens, target_tokens=jnp.zeros((rows, targets), jnp.int32),
+                      loss_mask=jnp.ones((rows, targets), bool), advantages=jnp.zeros((rows,)),
+                      old_logprobs=jnp.zeros((rows, targets)), positions=tokens, **packed)
     base = state.ref_params if lora else None
-    update = _compiled_bytes(setup.learner.update_step.lower(state.params, state.opt_state, batch, base).compile())
+    step = setup.learner.update_step
+    gradients = _compiled_bytes(step.gradients.lower(state.params, batch, base).compile())
+    grads = jax.eval_shape(step.gradients, state.params, batch, base)[0]
+    apply = _compiled_bytes(step.apply.lower(state.params, state.opt_state, grads, jnp.zeros(())).compile())
+    # Each half holds what the other takes: the optimizer state while the gradients are computed.
+    update = max(gradients + _tree_bytes(state.opt_state), apply)
     update += 0 if lora else _tree_bytes(state.ref_params)  # the reference copy stays on the device meanwhile
     wave_rows = config.rows_per_wave
     prompts = np.zeros((wave_rows, shape.prompt_tokens), np.int32)

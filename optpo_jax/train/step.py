@@ -9,7 +9,6 @@ Ground truth is read here only by the ``ground_truth`` reward (``rewards.REWARDS
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 import time
 from collections.abc import Callable
@@ -17,12 +16,29 @@ from typing import Any
 
 import jax
 import numpy as np
+import optax
 from flax import struct
 
-from optpo_jax.grpo import GRPOBatch, GRPOConfig, group_advantages, grpo_step, token_logprobs
+from optpo_jax.grpo import (
+    GRPOBatch,
+    GRPOConfig,
+    accumulate_gradients,
+    apply_update,
+    group_advantages,
+    token_logprobs,
+)
 from optpo_jax.models.decoder import forward
-from optpo_jax.models.lora import LoRAConfig, merge_adapters, merged_params
+from optpo_jax.models.logprobs import packed_logprobs
+from optpo_jax.models.lora import (
+    LoRAConfig,
+    adapter_pullback,
+    join_targeted,
+    merge_adapters,
+    merged_params,
+    split_targeted,
+)
 from optpo_jax.prior import PriorState, prior_log_likelihood
+from optpo_jax.train import packing
 from optpo_jax.train.distributed import local_row_count, mesh_of, process_max, process_sum, rows_to_global
 from optpo_jax.train.rewards import REWARDS, consensus_labels
 from optpo_jax.train.rollouts import LookaheadCarry, Rollouts, collect_rollouts
@@ -108,27 +124,58 @@ def training_rows(rollouts: Rollouts, advantages: np.ndarray, config: UpdateConf
     return rows[advantages[rows] != 0]
 
 
-def grpo_arrays(rollouts: Rollouts, rows: np.ndarray, advantages: np.ndarray) -> dict[str, np.ndarray]:
-    """Teacher-forcing arrays [n, W - 1] for prompt + completion sequences of ``rows``."""
-    prompt_width, completion_width = rollouts.prompt_tokens.shape[1], rollouts.completion_tokens.shape[1]
-    width = prompt_width + completion_width
-    tokens = np.zeros((len(rows), width), np.int32)
-    old_logprobs = np.zeros((len(rows), width - 1), np.float32)
-    columns = np.arange(width - 1)[None]
-    prompt_lengths = rollouts.prompt_lengths[rows]
-    completion_lengths = rollouts.completion_lengths[rows]
-    for out_row, row in enumerate(rows):
-        start, length = prompt_lengths[out_row], completion_lengths[out_row]
-        tokens[out_row, :start] = rollouts.prompt_tokens[row, :start]
-        tokens[out_row, start : start + length] = rollouts.completion_tokens[row, :length]
-        old_logprobs[out_row, start - 1 : start - 1 + length] = rollouts.policy_logprobs[row, :length]
-    total = (prompt_lengths + completion_lengths)[:, None]
+def update_rows(rollouts: Rollouts, rows: np.ndarray, advantages: np.ndarray) -> dict[str, np.ndarray]:
+    """The update's per-rollout arrays of ``rows`` (first axis: rollouts), laid out per micro-batch later."""
     return {
+        "prompt_tokens": rollouts.prompt_tokens[rows], "prompt_lengths": rollouts.prompt_lengths[rows],
+        "completion_tokens": rollouts.completion_tokens[rows], "completion_lengths": rollouts.completion_lengths[rows],
+        "old_logprobs": rollouts.policy_logprobs[rows].astype(np.float32),
+        "advantages": advantages[rows].astype(np.float32), "prompt_index": rollouts.prompt_index[rows],
+    }
+
+
+def padded_layout(rows: dict, width: int) -> dict[str, np.ndarray]:
+    """One rollout per row: teacher-forcing arrays [n, width] of prompt + completion (the reference layout)."""
+    prompt_lengths, completion_lengths = rows["prompt_lengths"], rows["completion_lengths"]
+    num_rows = len(prompt_lengths)
+    full_width = rows["prompt_tokens"].shape[1] + rows["completion_tokens"].shape[1]
+    tokens = np.zeros((num_rows, full_width), np.int32)
+    old_logprobs = np.zeros((num_rows, full_width - 1), np.float32)
+    for row in range(num_rows):
+        start, length = prompt_lengths[row], completion_lengths[row]
+        tokens[row, :start] = rows["prompt_tokens"][row, :start]
+        tokens[row, start : start + length] = rows["completion_tokens"][row, :length]
+        old_logprobs[row, start - 1 : start - 1 + length] = rows["old_logprobs"][row, :length]
+    columns = np.arange(full_width - 1)[None]
+    total = (prompt_lengths + completion_lengths)[:, None]
+    arrays = {
         "input_tokens": tokens[:, :-1], "target_tokens": tokens[:, 1:],
         "positions": np.where(columns < total - 1, columns, -1).astype(np.int32),
         "loss_mask": (columns >= prompt_lengths[:, None] - 1) & (columns < total - 1),
-        "old_logprobs": old_logprobs, "advantages": advantages[rows].astype(np.float32),
+        "old_logprobs": old_logprobs,
     }
+    return {name: values[:, :width] for name, values in arrays.items()}
+
+
+def packed_layout(rows: dict, num_pieces: int, width: int, completion_width: int, row_multiple: int
+                  ) -> dict[str, np.ndarray]:
+    """Each prompt once with its completions, in rows of ``width`` tokens (``train.packing``).
+
+    Rollout r trains in micro-batch r % num_pieces; the packed rows per micro-batch are
+    agreed over processes and rounded up (``packing.row_ladder``) to few shapes.
+    """
+    real = rows["completion_lengths"] > 0  # padding rollouts pack nothing
+    prompts = [tokens[:length] for tokens, length in zip(rows["prompt_tokens"], rows["prompt_lengths"], strict=True)]
+    keys = np.where(real, rows["prompt_index"], -1 - np.arange(len(real)))
+    plans = packing.plan_rows(rows["prompt_lengths"], np.where(real, rows["completion_lengths"], 0), keys, prompts,
+                              num_pieces, width)
+    plans = [[[group for group in row if any(real[r] for r in group.rollouts)] for row in piece] for piece in plans]
+    plans = [[row for row in piece if row] for piece in plans]
+    num_rows = packing.row_ladder(process_max(max(len(piece) for piece in plans)), row_multiple)
+    arrays = packing.pack_rows(plans, rows["prompt_lengths"], rows["completion_tokens"], rows["completion_lengths"],
+                               num_rows, width, completion_width, row_offset=jax.process_index() * num_rows)
+    arrays["old_logprobs"] = np.where(arrays["loss_mask"], rows["old_logprobs"][:, :completion_width], 0.0)
+    return arrays
 
 
 def micro_batch_shape(num_rows: int, longest: int, chunk_rows: int, full_width: int, config: UpdateConfig,
@@ -148,42 +195,87 @@ def micro_batch_shape(num_rows: int, longest: int, chunk_rows: int, full_width: 
 
 
 def _fit_micro_batch(chunk: dict, chunk_rows: int, config: UpdateConfig, mesh) -> dict:
-    """The chunk cut to its micro-batch shape (agreed over processes) and padded with zero-mask rows."""
-    full_width = chunk["input_tokens"].shape[1]
-    used_columns = np.flatnonzero(chunk["positions"].max(axis=0, initial=-1) >= 0)
-    longest = int(used_columns[-1]) + 1 if used_columns.size else 1
-    row_multiple = config.grad_accumulation * (
-        1 if mesh is None else mesh.local_mesh.shape["data"] * mesh.local_mesh.shape["fsdp"])
-    rows, width = micro_batch_shape(process_max(len(chunk["advantages"])), process_max(longest), chunk_rows,
-                                    full_width, config, row_multiple)
-    return {name: np.pad(values[:, :width] if values.ndim == 2 else values,
-                         [(0, rows - len(values))] + [(0, 0)] * (values.ndim - 1))
-            for name, values in chunk.items()}
+    """The GRPOBatch arrays of a chunk of ``update_rows``: padded with empty rollouts to its micro-batch
+    shape (agreed over processes), packed (``config.pack_width``) or one rollout per row."""
+    devices = 1 if mesh is None else mesh.local_mesh.shape["data"] * mesh.local_mesh.shape["fsdp"]
+    prompt_lengths, completion_lengths = chunk["prompt_lengths"], chunk["completion_lengths"]
+    if config.pack_width:
+        # The per-rollout arrays only feed a gather and the loss: at the full completion width they cost
+        # little and add no compilations.
+        longest = full_width = chunk["completion_tokens"].shape[1]
+    else:
+        longest = int((prompt_lengths + completion_lengths).max(initial=2)) - 1
+        full_width = chunk["prompt_tokens"].shape[1] + chunk["completion_tokens"].shape[1] - 1
+    rows, width = micro_batch_shape(process_max(len(completion_lengths)), process_max(longest), chunk_rows,
+                                    full_width, config, config.grad_accumulation * devices)
+    if config.pack_width:
+        rows = chunk_rows  # a packed micro-batch's cost is its packed rows; its rollouts only feed the loss
+    padded = {name: np.pad(values, [(0, rows - len(values))] + [(0, 0)] * (values.ndim - 1))
+              for name, values in chunk.items()}
+    if not config.pack_width:
+        return dict(padded_layout(padded, width), advantages=padded["advantages"])
+    row_width = process_max(packing.packed_width(prompt_lengths, completion_lengths, config.pack_width,
+                                                 config.width_bucket))
+    return dict(packed_layout(padded, config.grad_accumulation, row_width, width, devices),
+                advantages=padded["advantages"])
 
 
-@functools.partial(jax.jit, static_argnums=(0, 2))
-def _reference_logprobs(model_config, ref_params, temperature, input_tokens, target_tokens, positions):
-    logits, _ = forward(model_config, ref_params, input_tokens, positions)
-    return token_logprobs(logits, target_tokens, temperature)
+def batch_logprobs(model_config, params, batch: GRPOBatch, temperature: float) -> jax.Array:
+    """[R, T] log-probabilities of ``batch.target_tokens`` under the decoder ``params``, in either layout."""
+    if batch.target_index is None:
+        logits, _ = forward(model_config, params, batch.input_tokens, batch.positions)
+        return token_logprobs(logits, batch.target_tokens, temperature)
+    return packed_logprobs(model_config, params, batch.input_tokens, batch.positions, batch.groups, batch.branches,
+                           batch.target_index, batch.target_tokens, temperature)
+
+
+_reference_logprobs = jax.jit(batch_logprobs, static_argnums=(0, 3))
+
+
+@dataclasses.dataclass(frozen=True)
+class UpdateStep:
+    """``(trained, opt_state, batch, base) -> (trained, opt_state, metrics)``: one GRPO optimizer step, in two jitted halves.
+
+    ``gradients(trained, batch, base) -> (grads, loss, metrics)`` compiles once per batch
+    shape; ``apply(trained, opt_state, grads, loss) -> (trained, opt_state, grad_norm,
+    skipped)`` (``grpo.apply_update``, donating its inputs) once per run. Together they are
+    ``grpo.grpo_step``; apart, a new micro-batch shape recompiles only the model's half
+    (on this CPU 2 of the 5 seconds a whole step took to compile).
+    """
+
+    gradients: Callable
+    apply: Callable
+
+    def __call__(self, trained, opt_state, batch: GRPOBatch, base):
+        grads, loss, metrics = self.gradients(trained, batch, base)
+        trained, opt_state, grad_norm, skipped = self.apply(trained, opt_state, grads, loss)
+        return trained, opt_state, dict(metrics, loss=loss, grad_norm=grad_norm, skipped=skipped)
 
 
 def make_update_step(model_config, optimizer, grpo_config: GRPOConfig, num_micro_batches: int = 1,
-                     lora: LoRAConfig | None = None):
-    """A jitted ``(trained, opt_state, batch, base) -> (trained, opt_state, metrics)`` GRPO step.
+                     lora: LoRAConfig | None = None) -> UpdateStep:
+    """The GRPO optimizer step of the training loop (``UpdateStep``).
 
     ``trained`` is the full params (``base`` None) or, with ``lora``, the adapters over the
-    frozen ``base`` params, which get no gradient and no optimizer state.
+    frozen ``base`` params, which get no gradient and no optimizer state. The adapters are
+    merged once per step; each micro-batch differentiates the merged kernels and pulls its
+    gradient back to the adapters (``lora.adapter_pullback``) before it is summed.
     """
+    logprob_fn = lambda params, batch: batch_logprobs(model_config, params, batch, grpo_config.temperature)
 
-    def step(trained, opt_state, batch: GRPOBatch, base):
-        def apply_fn(params, batch: GRPOBatch):
-            policy = params if lora is None else merge_adapters(base, params, lora)
-            return forward(model_config, policy, batch.input_tokens, batch.positions)[0]
+    def gradients(trained, batch: GRPOBatch, base):
+        if lora is None:
+            return accumulate_gradients(trained, batch, logprob_fn, grpo_config, num_micro_batches)
+        kernels, merged = split_targeted(merge_adapters(base, trained, lora), lora)
+        return accumulate_gradients(
+            kernels, batch, lambda k, b: logprob_fn(join_targeted(k, merged, lora), b), grpo_config,
+            num_micro_batches, pullback=lambda kernel_grads: adapter_pullback(kernel_grads, trained, lora))
 
-        return grpo_step(trained, opt_state, batch, apply_fn=apply_fn, optimizer=optimizer, config=grpo_config,
-                         num_micro_batches=num_micro_batches)
+    def apply(trained, opt_state, grads, loss):
+        new_trained, new_opt_state, finite = apply_update(trained, opt_state, grads, loss, optimizer)
+        return new_trained, new_opt_state, optax.tree.norm(grads), ~finite
 
-    return jax.jit(step, donate_argnums=(0, 1))
+    return UpdateStep(jax.jit(gradients), jax.jit(apply, donate_argnums=(0, 1)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,12 +337,11 @@ def update_policy(state: TrainState, arrays: dict, learner: Learner,
         for start, end in itertools.pairwise(cuts):
             chunk = {name: values[order[start:end]] for name, values in arrays.items()}
             chunk = rows_to_global(_fit_micro_batch(chunk, chunk_rows, config, mesh), mesh)
-            ref = None
+            batch = GRPOBatch(**chunk)
             if grpo_config.kl_coef > 0:
-                ref = _reference_logprobs(learner.model_config, state.ref_params, grpo_config.temperature,
-                                          chunk["input_tokens"], chunk["target_tokens"], chunk["positions"])
-            params, opt_state, step_metrics = learner.update_step(params, opt_state, GRPOBatch(ref_logprobs=ref,
-                                                                                               **chunk), base)
+                batch = batch.replace(ref_logprobs=_reference_logprobs(learner.model_config, state.ref_params, batch,
+                                                                       grpo_config.temperature))
+            params, opt_state, step_metrics = learner.update_step(params, opt_state, batch, base)
             metrics.append(step_metrics)
     state = state.replace(params=params, opt_state=opt_state)
     if not metrics:
@@ -290,7 +381,7 @@ def training_step(state: TrainState, learner: Learner, problems: list, key: jax.
     update = learner.config.update
     advantages = rollout_advantages(rewards, rollouts.prompt_index, len(problems), update.advantage_mode)
     rows = training_rows(rollouts, advantages, update, rng)
-    state, update_metrics = update_policy(state, grpo_arrays(rollouts, rows, advantages), learner, rng)
+    state, update_metrics = update_policy(state, update_rows(rollouts, rows, advantages), learner, rng)
     update_metrics["update_seconds"] = time.perf_counter() - start
     trained = process_sum(np.array([len(rows), rollouts.completion_lengths[rows].sum()], np.int64))  # one exchange
     update_metrics["trained_rollouts"], update_metrics["trained_tokens"] = int(trained[0]), int(trained[1])

@@ -32,7 +32,14 @@ class UpdateConfig:
       width_bucket: a micro-batch trains at the width of its longest sequence rounded up
         to a multiple of this (0: always prompt bucket + max_new_tokens).
       row_buckets: micro-batch row counts allowed: micro_batch_rows, its half, ... (this
-        many sizes; 1: every micro-batch is padded to micro_batch_rows).
+        many sizes; 1: every micro-batch is padded to micro_batch_rows). Packed micro-batches
+        always hold micro_batch_rows rollouts: their cost is the packed rows, whose count
+        comes from ``packing.row_ladder``.
+      pack_width: tokens per packed row (``train.packing``): each prompt once, followed by
+        its completions, several prompts per row, log-probabilities from the head in chunks
+        (``models.logprobs``); rows widen to the longest sequence if it is longer. 0: one
+        rollout per row with full-vocabulary logits (the reference path; same update up to
+        float rounding).
     """
 
     train_samples_per_prompt: int = 0
@@ -44,6 +51,7 @@ class UpdateConfig:
     advantage_mode: str = "grpo"
     width_bucket: int = 16
     row_buckets: int = 3
+    pack_width: int = 128
 
     def __post_init__(self):
         if self.train_samples_per_prompt < 0:
@@ -62,6 +70,8 @@ class UpdateConfig:
         if self.width_bucket < 0 or self.row_buckets < 1:
             raise ValueError(f"width_bucket must be >= 0 and row_buckets >= 1, got {self.width_bucket}, "
                              f"{self.row_buckets}")
+        if self.pack_width < 0:
+            raise ValueError(f"pack_width must be >= 0, got {self.pack_width}")
         if self.advantage_mode not in ADVANTAGE_ESTIMATORS:
             raise ValueError(f"advantage_mode must be one of {tuple(ADVANTAGE_ESTIMATORS)}, got {self.advantage_mode!r}")
 

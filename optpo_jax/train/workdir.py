@@ -131,7 +131,8 @@ ADDED_FIELDS = {"policy_update.min_rollouts_per_prompt": 0, "policy_update.optim
                 "reward": "consensus", "model_dtype": "float32", "data.path": "", "data.held_out_path": "",
                 "data.prompt_field": "prompt", "data.answer_field": "answer", "math.instruction": TTRL_INSTRUCTION,
                 "math.max_prompt_tokens": 1024, "math.multiple_choice": False, "math.timeout_seconds": 2,
-                "sampling.schedule": "waves", "sampling.on_stop": "finish"}
+                "sampling.schedule": "waves", "sampling.on_stop": "finish",
+                "policy_update.pack_width": 0}
 
 
 def in_fields(name: str, fields) -> bool:
