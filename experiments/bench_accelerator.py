@@ -11,6 +11,13 @@ all 1024) and one GRPO update micro-batch (forward + backward + AdamW over rows 
   (the memory-bandwidth bound at these batch sizes);
 - update: 6 x matmul parameters FLOPs per token, plus causal attention, at the matmul peak.
 
+Each measurement runs two paths in the same process (``--paths``): ``reference``, the
+code as it was before issue 27 (every decode step reads the whole KV cache, einsum
+attention with float32 scores; the update's log-softmax over full [rows, tokens,
+vocabulary] float32 logits), and ``new`` (the cache read only as far as it is filled,
+``jax.nn.dot_product_attention``: cuDNN's fused kernel on a GPU; the update's
+log-probabilities from the head in chunks, ``models.logprobs``).
+
 Peaks come from a table keyed by ``jax.devices()[0].device_kind`` (override with
 ``--bandwidth_gbs`` / ``--peak_tflops``); on a CPU or an unknown device they are measured
 (one matmul, one array copy). Compile seconds are the first call minus a timed call.
@@ -37,9 +44,12 @@ import optax
 from bench_common import best_time
 from flax import nnx
 
-from optpo_jax.grpo import GRPOBatch, GRPOConfig, grpo_step
+from optpo_jax.grpo import GRPOBatch, GRPOConfig, grpo_step, token_logprobs
 from optpo_jax.models import forward, init_decoder, preset
 from optpo_jax.sampler import SamplingConfig, sample
+from optpo_jax.train.step import batch_logprobs
+
+PATHS = ("reference", "new")
 
 DEFAULT_MODELS = ("qwen2.5-0.5b-instruct", "qwen2.5-math-1.5b")
 
@@ -166,11 +176,18 @@ def first_and_best(fn, repeats: int) -> tuple[float, float]:
     return first, best_time(fn, repeats)
 
 
-def time_wave(params, config, rows: int, prompt_len: int, new_tokens: int, repeats: int) -> dict:
+def path_config(config, path: str):
+    """The model config of a path: the einsum attention (reference) or jax.nn.dot_product_attention (new)."""
+    return dataclasses.replace(config, attention="reference" if path == "reference" else "dot_product")
+
+
+def time_wave(params, config, rows: int, prompt_len: int, new_tokens: int, repeats: int, path: str = "new") -> dict:
     """Times one wave of ``rows`` random prompts to ``new_tokens`` tokens; no stop tokens, so none ends early."""
     prompts = np.random.default_rng(rows).integers(3, config.vocab_size, (rows, prompt_len)).astype(np.int32)
     lengths, valid = np.full((rows,), prompt_len, np.int32), np.ones((rows,), bool)
-    sampling = SamplingConfig(max_new_tokens=new_tokens, temperature=1.0, stop_token_ids=())
+    sampling = SamplingConfig(max_new_tokens=new_tokens, temperature=1.0, stop_token_ids=(),
+                              cache_segments=1 if path == "reference" else SamplingConfig.cache_segments)
+    config = path_config(config, path)
     keys = iter(jax.random.split(jax.random.key(rows), repeats + 1))
     generated = []
 
@@ -184,11 +201,13 @@ def time_wave(params, config, rows: int, prompt_len: int, new_tokens: int, repea
             "generated_tokens": min(generated)}
 
 
-def random_update_batch(config, rows: int, prompt_len: int, width: int) -> GRPOBatch:
+def random_update_batch(config, rows: int, prompt_len: int, width: int, path: str = "reference") -> GRPOBatch:
     """A GRPO batch of random sequences whose completions (after the prompt) carry the loss.
 
     Old log-probabilities are log(1 / vocab), what a random-weight model gives, so the
-    ratio sits near 1 inside the clip range and every token has a gradient.
+    ratio sits near 1 inside the clip range and every token has a gradient. ``new``: the
+    same sequences in the training loop's packed layout, one per row (every prompt
+    differs, so nothing is shared), targets and loss on the completions only.
     """
     rng = np.random.default_rng(0)
     tokens = rng.integers(3, config.vocab_size, (rows, width + 1)).astype(np.int32)
@@ -199,19 +218,32 @@ def random_update_batch(config, rows: int, prompt_len: int, width: int) -> GRPOB
         advantages=jnp.asarray(rng.choice([-1.0, 1.0], rows).astype(np.float32)),
         old_logprobs=jnp.full((rows, width), -math.log(config.vocab_size), jnp.float32),
         positions=jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32), (rows, width)),
+    ) if path == "reference" else GRPOBatch(
+        input_tokens=jnp.asarray(tokens[:, :-1]), target_tokens=jnp.asarray(tokens[:, prompt_len + 1:]),
+        loss_mask=jnp.ones((rows, width - prompt_len), bool),
+        advantages=jnp.asarray(rng.choice([-1.0, 1.0], rows).astype(np.float32)),
+        old_logprobs=jnp.full((rows, width - prompt_len), -math.log(config.vocab_size), jnp.float32),
+        positions=jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32), (rows, width)),
+        groups=jnp.zeros((rows, width), jnp.int32),
+        branches=jnp.broadcast_to((jnp.arange(width) >= prompt_len).astype(jnp.int32), (rows, width)),
+        target_index=jnp.asarray(np.arange(rows)[:, None] * width + prompt_len + np.arange(width - prompt_len),
+                                 jnp.int32),
     )
 
 
-def time_update(params, config, rows: int, prompt_len: int, width: int, repeats: int) -> dict:
+def time_update(params, config, rows: int, prompt_len: int, width: int, repeats: int, path: str = "new") -> dict:
     """Times one jitted GRPO step (one micro-batch of ``rows`` x ``width`` tokens, AdamW) on a copy of ``params``."""
+    config = path_config(config, path)
 
-    def apply_fn(trained, batch: GRPOBatch):
-        return forward(config, trained, batch.input_tokens, batch.positions)[0]
+    def reference_logprobs(trained, batch: GRPOBatch):  # the full [rows, width, vocabulary] float32 logits
+        return token_logprobs(forward(config, trained, batch.input_tokens, batch.positions)[0], batch.target_tokens)
 
+    logprob_fn = reference_logprobs if path == "reference" else (
+        lambda trained, batch: batch_logprobs(config, trained, batch, 1.0))
     optimizer = optax.adamw(1e-6)
-    step = jax.jit(functools.partial(grpo_step, apply_fn=apply_fn, optimizer=optimizer, config=GRPOConfig(),
+    step = jax.jit(functools.partial(grpo_step, logprob_fn=logprob_fn, optimizer=optimizer, config=GRPOConfig(),
                                      num_micro_batches=1), donate_argnums=(0, 1))
-    batch = random_update_batch(config, rows, prompt_len, width)
+    batch = random_update_batch(config, rows, prompt_len, width, path)
     # Donation consumes the arguments, so the update trains a copy and the sampler's params stay valid.
     state = [jax.tree.map(jnp.copy, params), optimizer.init(params)]
     # Float32 gradients turn AdamW's bfloat16 moments into float32 after one step, which would compile the step a
@@ -232,22 +264,25 @@ def time_update(params, config, rows: int, prompt_len: int, width: int, repeats:
 
 
 def bench_model(name: str, rows_list, prompt_len: int, new_tokens: int, update_rows: int, small: bool,
-                repeats: int, peaks: Peaks, emit) -> list[dict]:
-    """The waves at each row count, then the update, of one model; ``emit(result)`` reports each as it lands."""
+                repeats: int, peaks: Peaks, emit, paths=PATHS) -> list[dict]:
+    """The waves at each row count, then the update, of one model, each on every path; ``emit(result)``
+    reports each as it lands."""
     config = model_config(name, small)
     params = nnx.split(init_decoder(config, seed=0))[1]
     common = {"model": name + (" (small)" if small else ""), "params": config.num_params()}
     results = []
     for rows in rows_list:
-        measured = time_wave(params, config, rows, prompt_len, new_tokens, repeats)
         limit, bound = wave_roofline(config, rows, prompt_len, new_tokens, peaks)
-        results.append(emit(dict(common, measurement="sample", rows=rows, **measured, roofline_tokens_per_s=limit,
-                                 bound=bound)))
+        for path in paths:
+            measured = time_wave(params, config, rows, prompt_len, new_tokens, repeats, path)
+            results.append(emit(dict(common, measurement="sample", path=path, rows=rows, **measured,
+                                     roofline_tokens_per_s=limit, bound=bound)))
     width = prompt_len + new_tokens
-    if update_rows:
-        measured = time_update(params, config, update_rows, prompt_len, width, repeats)
-        results.append(emit(dict(common, measurement=f"update ({width} tokens/row)", rows=update_rows, **measured,
-                                 roofline_tokens_per_s=update_roofline(config, width, peaks), bound="compute")))
+    for path in paths if update_rows else ():
+        measured = time_update(params, config, update_rows, prompt_len, width, repeats, path)
+        results.append(emit(dict(common, measurement=f"update ({width} tokens/row)", path=path, rows=update_rows,
+                                 **measured, roofline_tokens_per_s=update_roofline(config, width, peaks),
+                                 bound="compute")))
     return results
 
 
@@ -260,10 +295,10 @@ def finish(result: dict) -> dict:
 
 def run_benchmark(models=DEFAULT_MODELS, rows=(64, 128, 256), prompt_len: int = 512, new_tokens: int = 1024,
                   update_rows: int = 4, small: bool = False, repeats: int = 1, bandwidth_gbs: float | None = None,
-                  peak_tflops: float | None = None, on_result=None) -> list[dict]:
-    """Times every (model, rows) wave and each model's update; one dict per table row.
+                  peak_tflops: float | None = None, on_result=None, paths=PATHS) -> list[dict]:
+    """Times every (model, rows) wave and each model's update, on each of ``paths``; one dict per table row.
 
-    Each dict holds model, params, measurement ("sample" or "update (...)"), rows, tokens
+    Each dict holds model, params, measurement ("sample" or "update (...)"), path, rows, tokens
     (generated, or forward + backward for the update), seconds (best timed call),
     tokens_per_s, roofline_tokens_per_s, fraction_of_roofline, bound, compile_s, the
     device's peaks, and generated_tokens (waves: the rows' lengths summed) or
@@ -280,7 +315,7 @@ def run_benchmark(models=DEFAULT_MODELS, rows=(64, 128, 256), prompt_len: int = 
 
     results = []
     for name in models:
-        results += bench_model(name, rows, prompt_len, new_tokens, update_rows, small, repeats, peaks, emit)
+        results += bench_model(name, rows, prompt_len, new_tokens, update_rows, small, repeats, peaks, emit, paths)
     return results
 
 
@@ -293,10 +328,10 @@ def device_description() -> str:
 
 def markdown_table(results: list[dict]) -> str:
     """The results as a markdown table, one line per measurement."""
-    lines = ["| model | measurement | rows | tokens/s | roofline tokens/s (bound) | fraction of roofline | compile s |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [("| model | measurement | path | rows | tokens/s | roofline tokens/s (bound) | fraction of roofline "
+             "| compile s |"), "|---|---|---|---|---|---|---|---|"]
     for r in results:
-        lines.append(f"| {r['model']} | {r['measurement']} | {r['rows']} | {r['tokens_per_s']:,.0f} | "
+        lines.append(f"| {r['model']} | {r['measurement']} | {r['path']} | {r['rows']} | {r['tokens_per_s']:,.0f} | "
                      f"{r['roofline_tokens_per_s']:,.0f} ({r['bound']}) | {r['fraction_of_roofline']:.3f} | "
                      f"{r['compile_s']:.1f} |")
     return "\n".join(lines)
@@ -316,6 +351,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--bandwidth_gbs", type=float, default=None, help="memory bandwidth override, GB/s")
     parser.add_argument("--peak_tflops", type=float, default=None, help="matmul peak override, TFLOP/s")
     parser.add_argument("--json", action="store_true", help="print the results as one JSON object instead")
+    parser.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS),
+                        help="reference (before issue 27) and / or new, each measured in this one run")
     args = parser.parse_args(argv)
     defaults = SMALL_SHAPE if args.small else {"rows": (64, 128, 256), "prompt_len": 512, "new_tokens": 1024,
                                                "update_rows": 4}
@@ -330,10 +367,11 @@ def main(argv=None):
     args = parse_args(argv)
     start = time.perf_counter()
     progress = None if args.json else lambda r: print(
-        f"{r['model']} {r['measurement']} x{r['rows']}: {r['tokens_per_s']:,.0f} tokens/s, "
+        f"{r['model']} {r['measurement']} {r['path']} x{r['rows']}: {r['tokens_per_s']:,.0f} tokens/s, "
         f"{r['fraction_of_roofline']:.3f} of roofline, compile {r['compile_s']:.1f} s", flush=True)
     results = run_benchmark(args.models, tuple(args.rows), args.prompt_len, args.new_tokens, args.update_rows,
-                            args.small, args.repeats, args.bandwidth_gbs, args.peak_tflops, on_result=progress)
+                            args.small, args.repeats, args.bandwidth_gbs, args.peak_tflops, on_result=progress,
+                            paths=tuple(args.paths))
     if args.json:
         print(json.dumps({"device": device_description(), "results": results}, indent=1))
         return

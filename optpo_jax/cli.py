@@ -114,7 +114,7 @@ def command_train(_):
 
 
 # Fields eval and export may set differently from the run (how and where it is evaluated, not what was trained).
-FREE_FIELDS = ("eval.", "mesh.", "distributed", "remat")
+FREE_FIELDS = ("eval.", "mesh.", "distributed", "remat", "attention")
 
 
 def _config_of_run(command: str, free=FREE_FIELDS):

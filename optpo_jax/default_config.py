@@ -57,6 +57,8 @@ def arithmetic_config(method: str = "optpo") -> ml_collections.ConfigDict:
     # Devices: (data, fsdp, tensor) sizes, one may be -1 for "the rest"; (1, 1, 1) = one device.
     config.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1})
     config.remat = False  # recompute each block's activations in the backward pass
+    # "reference" (einsums, float32 scores) or "dot_product" (jax.nn.dot_product_attention: cuDNN on a GPU).
+    config.attention = "reference"
     config.distributed = False  # jax.distributed.initialize() first: one process per host of a pod / cluster
     config.sprt = ml_collections.ConfigDict({
         "rule": "dirichlet" if method == "optpo" else "fixed", "threshold": 0.95, "prior": 1.0,

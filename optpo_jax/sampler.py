@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +29,7 @@ import numpy as np
 from flax import struct
 
 from optpo_jax.models.config import ModelConfig
-from optpo_jax.models.decoder import forward, init_cache
+from optpo_jax.models.decoder import forward, grow_cache, init_cache
 
 # Number of times the jitted sampler has been traced, per (rows, prompt width,
 # max_new_tokens); each trace is one compilation.
@@ -57,6 +58,10 @@ class SamplingConfig:
         "continuous" (a pool of rows refilled as rollouts finish: ``continuous.py``).
       on_stop: continuous only: what happens to a prompt's rollouts in flight when its vote
         stops: "finish" (they finish and train, like any retained rollout) or "cancel".
+      cache_segments: waves decode in up to this many segments (``cache_segment_ends``);
+        the KV cache holds the prompt and the segments so far and grows at each segment's
+        end, so a step reads only the filled part of it (not max_new_tokens ahead). 1:
+        every step reads the whole cache (the reference path; the same tokens, tested).
     """
 
     max_new_tokens: int = 128
@@ -68,6 +73,7 @@ class SamplingConfig:
     prompt_buckets: tuple[int, ...] = ()
     schedule: str = "waves"
     on_stop: str = "finish"
+    cache_segments: int = 4
 
     def __post_init__(self):
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
@@ -84,6 +90,8 @@ class SamplingConfig:
             raise ValueError(f"SamplingConfig.stop_token_ids must be non-negative, got {self.stop_token_ids}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"SamplingConfig.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.cache_segments < 1:
+            raise ValueError(f"SamplingConfig.cache_segments must be >= 1, got {self.cache_segments}")
         if self.on_stop not in ON_STOP:
             raise ValueError(f"SamplingConfig.on_stop must be one of {ON_STOP}, got {self.on_stop!r}")
         buckets = self.prompt_buckets
@@ -259,14 +267,27 @@ def prefill(model_config, params, prompt_tokens, prompt_lengths, valid, num_slot
     return logits[:, 0], cache
 
 
+# A segment shorter than this saves less cache reading than its extra compiled loop costs.
+MIN_CACHE_SEGMENT = 64
+
+
+def cache_segment_ends(max_new_tokens: int, segments: int) -> list[int]:
+    """The decode steps at which the waves' KV cache grows: ``segments`` equal parts of
+    ``max_new_tokens`` rounded up to multiples of ``MIN_CACHE_SEGMENT``, the last at max_new_tokens."""
+    size = -(-max(-(-max_new_tokens // segments), 1) // MIN_CACHE_SEGMENT) * MIN_CACHE_SEGMENT
+    return list(range(size, max_new_tokens, size)) + [max_new_tokens]
+
+
 def _sample_padded(params, prompt_tokens, prompt_lengths, valid, key, model_config, config, progress_every=0,
                    rollout_index=None):
     num_rows, width = prompt_tokens.shape
     TRACE_COUNTS[(num_rows, width, config.max_new_tokens)] += 1
     max_new = config.max_new_tokens
+    segment_ends = cache_segment_ends(max_new, config.cache_segments)
     policy_forward = policy_functions(model_config)[1]
-    first_logits, cache = prefill(model_config, params, prompt_tokens, prompt_lengths, valid, width + max_new,
-                                  rollout_index)
+    # The step that writes slot width + e - 1 is never run in a segment ending at e: width + e slots hold it.
+    first_logits, cache = prefill(model_config, params, prompt_tokens, prompt_lengths, valid,
+                                  width + segment_ends[0], rollout_index)
 
     def emit(state, logits, step_key):
         """Draws token ``step`` from ``logits`` [R, V] for the rows still running."""
@@ -281,9 +302,9 @@ def _sample_padded(params, prompt_tokens, prompt_lengths, valid, key, model_conf
         finished = finished | (running & _is_stop(token, config))
         return step + 1, cache, key, tokens, logprobs, policy_logprobs, finished, lengths + running
 
-    def keep_going(state):
+    def keep_going(state, end):
         step, finished = state[0], state[6]
-        return (step < max_new) & ~jnp.all(finished)
+        return (step < end) & ~jnp.all(finished)
 
     def decode_step(state):
         step, cache, key, tokens = state[:4]
@@ -301,7 +322,11 @@ def _sample_padded(params, prompt_tokens, prompt_lengths, valid, key, model_conf
         jnp.zeros((), jnp.int32), cache, key, jnp.full((num_rows, max_new), config.pad_token_id, jnp.int32),
         zeros, zeros, ~valid, jnp.zeros((num_rows,), jnp.int32),
     )
-    state = jax.lax.while_loop(keep_going, decode_step, emit(state, first_logits, first_key))
+    state = emit(state, first_logits, first_key)
+    for segment, end in enumerate(segment_ends):
+        if segment:
+            state = (state[0], grow_cache(state[1], width + end), *state[2:])
+        state = jax.lax.while_loop(functools.partial(keep_going, end=end), decode_step, state)
     _, _, _, tokens, logprobs, policy_logprobs, _, lengths = state
     last_token = jnp.take_along_axis(tokens, jnp.maximum(lengths - 1, 0)[:, None], axis=1)[:, 0]
     stopped = valid & (lengths > 0) & _is_stop(last_token, config)

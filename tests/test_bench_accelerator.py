@@ -27,24 +27,26 @@ def test_reduced_run_gives_sane_throughputs_and_table(bench):
     results = bench.run_benchmark(models=("qwen2.5-0.5b-instruct",), rows=rows, prompt_len=prompt_len,
                                   new_tokens=new_tokens, update_rows=update_rows, small=True,
                                   bandwidth_gbs=100.0, peak_tflops=1.0)
-    assert [(r["measurement"], r["rows"]) for r in results] == [
-        ("sample", 2), (f"update ({prompt_len + new_tokens} tokens/row)", 2)]
+    update_name = f"update ({prompt_len + new_tokens} tokens/row)"
+    assert [(r["measurement"], r["path"], r["rows"]) for r in results] == [
+        ("sample", "reference", 2), ("sample", "new", 2), (update_name, "reference", 2), (update_name, "new", 2)]
     for r in results:
         for key in ("tokens_per_s", "roofline_tokens_per_s", "compile_s", "seconds"):
             assert math.isfinite(r[key]) and r[key] >= 0, (key, r)
         assert r["tokens_per_s"] > 0 and 0 < r["fraction_of_roofline"] <= 1.5, r
         assert r["peaks_from"] == "flag" and r["model"] == "qwen2.5-0.5b-instruct (small)"
-    waves, update = results[:1], results[1]
+    waves, updates = results[:2], results[2:]
     for r in waves:
         # No stop tokens: every row generates all of its new tokens.
         assert r["generated_tokens"] == r["tokens"] == r["rows"] * new_tokens
         assert r["bound"] in ("memory", "compute")
-    assert update["tokens"] == update_rows * (prompt_len + new_tokens)
-    assert update["trained_tokens"] == update_rows * new_tokens and not update["skipped"]
+    for update in updates:
+        assert update["tokens"] == update_rows * (prompt_len + new_tokens)
+        assert update["trained_tokens"] == update_rows * new_tokens and not update["skipped"]
 
     table = bench.markdown_table(results).splitlines()
-    assert table[0].startswith("| model | measurement | rows | tokens/s |") and len(table) == 2 + len(results)
-    assert "qwen2.5-0.5b-instruct (small) | update (14 tokens/row) | 2 |" in table[-1]
+    assert table[0].startswith("| model | measurement | path | rows | tokens/s |") and len(table) == 2 + len(results)
+    assert "qwen2.5-0.5b-instruct (small) | update (14 tokens/row) | new | 2 |" in table[-1]
     assert "cpu" in bench.device_description() and "jax " in bench.device_description()
 
 

@@ -209,3 +209,70 @@ def test_bfloat16_params_and_compute_stay_close_to_float32(checkpoint):
     want, got = np.asarray(full(tokens)), np.asarray(half(tokens))
     assert got.dtype == np.float32  # logits are float32 whatever the compute dtype
     assert np.max(np.abs(got - want)) < 0.05 * np.max(np.abs(want))
+
+
+def test_decode_over_the_filled_cache_and_dot_product_attention_equal_the_reference(checkpoint):
+    """Reference: the wave sampler with one cache segment (every step reads every slot) and the einsum attention
+    (float32 scores). Decoding in segments over the filled cache gives the same greedy tokens, and so does
+    jax.nn.dot_product_attention (scores in the compute dtype). Llama (GQA 4:2), Qwen2 (MQA 4:1), Qwen3 (q/k
+    norms), prompts of 3 to 12 tokens, 130 new tokens (3 segments), float32."""
+    import dataclasses
+
+    from optpo_jax.sampler import cache_segment_ends
+
+    _, folder, _ = checkpoint
+    model = load_hf(folder, load_tokenizer=False)
+    tokens, lengths = _mixed_prompts()
+    reference = SamplingConfig(max_new_tokens=130, temperature=0.0, cache_segments=1)
+    assert cache_segment_ends(130, 3) == [64, 128, 130] and cache_segment_ends(130, 1) == [130]
+    run = lambda model_config, config: sample(model.params, model_config, tokens, lengths, np.ones(4, bool),
+                                              jax.random.key(0), config)
+    want = run(model.config, reference)
+    fused = dataclasses.replace(model.config, attention="dot_product")
+    for model_config in (model.config, fused):
+        got = run(model_config, dataclasses.replace(reference, cache_segments=3))
+        np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
+        np.testing.assert_allclose(np.asarray(got.policy_logprobs), np.asarray(want.policy_logprobs), atol=1e-4)
+
+
+def _mixed_prompts():
+    rng = np.random.default_rng(7)
+    lengths = np.array([3, 12, 7, 5], np.int32)
+    tokens = np.zeros((4, 12), np.int32)
+    for row, length in enumerate(lengths):
+        tokens[row, :length] = rng.integers(3, VOCAB, length)
+    return tokens, lengths
+
+
+def test_bfloat16_decode_logits_over_the_filled_cache_and_dot_product_stay_within_rounding(checkpoint):
+    """In bfloat16 a near-tie of a random model can break either way, so the logits are compared: a decode step
+    over a cache of the filled slots only (decoder.grow_cache later) and one over every slot, and the
+    dot_product kernel (bfloat16 scores) against the einsum reference (float32 scores), within 2^-7 of the
+    largest logit (bfloat16 keeps 8 bits)."""
+    import dataclasses
+    import functools
+
+    from optpo_jax.models.decoder import grow_cache
+    from optpo_jax.sampler import prefill
+
+    _, folder, _ = checkpoint
+    model = load_hf(folder, dtype="bfloat16", load_tokenizer=False)
+    tokens, lengths = _mixed_prompts()
+    fused = dataclasses.replace(model.config, attention="dot_product")
+    valid = np.ones(4, bool)
+    @functools.partial(jax.jit, static_argnums=(0, 1))
+    def prefill_and_step(model_config, slots, params):
+        first, cache = prefill(model_config, params, tokens, lengths, valid, slots)
+        step, cache = forward(model_config, params, jnp.argmax(first, -1)[:, None].astype(jnp.int32),
+                              jnp.asarray(lengths)[:, None], cache)
+        return first, step[:, 0], grow_cache(cache, 150)
+
+    step_logits = {}
+    for name, model_config, slots in (("reference", model.config, 150), ("filled", model.config, 13),
+                                      ("dot_product", fused, 13)):
+        first, step, cache = prefill_and_step(model_config, slots, model.params)
+        assert cache.keys[0].shape[2] == 150
+        step_logits[name] = np.concatenate([np.asarray(first), np.asarray(step)])
+    scale = np.abs(step_logits["reference"]).max()
+    for name in ("filled", "dot_product"):
+        assert np.abs(step_logits[name] - step_logits["reference"]).max() <= 2**-7 * scale, name

@@ -10,6 +10,7 @@ import numpy as np
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+ATTENTION_KERNELS = ("reference", "dot_product")  # decoder.ATTENTION
 
 
 def dtype_name(value: Any, argument: str = "dtype") -> str:
@@ -43,7 +44,8 @@ class ModelConfig:
     ``compute_dtype`` are "float32" or "bfloat16" (``jnp.bfloat16``, ``np.float32`` and other
     dtype objects are accepted and stored as these names); softmax and logits are float32.
     ``remat`` recomputes each block's activations in the backward pass (memory for time);
-    it is a run option, not part of the checkpoint.
+    ``attention`` names the kernel of ``decoder.ATTENTION``. Both are run options, not part
+    of the checkpoint.
     """
 
     model_type: str
@@ -66,6 +68,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     remat: bool = False
+    attention: str = "reference"
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -74,6 +77,8 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig.num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
             )
+        if self.attention not in ATTENTION_KERNELS:
+            raise ValueError(f"ModelConfig.attention must be one of {ATTENTION_KERNELS}, got {self.attention!r}")
         for name in ("param_dtype", "compute_dtype"):
             # Stored as the name (hashable, static under jit) whatever form of dtype was passed.
             object.__setattr__(self, name, dtype_name(getattr(self, name), f"ModelConfig.{name}"))

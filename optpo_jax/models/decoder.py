@@ -53,6 +53,17 @@ def init_cache(config: ModelConfig, batch_size: int, num_slots: int) -> KVCache:
     )
 
 
+def grow_cache(cache: KVCache, num_slots: int) -> KVCache:
+    """``cache`` with empty slots appended up to ``num_slots`` (one copy of it; the wave sampler grows
+    its cache between decode segments so that every step reads only the filled part)."""
+    extra = num_slots - cache.slot_positions.shape[1]
+    if extra < 0:
+        raise ValueError(f"cannot grow a cache of {cache.slot_positions.shape[1]} slots to {num_slots}")
+    pad = lambda array: jnp.pad(array, ((0, 0), (0, 0), (0, extra), (0, 0)))
+    return cache.replace(keys=tuple(map(pad, cache.keys)), values=tuple(map(pad, cache.values)),
+                         slot_positions=jnp.pad(cache.slot_positions, ((0, 0), (0, extra)), constant_values=-1))
+
+
 @functools.lru_cache(maxsize=16)
 def rope_inverse_frequencies(config: ModelConfig) -> np.ndarray:
     """[head_dim / 2] inverse frequencies, with Llama 3 scaling when configured."""
@@ -134,6 +145,16 @@ def attend(queries, keys, values, visible) -> jax.Array:
     return out.transpose(0, 3, 1, 2, 4).reshape(batch, num_tokens, num_heads, head_dim)
 
 
+def attend_dot_product(queries, keys, values, visible) -> jax.Array:
+    """``attend`` through ``jax.nn.dot_product_attention``: cuDNN's fused attention on a GPU where it
+    applies, XLA's otherwise; scores in the compute dtype, softmax in float32. Same shapes as ``attend``."""
+    return jax.nn.dot_product_attention(queries, keys.swapaxes(1, 2), values.swapaxes(1, 2), mask=visible[:, None])
+
+
+# Attention kernels by ModelConfig.attention; "reference" is the one the others are tested against.
+ATTENTION = {"reference": attend, "dot_product": attend_dot_product}
+
+
 def _fused_projection(x: jax.Array, projections) -> list[jax.Array]:
     """Applies several Linear layers of one input as one matmul.
 
@@ -180,7 +201,7 @@ class Attention(nnx.Module):
             start = (0, 0, write_index, 0)
             all_keys = jax.lax.dynamic_update_slice(layer_keys, keys.astype(layer_keys.dtype), start)
             all_values = jax.lax.dynamic_update_slice(layer_values, values.astype(layer_values.dtype), start)
-        out = attend(queries, all_keys, all_values, visible)
+        out = ATTENTION[config.attention](queries, all_keys, all_values, visible)
         return self.o_proj(out.reshape(batch, num_tokens, -1)), all_keys, all_values
 
 

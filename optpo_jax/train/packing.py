@@ -56,6 +56,9 @@ def _groups(prompt_keys, prompts, completion_lengths, width: int) -> list[Group]
         used = len(prompt)
         for rollout in members:
             needed = max(completion_lengths[rollout] - 1, 0)
+            if len(prompt) + needed > width:
+                raise ValueError(f"a rollout of {len(prompt)} prompt + {needed} fed completion tokens is longer than "
+                                 f"the packed row width {width} (packed_width widens rows to the longest)")
             if current.rollouts and used + needed > width:
                 cut.append(current)
                 current, used = Group(prompt, []), len(prompt)

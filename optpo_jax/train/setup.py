@@ -10,6 +10,7 @@ import jax
 import optax
 
 from optpo_jax.grpo import GRPOConfig
+from optpo_jax.models.config import ATTENTION_KERNELS
 from optpo_jax.models.lora import LoRAConfig, targeted_kernels
 from optpo_jax.optim import float32_master
 from optpo_jax.sampler import SamplingConfig
@@ -213,8 +214,12 @@ def make_task(config, task: Task | None = None):
 
 
 def place_policy(policy, config):
-    """The policy with ``config.remat`` applied and its params sharded over ``config.mesh`` (if > 1 device)."""
-    model_config = dataclasses.replace(policy.config, remat=bool(config.get("remat", False)))
+    """The policy with ``config.remat`` and ``config.attention`` applied and its params sharded over
+    ``config.mesh`` (if > 1 device)."""
+    attention = config.get("attention", "reference")
+    if attention not in ATTENTION_KERNELS:
+        raise ConfigError(f"config.attention must be one of {ATTENTION_KERNELS}, got {attention!r}")
+    model_config = dataclasses.replace(policy.config, remat=bool(config.get("remat", False)), attention=attention)
     params = policy.params
     mesh_sizes = dict(config.get("mesh", {}))
     if mesh_sizes and mesh_sizes != {"data": 1, "fsdp": 1, "tensor": 1}:
