@@ -13,10 +13,11 @@ all 1024) and one GRPO update micro-batch (forward + backward + AdamW over rows 
 
 Each measurement runs two paths in the same process (``--paths``): ``reference``, the
 code as it was before issue 27 (every decode step reads the whole KV cache, einsum
-attention with float32 scores; the update's log-softmax over full [rows, tokens,
-vocabulary] float32 logits), and ``new`` (the cache read only as far as it is filled,
-``jax.nn.dot_product_attention``: cuDNN's fused kernel on a GPU; the update's
-log-probabilities from the head in chunks, ``models.logprobs``).
+attention with float32 scores, the MLP's gate and up as two matmuls with XLA's gradient;
+the update's log-softmax over full [rows, tokens, vocabulary] float32 logits), and
+``new`` (the cache read only as far as it is filled, ``jax.nn.dot_product_attention``:
+cuDNN's fused kernel on a GPU, one gate/up matmul and ``decoder.gated_silu``; the
+update's log-probabilities from the head in chunks, ``models.logprobs``).
 
 Peaks come from a table keyed by ``jax.devices()[0].device_kind`` (override with
 ``--bandwidth_gbs`` / ``--peak_tflops``); on a CPU or an unknown device they are measured
@@ -177,8 +178,10 @@ def first_and_best(fn, repeats: int) -> tuple[float, float]:
 
 
 def path_config(config, path: str):
-    """The model config of a path: the einsum attention (reference) or jax.nn.dot_product_attention (new)."""
-    return dataclasses.replace(config, attention="reference" if path == "reference" else "dot_product")
+    """The model config of a path: the einsum attention and the unfused MLP (reference), or
+    jax.nn.dot_product_attention and the fused MLP (new)."""
+    reference = path == "reference"
+    return dataclasses.replace(config, attention="reference" if reference else "dot_product", fused_mlp=not reference)
 
 
 def time_wave(params, config, rows: int, prompt_len: int, new_tokens: int, repeats: int, path: str = "new") -> dict:

@@ -4,10 +4,12 @@ One step's real rollouts of the shipped policy (the demo's 256-row micro-batch, 
 tokens) are trained (forward + backward + AdamW, jitted, the ``make_update_step`` the
 loop uses) two ways:
 
-- reference: one rollout per row at its longest sequence rounded up to
-  ``policy_update.width_bucket``, full-vocabulary logits (``policy_update.pack_width=0``);
+- reference: the update as it was before issue 27: one rollout per row at its longest
+  sequence rounded up to ``policy_update.width_bucket``, full-vocabulary logits
+  (``policy_update.pack_width=0``), the MLP as two matmuls with XLA's gradient
+  (``ModelConfig.fused_mlp=False``);
 - packed: each prompt once with its completions, rows of ``pack_width`` tokens, the head
-  in chunks (``train.packing``, ``models.logprobs``; the default).
+  in chunks (``train.packing``, ``models.logprobs``), the fused MLP (the defaults).
 
 Both give the same update (tests/test_loop.py, tests/test_packing.py). The limit is what the rollouts'
 tokens (the prompt and completion of every rollout as the reference path feeds them,
@@ -18,7 +20,7 @@ limit's share reached. Packed, a prompt is computed once for all of its completi
 the hardware works on fewer tokens than the rollouts hold: the table also gives the
 fraction for the tokens each path computes.
 
-    python experiments/bench_update.py [--rows 256] [--repeats 5] [--pack_width 128]
+    python experiments/bench_update.py [--rows 256] [--repeats 10] [--pack_width 128]
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from optpo_jax.grpo import GRPOBatch
 from optpo_jax.train.loop import batch_problems, init_train_state
 from optpo_jax.train.rollouts import collect_rollouts
 from optpo_jax.train.setup import build_setup
-from optpo_jax.train.step import _fit_micro_batch, update_rows
+from optpo_jax.train.step import _fit_micro_batch, make_update_step, update_rows
 
 
 def real_rollouts(rows: int):
@@ -62,10 +64,11 @@ def matmul_limit(tokens: int, hidden: int, num_params: int, repeats: int) -> flo
     return tokens / (3 * best_time(lambda: matmul(activations, weights).block_until_ready(), repeats))
 
 
-def time_update(setup, state, batch: GRPOBatch, repeats: int) -> tuple[float, float]:
-    """(seconds of one update of ``batch``, compile seconds), the best of ``repeats`` after compiling."""
+def time_update(setup, state, batch: GRPOBatch, repeats: int, model_config) -> tuple[float, float]:
+    """(seconds of one update of ``batch`` by ``model_config``, compile seconds), the best of ``repeats`` after
+    compiling."""
     params, opt_state = state.params, state.opt_state
-    step = setup.learner.update_step
+    step = make_update_step(model_config, setup.optimizer, setup.learner.config.grpo)
     copy = lambda tree: jax.tree.map(jnp.copy, tree)  # the step donates its inputs
     compile_seconds = best_time(lambda: jax.block_until_ready(step(copy(params), copy(opt_state), batch, None)), 1)
     seconds = best_time(lambda: jax.block_until_ready(step(copy(params), copy(opt_state), batch, None)), repeats)
@@ -75,7 +78,7 @@ def time_update(setup, state, batch: GRPOBatch, repeats: int) -> tuple[float, fl
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=256, help="micro-batch rows (the demo's micro_batch_rows)")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--pack_width", type=int, default=None, help="tokens per packed row (default: the config's)")
     args = parser.parse_args()
     setup, state, rows = real_rollouts(args.rows)
@@ -91,12 +94,14 @@ def main():
           "| fraction for the tokens computed |")
     print("|---|---|---|---|---|---|---|---|")
     seconds = {}
-    for name, config in (("reference (one rollout per row)", dataclasses.replace(update, pack_width=0)),
-                         (f"packed ({packed_update.pack_width}-token rows)", packed_update)):
+    reference_model = dataclasses.replace(model, fused_mlp=False)
+    for name, config, model_config in (
+            ("reference (one rollout per row)", dataclasses.replace(update, pack_width=0), reference_model),
+            (f"packed ({packed_update.pack_width}-token rows)", packed_update, model)):
         arrays = _fit_micro_batch(rows, args.rows, config, None)
         batch = GRPOBatch(**{key: jnp.asarray(values) for key, values in arrays.items()})
         computed = int((arrays["positions"] >= 0).sum())
-        seconds[name], compile_seconds = time_update(setup, state, batch, args.repeats)
+        seconds[name], compile_seconds = time_update(setup, state, batch, args.repeats, model_config)
         rate = rollout_tokens / seconds[name]
         print(f"| {name} | {' x '.join(map(str, arrays['input_tokens'].shape))} | {computed:,} | {seconds[name]:.3f} "
               f"| {compile_seconds:.1f} | {rate:,.0f} | {rate / limit:.2f} "

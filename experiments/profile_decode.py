@@ -3,16 +3,18 @@
 Builds a random-weight preset (bfloat16 by default, like bench_accelerator.py), samples
 ``--waves`` waves of ``--rows`` rows (``--new_tokens`` tokens each, no stop token) under
 the profiler, and sums the device time of every XLA operation of the decode loop,
-grouped by what it does (from the op's source location in the HLO metadata):
+grouped by what it does (the named scopes of the decoder and the sampler in the HLO
+metadata, then the kind of operation):
 
-- weights: the projections, the MLP and the head (matmuls over the parameters);
+- head: the logits over the vocabulary;
+- weights: the other matmuls over parameters (projections, MLP);
 - attention: scores, softmax and the weighted sum over the KV cache;
 - cache write: the new token's keys and values into the cache;
 - sampling: the draw from the logits (softmax, top-k / top-p, the random numbers);
-- parameter prep: work on the parameters alone (concatenated q/k/v or gate/up kernels,
-  casts): not the model's work if it runs every step;
-- loop bookkeeping: the output buffers, the stop test, copies of the loop state;
-- other: norms, rope, residual adds and the rest.
+- parameter prep: concatenations and casts (the fused q/k/v and gate/up kernels): not
+  the model's work if it runs every step;
+- copies: whole-buffer copies (of the loop state or the cache);
+- other: norms, rope, residual adds, the stop test and the rest.
 
 Per step means divided by the decode steps run (waves x (new_tokens - 1)).
 
@@ -39,29 +41,27 @@ from flax import nnx
 from optpo_jax.models import init_decoder, preset
 from optpo_jax.sampler import SamplingConfig, sample_padded
 
-CATEGORIES = (
-    ("attention", r"bkgts|btkgd|softmax|dot_product_attention|_where"),
-    ("cache write", r"dynamic_update_slice"),
-    ("sampling", r"_draw|_restrict|_inverse_cdf|_log_normalizer|random|threefry|argmax|sort|cumsum|categorical"),
-    ("weights", r"dot_general|_fused_projection|gated_silu|dot\b"),
+CATEGORIES = (  # the first match wins: named scopes first
+    ("head", r"/head/"),
+    ("attention", r"/attend/"),
+    ("cache write", r"/kv_cache_write/"),
+    ("sampling", r"/draw/"),
+    ("weights", r"dot_general"),
     ("parameter prep", r"concatenate|convert_element_type"),
-    ("loop bookkeeping", r"while|cond|_is_stop|emit|keep_going|select_n|copy"),
+    ("copies", r"^copy|/copy$"),
 )
 
 
-def categorize(op_name: str, source: str) -> str:
-    """The kind of work of one HLO op, from its op_name and source location."""
-    text = f"{op_name} {source}"
-    return next((name for name, pattern in CATEGORIES if re.search(pattern, text)), "other")
+def categorize(name: str, op_name: str) -> str:
+    """The kind of work of one HLO instruction, from its name and op_name metadata."""
+    return next((kind for kind, pattern in CATEGORIES if re.search(pattern, op_name) or re.search(pattern, name)),
+                "other")
 
 
 def op_metadata(hlo_text: str) -> dict[str, str]:
-    """{HLO instruction name: 'op_name source_file:line'} of a compiled module's text."""
-    found = {}
-    for match in re.finditer(r"%(\S+) = .*?metadata=\{([^}]*)\}", hlo_text):
-        fields = dict(re.findall(r'(\w+)="([^"]*)"', match.group(2)))
-        found[match.group(1)] = f"{fields.get('op_name', '')} {fields.get('source_file', '')}"
-    return found
+    """{HLO instruction name: its op_name metadata} of a compiled module's text."""
+    return {match.group(1): match.group(2)
+            for match in re.finditer(r'%(\S+) = [^\n]*?op_name="([^"]*)"', hlo_text)}
 
 
 def main():
@@ -75,6 +75,7 @@ def main():
     parser.add_argument("--cache_segments", type=int, default=SamplingConfig.cache_segments)
     parser.add_argument("--attention", default="reference", choices=("reference", "dot_product"))
     parser.add_argument("--waves", type=int, default=2)
+    parser.add_argument("--top", type=int, default=0, help="also list the N most expensive operations")
     args = parser.parse_args()
     overrides = {"num_layers": args.layers} if args.layers else {}
     config = preset(args.model, param_dtype=args.dtype, compute_dtype=args.dtype, attention=args.attention,
@@ -96,10 +97,11 @@ def main():
         jax.profiler.stop_trace()
         with gzip.open(glob.glob(f"{folder}/**/*.trace.json.gz", recursive=True)[0]) as trace:
             events = json.load(trace)["traceEvents"]
-    seconds = collections.Counter()
+    seconds, per_op = collections.Counter(), collections.Counter()
     for event in events:
         if event.get("ph") == "X" and event.get("name") in metadata:
             seconds[categorize(event["name"], metadata[event["name"]])] += event["dur"] / 1e6
+            per_op[event["name"]] += event["dur"] / 1e6
     steps = args.waves * (args.new_tokens - 1)
     total = sum(seconds.values())
     print(f"{args.model}, {config.num_layers} layers, {config.num_params() / 1e6:.0f}M parameters, {args.dtype}, "
@@ -110,6 +112,8 @@ def main():
     print("|---|---|---|")
     for name, value in seconds.most_common():
         print(f"| {name} | {value / steps * 1e3:.3f} | {value / total:.0%} |")
+    for name, value in per_op.most_common(args.top):
+        print(f"{value / steps * 1e3:8.3f} ms  {categorize(name, metadata[name]):16s} {name}  {metadata[name][-90:]}")
 
 
 if __name__ == "__main__":

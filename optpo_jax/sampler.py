@@ -292,7 +292,8 @@ def _sample_padded(params, prompt_tokens, prompt_lengths, valid, key, model_conf
     def emit(state, logits, step_key):
         """Draws token ``step`` from ``logits`` [R, V] for the rows still running."""
         step, cache, key, tokens, logprobs, policy_logprobs, finished, lengths = state
-        token, logprob, policy_logprob = _draw(logits, step_key, config)
+        with jax.named_scope("draw"):  # labels the profile (experiments/profile_decode.py)
+            token, logprob, policy_logprob = _draw(logits, step_key, config)
         running = ~finished
         token = jnp.where(running, token, config.pad_token_id)
         write = lambda buffer, value: jax.lax.dynamic_update_slice(buffer, value[:, None], (0, step))

@@ -276,3 +276,31 @@ def test_bfloat16_decode_logits_over_the_filled_cache_and_dot_product_stay_withi
     scale = np.abs(step_logits["reference"]).max()
     for name in ("filled", "dot_product"):
         assert np.abs(step_logits[name] - step_logits["reference"]).max() <= 2**-7 * scale, name
+
+
+def test_fused_mlp_and_its_hand_written_gradient_equal_the_reference():
+    """Reference: the MLP as two matmuls and jax.nn.silu differentiated by JAX (ModelConfig.fused_mlp=False);
+    decoder.gated_silu's gradient in closed form: d/da silu(a) b = b s (1 + a (1 - s)), d/db = silu(a)."""
+    import dataclasses
+
+    from flax import nnx
+
+    from optpo_jax.models.config import ModelConfig
+    from optpo_jax.models.decoder import gated_silu, init_decoder
+
+    rng = np.random.default_rng(0)
+    gate, up, grad = (jnp.asarray(rng.normal(size=(5, 7)), jnp.float32) for _ in range(3))
+    want = jax.vjp(lambda a, b: jax.nn.silu(a) * b, gate, up)[1](grad)
+    got = jax.vjp(gated_silu, gate, up)[1](grad)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    config = ModelConfig(model_type="llama", vocab_size=32, hidden_size=16, intermediate_size=24, num_layers=2,
+                         num_heads=2, num_kv_heads=1, head_dim=8)
+    params = nnx.split(init_decoder(config, seed=1))[1]
+    tokens = jnp.asarray(rng.integers(0, 32, (3, 9)), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(9, dtype=jnp.int32), (3, 9))
+    loss = lambda model_config: lambda p: jnp.sum(jnp.sin(forward(model_config, p, tokens, positions)[0]))
+    fused = jax.grad(loss(config))(params)
+    reference = jax.grad(loss(dataclasses.replace(config, fused_mlp=False)))(params)
+    for a, b in zip(jax.tree.leaves(fused), jax.tree.leaves(reference), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)

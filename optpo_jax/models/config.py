@@ -44,8 +44,10 @@ class ModelConfig:
     ``compute_dtype`` are "float32" or "bfloat16" (``jnp.bfloat16``, ``np.float32`` and other
     dtype objects are accepted and stored as these names); softmax and logits are float32.
     ``remat`` recomputes each block's activations in the backward pass (memory for time);
-    ``attention`` names the kernel of ``decoder.ATTENTION``. Both are run options, not part
-    of the checkpoint.
+    ``attention`` names the kernel of ``decoder.ATTENTION``; ``fused_mlp`` computes the MLP's
+    gate and up projections as one matmul and silu(gate) * up with ``decoder.gated_silu``'s
+    hand-written gradient (False: two matmuls and XLA's gradient, the reference). All three
+    are run options, not part of the checkpoint.
     """
 
     model_type: str
@@ -69,6 +71,7 @@ class ModelConfig:
     compute_dtype: str = "float32"
     remat: bool = False
     attention: str = "reference"
+    fused_mlp: bool = True
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:

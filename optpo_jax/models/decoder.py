@@ -195,13 +195,16 @@ class Attention(nnx.Module):
         queries = apply_rope(queries, positions, frequencies)
         keys = apply_rope(keys, positions, frequencies).transpose(0, 2, 1, 3)
         values = values.transpose(0, 2, 1, 3)
+        # Named scopes label the profile (experiments/profile_decode.py); they change no computation.
         if layer_keys is None:
             all_keys, all_values = keys, values
         else:
-            start = (0, 0, write_index, 0)
-            all_keys = jax.lax.dynamic_update_slice(layer_keys, keys.astype(layer_keys.dtype), start)
-            all_values = jax.lax.dynamic_update_slice(layer_values, values.astype(layer_values.dtype), start)
-        out = ATTENTION[config.attention](queries, all_keys, all_values, visible)
+            with jax.named_scope("kv_cache_write"):
+                start = (0, 0, write_index, 0)
+                all_keys = jax.lax.dynamic_update_slice(layer_keys, keys.astype(layer_keys.dtype), start)
+                all_values = jax.lax.dynamic_update_slice(layer_values, values.astype(layer_values.dtype), start)
+        with jax.named_scope("attend"):
+            out = ATTENTION[config.attention](queries, all_keys, all_values, visible)
         return self.o_proj(out.reshape(batch, num_tokens, -1)), all_keys, all_values
 
 
@@ -235,12 +238,15 @@ gated_silu.defvjp(_gated_silu_forward, _gated_silu_backward)
 
 class MLP(nnx.Module):
     def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+        self.config = config
         hidden, inner = config.hidden_size, config.intermediate_size
         self.gate_proj = _linear(config, rngs, hidden, inner, config.mlp_bias)
         self.up_proj = _linear(config, rngs, hidden, inner, config.mlp_bias)
         self.down_proj = _linear(config, rngs, inner, hidden, config.mlp_bias)
 
     def __call__(self, x):
+        if not self.config.fused_mlp:
+            return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
         gate, up = _fused_projection(x, (self.gate_proj, self.up_proj))
         return self.down_proj(gated_silu(gate, up))
 
@@ -324,11 +330,9 @@ class Decoder(nnx.Module):
         x, cache = self.hidden_states(tokens, positions, cache)
         if logit_indices is not None:
             x = jnp.take_along_axis(x, logit_indices[:, None, None].astype(jnp.int32), axis=1)
-        if self.config.tie_word_embeddings:
-            logits = self.embed_tokens.attend(x)
-        else:
-            logits = self.lm_head(x)
-        return logits.astype(jnp.float32), cache
+        with jax.named_scope("head"):
+            logits = self.embed_tokens.attend(x) if self.config.tie_word_embeddings else self.lm_head(x)
+            return logits.astype(jnp.float32), cache
 
 
 def init_decoder(config: ModelConfig, seed: int = 0) -> Decoder:
