@@ -211,7 +211,7 @@ def _final_metrics(workdir):
 RESUMED_RUN = {"sprt.learn_prior": True, "policy_update.min_rollouts_per_prompt": 4, "lora.rank": 8}
 
 
-def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, capsys):
     """Also with the state a run carries besides params (the learned prior, in the checkpoint's totals) and
     with LoRA (only the adapters and their optimizer state are saved; the base is reloaded). A continuous run
     stopped mid-batch: tests/test_continuous.py."""
@@ -243,14 +243,15 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     for name in ("after", "before", "total_rollouts", "total_generated_tokens", "label_accuracy"):
         assert resumed_summary[name] == full_summary[name]
     # The LoRA run exported: merged, and as PEFT adapters that merge into the same model.
+    from cli_in_process import run_command
+
     from optpo_jax.models import load_hf, load_peft_adapters, merge_adapters
     from optpo_jax.tasks.arithmetic import load_policy
 
-    for out, extra in (("merged", ()), ("adapters", ("--adapters_only",))):
-        exported = _cli("export", f"--config={config_file}", f"--workdir={tmp_path / 'killed'}",
-                        f"--out={tmp_path / out}", *extra, env=env)
-        output, _ = exported.communicate(timeout=240)
-        assert exported.returncode == 0, output
+    for out, extra in (("merged", ()), ("adapters", ("--adapters_only",))):  # in this process: no start-up each
+        code, _, error = run_command(capsys, "export", f"--config={config_file}", f"--workdir={tmp_path / 'killed'}",
+                                     f"--out={tmp_path / out}", *extra)
+        assert code == 0, error
     base = load_policy()
     adapters, lora = load_peft_adapters(tmp_path / "adapters")
     tokens = np.array([[1, 5, 9, 12, 3, 7]], np.int32)

@@ -90,9 +90,13 @@ def test_item2_a_run_saved_before_a_field_existed_resumes_only_with_its_old_valu
             parent = parent[section]
         del parent[field]
     (run_copy / "config.json").write_text(json.dumps(saved))
-    check_resumable(run_copy, tiny_config(steps=2))
+    # pack_width's default has changed since it was added: an old run resumes with the old value.
+    old_values = {"policy_update.pack_width": ADDED_FIELDS["policy_update.pack_width"]}
+    check_resumable(run_copy, tiny_config(steps=2, **old_values))
+    with pytest.raises(WorkdirError, match=r"config.policy_update.pack_width: 0 -> 128"):
+        check_resumable(run_copy, tiny_config(steps=2))
     with pytest.raises(WorkdirError, match=r"config.policy_update.min_rollouts_per_prompt: 0 -> 3"):
-        check_resumable(run_copy, tiny_config(steps=2, **{"policy_update.min_rollouts_per_prompt": 3}))
+        check_resumable(run_copy, tiny_config(steps=2, **old_values, **{"policy_update.min_rollouts_per_prompt": 3}))
 
 
 def test_item3_a_second_run_in_a_locked_workdir_names_the_holder(run_copy):
