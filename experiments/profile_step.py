@@ -27,7 +27,7 @@ from optpo_jax.train.loop import batch_problems, init_train_state
 from optpo_jax.train.rewards import consensus_rewards
 from optpo_jax.train.rollouts import collect_rollouts
 from optpo_jax.train.setup import build_setup
-from optpo_jax.train.step import grpo_arrays, rollout_advantages, training_rows, update_policy
+from optpo_jax.train.step import rollout_advantages, training_rows, update_policy, update_rows
 
 
 def timed(fn, *args):
@@ -58,7 +58,7 @@ def main():
                          jnp.ones(num_rollouts, bool), num_prompts, mode)
         rng = np.random.default_rng(step)
         rows = training_rows(rollouts, advantages, learner.config.update, rng)
-        arrays, build = timed(grpo_arrays, rollouts, rows, advantages)
+        arrays, build = timed(update_rows, rollouts, rows, advantages)
         (state, metrics), update = timed(update_policy, state, arrays, learner, rng)
         print(f"{args.method} step {step}: {num_rollouts} rollouts, {len(rows)} trained, "
               f"{metrics['optimizer_steps']} optimizer steps | collect {collect:.2f} s (sampler "
