@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from optpo_jax.models.config import DTYPES, ModelConfig
+from optpo_jax.models.config import ATTENTION_KERNELS, DTYPES, ModelConfig
 
 _MASKED = float(np.finfo(np.float32).min)
 
@@ -153,6 +153,7 @@ def attend_dot_product(queries, keys, values, visible) -> jax.Array:
 
 # Attention kernels by ModelConfig.attention; "reference" is the one the others are tested against.
 ATTENTION = {"reference": attend, "dot_product": attend_dot_product}
+assert tuple(ATTENTION) == ATTENTION_KERNELS, "ModelConfig validates attention against ATTENTION_KERNELS"
 
 
 def _fused_projection(x: jax.Array, projections) -> list[jax.Array]:
@@ -331,8 +332,8 @@ class Decoder(nnx.Module):
         if logit_indices is not None:
             x = jnp.take_along_axis(x, logit_indices[:, None, None].astype(jnp.int32), axis=1)
         with jax.named_scope("head"):
-            logits = self.embed_tokens.attend(x) if self.config.tie_word_embeddings else self.lm_head(x)
-            return logits.astype(jnp.float32), cache
+            logits = jnp.dot(x, self.head_kernel())  # in the compute dtype, as nnx.Linear / Embed.attend did
+        return logits.astype(jnp.float32), cache
 
 
 def init_decoder(config: ModelConfig, seed: int = 0) -> Decoder:

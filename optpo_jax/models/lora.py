@@ -132,9 +132,9 @@ def merge_adapters(params, adapters: dict, config: LoRAConfig):
 merged_params = jax.jit(merge_adapters, static_argnums=2)
 
 
-def split_targeted(params, config: LoRAConfig) -> tuple[dict, object]:
-    """(the adapted kernels as a nested dict shaped like the adapters, ``params``): what a LoRA step
-    differentiates, and the params ``join_targeted`` puts them back into."""
+def split_targeted(params, config: LoRAConfig) -> dict:
+    """The adapted kernels of ``params`` as a nested dict shaped like the adapters: what a LoRA step
+    differentiates (``join_targeted`` puts them back into the params)."""
     kernels: dict = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         adapter_path = _adapter_path(_names(path), config)
@@ -143,7 +143,7 @@ def split_targeted(params, config: LoRAConfig) -> tuple[dict, object]:
             for name in adapter_path[:-1]:
                 node = node.setdefault(name, {})
             node[adapter_path[-1]] = leaf
-    return kernels, params
+    return kernels
 
 
 def join_targeted(kernels: dict, params, config: LoRAConfig):

@@ -45,10 +45,13 @@ class Group:
 
 
 def _groups(prompt_keys, prompts, completion_lengths, width: int) -> list[Group]:
-    """The piece's rollouts grouped by prompt, each group cut so that it fits ``width`` tokens."""
+    """The piece's rollouts grouped by prompt, each group cut so that it fits ``width`` tokens.
+
+    A rollout without completion tokens (a micro-batch's padding) trains nothing and is left out."""
     groups: dict = {}
     for rollout, key in enumerate(prompt_keys):
-        groups.setdefault(key, []).append(rollout)
+        if completion_lengths[rollout] > 0:
+            groups.setdefault(key, []).append(rollout)
     cut = []
     for members in groups.values():
         prompt = prompts[members[0]]

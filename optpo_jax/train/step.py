@@ -164,13 +164,9 @@ def packed_layout(rows: dict, num_pieces: int, width: int, completion_width: int
     Rollout r trains in micro-batch r % num_pieces; the packed rows per micro-batch are
     agreed over processes and rounded up (``packing.row_ladder``) to few shapes.
     """
-    real = rows["completion_lengths"] > 0  # padding rollouts pack nothing
     prompts = [tokens[:length] for tokens, length in zip(rows["prompt_tokens"], rows["prompt_lengths"], strict=True)]
-    keys = np.where(real, rows["prompt_index"], -1 - np.arange(len(real)))
-    plans = packing.plan_rows(rows["prompt_lengths"], np.where(real, rows["completion_lengths"], 0), keys, prompts,
+    plans = packing.plan_rows(rows["prompt_lengths"], rows["completion_lengths"], rows["prompt_index"], prompts,
                               num_pieces, width)
-    plans = [[[group for group in row if any(real[r] for r in group.rollouts)] for row in piece] for piece in plans]
-    plans = [[row for row in piece if row] for piece in plans]
     num_rows = packing.row_ladder(process_max(max(len(piece) for piece in plans)), row_multiple)
     arrays = packing.pack_rows(plans, rows["prompt_lengths"], rows["completion_tokens"], rows["completion_lengths"],
                                num_rows, width, completion_width, row_offset=jax.process_index() * num_rows)
@@ -200,16 +196,14 @@ def _fit_micro_batch(chunk: dict, chunk_rows: int, config: UpdateConfig, mesh) -
     devices = 1 if mesh is None else mesh.local_mesh.shape["data"] * mesh.local_mesh.shape["fsdp"]
     prompt_lengths, completion_lengths = chunk["prompt_lengths"], chunk["completion_lengths"]
     if config.pack_width:
-        # The per-rollout arrays only feed a gather and the loss: at the full completion width they cost
-        # little and add no compilations.
-        longest = full_width = chunk["completion_tokens"].shape[1]
+        # A packed micro-batch's cost is its packed rows; its per-rollout arrays only feed a gather and the
+        # loss, so at chunk_rows x the full completion width they cost little and add no compilations.
+        rows, width = chunk_rows, chunk["completion_tokens"].shape[1]
     else:
         longest = int((prompt_lengths + completion_lengths).max(initial=2)) - 1
         full_width = chunk["prompt_tokens"].shape[1] + chunk["completion_tokens"].shape[1] - 1
-    rows, width = micro_batch_shape(process_max(len(completion_lengths)), process_max(longest), chunk_rows,
-                                    full_width, config, config.grad_accumulation * devices)
-    if config.pack_width:
-        rows = chunk_rows  # a packed micro-batch's cost is its packed rows; its rollouts only feed the loss
+        rows, width = micro_batch_shape(process_max(len(completion_lengths)), process_max(longest), chunk_rows,
+                                        full_width, config, config.grad_accumulation * devices)
     padded = {name: np.pad(values, [(0, rows - len(values))] + [(0, 0)] * (values.ndim - 1))
               for name, values in chunk.items()}
     if not config.pack_width:
@@ -266,10 +260,10 @@ def make_update_step(model_config, optimizer, grpo_config: GRPOConfig, num_micro
     def gradients(trained, batch: GRPOBatch, base):
         if lora is None:
             return accumulate_gradients(trained, batch, logprob_fn, grpo_config, num_micro_batches)
-        kernels, merged = split_targeted(merge_adapters(base, trained, lora), lora)
-        return accumulate_gradients(
-            kernels, batch, lambda k, b: logprob_fn(join_targeted(k, merged, lora), b), grpo_config,
-            num_micro_batches, pullback=lambda kernel_grads: adapter_pullback(kernel_grads, trained, lora))
+        merged = merge_adapters(base, trained, lora)
+        merged_logprobs = lambda kernels, micro_batch: logprob_fn(join_targeted(kernels, merged, lora), micro_batch)
+        return accumulate_gradients(split_targeted(merged, lora), batch, merged_logprobs, grpo_config,
+                                    num_micro_batches, pullback=lambda grads: adapter_pullback(grads, trained, lora))
 
     def apply(trained, opt_state, grads, loss):
         new_trained, new_opt_state, finite = apply_update(trained, opt_state, grads, loss, optimizer)
