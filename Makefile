@@ -4,8 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # The longest test files start first, so the two workers finish together (pytest drops the repeats).
-SLOW_FIRST := tests/test_multihost.py tests/test_notebook.py tests/test_distributed.py tests/test_loop.py tests/test_models.py \
-	tests/test_continuous.py tests/test_bench_accelerator.py
+SLOW_FIRST := tests/train/test_multihost.py tests/test_notebook.py tests/train/test_distributed.py tests/train/test_loop.py \
+	tests/models/test_decoder.py tests/test_continuous.py tests/experiments/test_bench_accelerator.py
 
 .PHONY: demo test clean
 

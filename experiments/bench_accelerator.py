@@ -42,13 +42,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from bench_common import best_time
+from bench_common import best_time, timed
 from flax import nnx
 
 from optpo_jax.grpo import GRPOBatch, GRPOConfig, grpo_step, token_logprobs
 from optpo_jax.models import forward, init_decoder, preset
 from optpo_jax.sampler import SamplingConfig, sample
-from optpo_jax.train.step import batch_logprobs
+from optpo_jax.train.update import batch_logprobs
 
 PATHS = ("reference", "new")
 
@@ -98,8 +98,8 @@ def measure_peaks() -> Peaks:
     rates = []
     for dtype in (jnp.bfloat16, jnp.float32):
         a = jnp.ones((size, size), dtype)
-        matmul(a, a).block_until_ready()  # compile
-        rates.append(2 * size**3 / best_time(lambda a=a: matmul(a, a).block_until_ready(), 5))
+        timed(matmul, a, a)  # compiles
+        rates.append(2 * size**3 / best_time(lambda a=a: matmul(a, a), 5))
     # x * 2 reads and writes every byte once: bandwidth counts both, like a data sheet's copy figure. Donating x
     # writes in place; a fresh output buffer each call would time the OS's page faults on a CPU (6x slower here).
     scale = jax.jit(lambda v: v * 2, donate_argnums=0)
@@ -171,10 +171,7 @@ def update_roofline(config, width: int, peaks: Peaks) -> float:
 
 def first_and_best(fn, repeats: int) -> tuple[float, float]:
     """(seconds of the first call, which compiles, best of ``repeats`` later calls)."""
-    start = time.perf_counter()
-    fn()
-    first = time.perf_counter() - start
-    return first, best_time(fn, repeats)
+    return timed(fn)[1], best_time(fn, repeats)
 
 
 def path_config(config, path: str):

@@ -13,16 +13,14 @@ of the label with the full-vote majority.
 from __future__ import annotations
 
 import argparse
-import functools
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-from vote_replay import DATASETS, DEFAULT_DATA_DIR, load_vote_samples
+from vote_replay import DATASETS, DEFAULT_DATA_DIR, load_vote_samples, replay
 
-from optpo_jax import SPRTConfig, allocate_wave, consensus, init_vote_state, sprt_update
+from optpo_jax import SPRTConfig, allocate_wave, consensus
 from optpo_jax.allocation import rows_to_prompts
-from optpo_jax.sprt import rank_within_prompt, remaining_budget
+from optpo_jax.sprt import remaining_budget
 
 
 def equal_split(state, num_rows, config):
@@ -37,35 +35,18 @@ def equal_split(state, num_rows, config):
     return rows_to_prompts(rows, num_rows)
 
 
-def wave(state, answers, allocate, num_rows, config):
-    """One wave for one batch: allocate rows, read the next recorded answers, update."""
-    prompt_ids, valid = allocate(state, num_rows, config)
-    index = state.num_samples[prompt_ids] + rank_within_prompt(prompt_ids, valid)
-    slots = answers[prompt_ids, jnp.minimum(index, answers.shape[1] - 1)]
-    new_state = sprt_update(state, prompt_ids, slots, valid, config)
-    return new_state, jnp.sum(valid & ~state.done[prompt_ids])
-
-
 def run(slots, full_majority, batch_size, num_rows, allocate, config):
+    """Waves per batch, rollouts per question, row utilization and agreement of ``allocate`` on the questions
+    ``slots`` [Q, N] taken ``batch_size`` at a time (the remainder left out), ``num_rows`` rows per wave."""
     num_batches = slots.shape[0] // batch_size
-    answers = jnp.asarray(slots[: num_batches * batch_size].reshape(num_batches, batch_size, -1))
-    step = jax.jit(jax.vmap(functools.partial(wave, allocate=allocate, num_rows=num_rows, config=config)))
-    state = jax.vmap(lambda _: init_vote_state(batch_size, slots.shape[1]))(jnp.arange(num_batches))
-    waves = np.zeros(num_batches)
-    used_rows = 0
-    for _ in range(4 * config.max_samples):
-        running = ~np.asarray(jnp.all(state.done, axis=-1))
-        if not running.any():
-            break
-        waves += running
-        state, used = step(state, answers)
-        used_rows += int(jnp.sum(used))
-    labels = np.asarray(consensus(jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), state)))
+    kept = num_batches * batch_size
+    replayed = replay(slots[:kept].reshape(num_batches, batch_size, -1), config, num_rows, allocate)
+    labels = np.asarray(consensus(replayed.votes_by_question()))
     return {
-        "waves": waves.mean(),
-        "rollouts": float(jnp.mean(state.num_samples)),
-        "utilization": used_rows / (waves.sum() * num_rows),
-        "agreement": np.mean(labels == full_majority[: num_batches * batch_size]),
+        "waves": replayed.waves.mean(),
+        "rollouts": float(jnp.mean(replayed.votes.num_samples)),
+        "utilization": replayed.used_rows / (replayed.waves.sum() * num_rows),
+        "agreement": np.mean(labels == full_majority[:kept]),
     }
 
 

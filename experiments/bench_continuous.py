@@ -28,7 +28,6 @@ import argparse
 import dataclasses
 import json
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -36,6 +35,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_common import timed
 from bench_stopping import rules_of_config
 from flax import nnx
 from vote_replay import load_vote_file
@@ -47,6 +47,7 @@ from optpo_jax.models.config import ModelConfig
 from optpo_jax.models.decoder import init_decoder
 from optpo_jax.sampler import TRACE_COUNTS, SamplingConfig
 from optpo_jax.sprt import SPRTConfig, consensus
+from optpo_jax.train.learner import Learner
 from optpo_jax.train.rollouts import collect_rollouts
 from optpo_jax.train.step_config import StepConfig, UpdateConfig
 
@@ -97,14 +98,12 @@ def replay(samples, schedule: str, rows: int, max_new_tokens: int, length_scale:
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, stop_token_ids=(scripted.STOP,),
                               pad_token_id=scripted.PAD, schedule=schedule, on_stop=on_stop)
     config = StepConfig(sprt=sprt, sampling=sampling, update=UpdateConfig(), grpo=GRPOConfig(), rows_per_wave=rows)
+    learner = Learner(task=ReplayTask(), model_config=model_config, config=config)  # collects only: no update
     questions = list(range(len(samples.slots)))
-    run = lambda questions: collect_rollouts(params, model_config, ReplayTask(), questions, config,
-                                             jax.random.key(0))[0]
+    run = lambda questions: collect_rollouts(params, learner, questions, jax.random.key(0))[0]
     run(questions)  # compiles every shape the timed replay meets (the count below says if one was missed)
     traces_before = sum(TRACE_COUNTS.values()) + sum(continuous.TRACE_COUNTS.values())
-    start = time.perf_counter()
-    rollouts = run(questions)
-    seconds = time.perf_counter() - start
+    rollouts, seconds = timed(run, questions)
     compilations = sum(TRACE_COUNTS.values()) + sum(continuous.TRACE_COUNTS.values()) - traces_before
     leaders = np.asarray(consensus(rollouts.votes))
     leader_slots = np.array([-1 if slot < 0 else int(rollouts.answer_slots.answer(q, int(slot)))

@@ -1,5 +1,6 @@
 """Forward time of a ~20M-parameter Qwen2-style model: ours (JAX, jitted) vs transformers (PyTorch).
 
+The model is the CPU benchmarks' ``bench_common.qwen2_20m_config`` (as in bench_sampler.py).
 Both load the same random checkpoint and run the same batch on this CPU, float32,
 in one process. Prints the best-of-N wall time of each and the ratio.
 
@@ -14,8 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-from bench_common import best_time, random_twins
-from transformers import Qwen2Config
+from bench_common import best_time, qwen2_20m_config, random_twins
 
 
 def main():
@@ -24,17 +24,14 @@ def main():
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    hf_config = Qwen2Config(
-        vocab_size=8192, hidden_size=384, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=6,
-        num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=1024,
-    )
+    hf_config = qwen2_20m_config()
     torch_model, model = random_twins(hf_config)
     print(f"parameters: {model.config.num_params() / 1e6:.1f}M, batch {args.batch} x {args.length} tokens, "
           f"torch threads {torch.get_num_threads()}, jax devices {jax.devices()}")
     tokens = np.random.default_rng(0).integers(0, hf_config.vocab_size, (args.batch, args.length))
     jax_tokens = jnp.asarray(tokens, jnp.int32)
     torch_tokens = torch.as_tensor(tokens)
-    ours = best_time(lambda: model(jax_tokens).block_until_ready(), args.repeats)
+    ours = best_time(lambda: model(jax_tokens), args.repeats)
     with torch.no_grad():
         theirs = best_time(lambda: torch_model(torch_tokens).logits, args.repeats)
         difference = np.max(np.abs(np.asarray(model(jax_tokens)) - torch_model(torch_tokens).logits.numpy()))

@@ -10,11 +10,11 @@ vectorised quadrature. Both run jitted on the same counts in this process.
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from bench_common import timed
 from jax.scipy.special import gammainc, gammaln
 
 from optpo_jax import posterior_mode_prob
@@ -36,13 +36,10 @@ def direct_quadrature(counts, prior=1.0, max_count=256):
     return jnp.sum(jnp.exp(log_density + log_product) * 2 * jnp.sqrt(x) * step, -1)
 
 
-def best_time(fn, *args, repeats=20):
-    fn(*args).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn(*args).block_until_ready()
-        times.append(time.perf_counter() - start)
+def best_and_median(fn, counts, repeats: int) -> tuple[float, float]:
+    """(fastest, median) seconds of ``repeats`` calls of ``fn(counts)`` after one compiling call."""
+    timed(fn, counts)
+    times = [timed(fn, counts)[1] for _ in range(repeats)]
     return min(times), float(np.median(times))
 
 
@@ -58,8 +55,8 @@ def main():
     counts = jnp.asarray(np.stack([rng.multinomial(t, p) for t, p in zip(totals, laws)]), jnp.int32)
     fast = jax.jit(posterior_mode_prob)
     slow = jax.jit(direct_quadrature)
-    fast_best, fast_median = best_time(fast, counts)
-    slow_best, slow_median = best_time(slow, counts, repeats=3)
+    fast_best, fast_median = best_and_median(fast, counts, 20)
+    slow_best, slow_median = best_and_median(slow, counts, 3)
     gap = float(jnp.max(jnp.abs(fast(counts) - slow(counts))))
     print(f"counts {tuple(counts.shape)}, {jax.device_count()} {jax.default_backend()} device(s)")
     print(f"posterior_mode_prob (table + matmul): best {fast_best * 1e3:.2f} ms, median {fast_median * 1e3:.2f} ms")

@@ -1,7 +1,7 @@
 """Rollout throughput: our jitted sampler against transformers' generate, same model, same wave.
 
-A random ~20M-parameter Qwen2-style checkpoint (hidden 512, 4 layers, 8 heads / 2 KV
-heads, intermediate 1408, vocab 8192, untied) is written once and loaded by both
+A random ~20M-parameter Qwen2-style checkpoint (``bench_common.qwen2_20m_config``: hidden 512,
+4 layers, 8 heads / 2 KV heads, intermediate 1408, vocab 8192, untied) is written once and loaded by both
 sides. Both sample at temperature 1 over the full vocabulary (no top-k / top-p), with
 KV caches, R rows of P prompt tokens, N new tokens each (no stop token: every row runs
 to N). The CPU's limit is R tokens per the time of one float32 [R, hidden] x [hidden,
@@ -18,34 +18,14 @@ import argparse
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import torch
-from bench_common import best_time, random_twins
-from transformers import Qwen2Config
+from bench_common import best_time, matmul_limit, qwen2_20m_config, random_twins, timed
 
-from optpo_jax.plots import save_figure, write_csv
+from optpo_jax.report.plots import save_figure, write_csv
 from optpo_jax.sampler import SamplingConfig, sample
 
 FIGURES = Path(__file__).resolve().parents[1] / "docs" / "figures"
-
-
-def matmul_limit(rows: int, hidden: int, num_params: int, repeats: int) -> float:
-    """Tokens/s if every decode token cost one pass of 2 x num_params FLOPs at matmul speed."""
-    activations = jnp.ones((rows, hidden), jnp.float32)
-    weights = jnp.ones((hidden, num_params // hidden), jnp.float32) * 1e-3
-    matmul = jax.jit(lambda a, w: a @ w)
-    matmul(activations, weights).block_until_ready()
-    seconds = best_time(lambda: matmul(activations, weights).block_until_ready(), repeats)
-    return rows / seconds
-
-
-def qwen2_config() -> Qwen2Config:
-    """The benchmark's random ~20M-parameter Qwen2-style architecture."""
-    return Qwen2Config(
-        vocab_size=8192, hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
-        num_key_value_heads=2, tie_word_embeddings=False, max_position_embeddings=1024,
-    )
 
 
 def make_samplers(torch_model, model, rows: int, prompt: int, new: int):
@@ -84,8 +64,8 @@ def interleaved_best(ours, theirs, repeats: int) -> tuple[float, float]:
     """Best seconds of each side, timed alternately so that both see the same machine load."""
     ours_times, theirs_times = [], []
     for _ in range(repeats):
-        ours_times.append(best_time(ours, 1))
-        theirs_times.append(best_time(theirs, 1))
+        ours_times.append(timed(ours)[1])
+        theirs_times.append(timed(theirs)[1])
     return min(ours_times), min(theirs_times)
 
 
@@ -150,7 +130,7 @@ def main():
                         help="measure these wave sizes instead and write sampler_throughput.csv / .png to --out")
     parser.add_argument("--out", default=str(FIGURES))
     args = parser.parse_args()
-    hf_config = qwen2_config()
+    hf_config = qwen2_20m_config()
     torch_model, model = random_twins(hf_config)
     num_params = model.config.num_params()
     if args.sweep_rows:
@@ -162,7 +142,7 @@ def main():
     print(f"Qwen2-style model, {num_params / 1e6:.1f}M parameters; {args.rows} rows x {args.prompt} prompt tokens "
           f"-> {args.new} new tokens, temperature 1; torch threads {torch.get_num_threads()}, jax {jax.devices()}")
     ours, theirs = make_samplers(torch_model, model, args.rows, args.prompt, args.new)
-    first_call = best_time(ours, 1)
+    first_call = timed(ours)[1]
     ours(1)  # compiles the prefill-only variant
     theirs()  # warm-up
     ours_seconds, theirs_seconds = interleaved_best(ours, theirs, args.repeats)

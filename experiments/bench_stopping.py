@@ -20,18 +20,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import importlib.util
 import json
 import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
-from vote_replay import DATASETS, DEFAULT_DATA_DIR, VoteSamples, load_vote_file, load_vote_samples
+from vote_replay import DATASETS, DEFAULT_DATA_DIR, VoteSamples, load_vote_file, load_vote_samples, replay
 
-from optpo_jax import SPRTConfig, consensus, init_vote_state, sprt_update
+from optpo_jax import SPRTConfig, consensus
 from optpo_jax.prior import fitted_concentration, init_prior_state, update_prior
 
 # The default table: every rule at its usual settings.
@@ -55,26 +52,9 @@ RULES = [
 SHUFFLE_SEED = 0
 
 
-def _replay_chunk(slots: np.ndarray, config: SPRTConfig, wave_size: int, prior_state=None):
-    """Votes of the questions ``slots`` [Q, N] fed in waves until each stops: the final VoteState."""
-    num_questions, num_answers = slots.shape
-    update = _jitted_update(config, prior_state is not None)
-    state = init_vote_state(num_questions, num_answers)
-    prompt_ids = jnp.repeat(jnp.arange(num_questions, dtype=jnp.int32), wave_size)
-    slots = jnp.asarray(slots)
-    for start in range(0, num_answers, wave_size):
-        index = start + jnp.tile(jnp.arange(wave_size), num_questions)
-        answer_slots = jnp.where(index < num_answers, slots[prompt_ids, jnp.minimum(index, num_answers - 1)], -1)
-        state = update(state, prompt_ids, answer_slots, index < num_answers, prior_state)
-        if bool(np.asarray(state.done).all()):
-            break
-    return state
-
-
-@functools.cache
-def _jitted_update(config: SPRTConfig, learned: bool):
-    return jax.jit(lambda state, ids, slots, valid, prior: sprt_update(
-        state, ids, slots, valid, config, prior_state=prior if learned else None))
+def _final_votes(slots: np.ndarray, config: SPRTConfig, wave_size: int, prior_state=None):
+    """The VoteState of the questions ``slots`` [Q, N] once ``wave_size`` rows each per wave have stopped them."""
+    return replay(slots[None], config, wave_size * slots.shape[0], prior_state=prior_state).votes_by_question()
 
 
 def replay_questions(samples: VoteSamples, config: SPRTConfig, wave_size: int, chunk: int = 64):
@@ -85,20 +65,20 @@ def replay_questions(samples: VoteSamples, config: SPRTConfig, wave_size: int, c
     """
     num_questions = samples.slots.shape[0]
     if not config.learn_prior:
-        state = _replay_chunk(samples.slots, config, wave_size)
+        state = _final_votes(samples.slots, config, wave_size)
         return np.asarray(consensus(state)), np.asarray(state.num_samples), None
     order = np.random.default_rng(SHUFFLE_SEED).permutation(num_questions)
     prior_state = init_prior_state()
     labels, rollouts = np.zeros(num_questions, np.int32), np.zeros(num_questions, np.int32)
     for start in range(0, num_questions, chunk):
         questions = order[start : start + chunk]
-        state = _replay_chunk(samples.slots[questions], config, wave_size, prior_state)
+        state = _final_votes(samples.slots[questions], config, wave_size, prior_state)
         labels[questions], rollouts[questions] = np.asarray(consensus(state)), np.asarray(state.num_samples)
         prior_state = update_prior(prior_state, state.counts)
     return labels, rollouts, fitted_concentration(prior_state, config.prior)
 
 
-def replay(samples: VoteSamples, config: SPRTConfig, wave_size: int, chunk: int = 64) -> dict:
+def rule_scores(samples: VoteSamples, config: SPRTConfig, wave_size: int, chunk: int = 64) -> dict:
     """Rollouts and label quality of ``config`` on ``samples`` (learned online when ``config.learn_prior``)."""
     label, rollouts, concentration = replay_questions(samples, config, wave_size, chunk)
     return {
@@ -115,8 +95,8 @@ def setting_label(knobs: dict, num_answers: int) -> str:
     return ", ".join(f"{k}={v}" for k, v in knobs.items()) or f"max_samples={num_answers}"
 
 
-def replay_rules(samples: VoteSamples, rules: list[tuple[str, dict]], wave_size: int) -> list[dict]:
-    """One row per (rule, knobs): the data set, rule, setting and ``replay``'s numbers.
+def replay_rules(samples: VoteSamples, rules: list[tuple[str, dict]], wave_size: int, chunk: int = 64) -> list[dict]:
+    """One row per (rule, knobs): the data set, rule, setting and ``rule_scores``.
 
     The budget is every recorded vote unless ``knobs`` sets ``max_samples``; ``min_samples`` is 1
     unless set.
@@ -126,7 +106,7 @@ def replay_rules(samples: VoteSamples, rules: list[tuple[str, dict]], wave_size:
     for rule, knobs in tqdm(rules, desc=samples.name, leave=False):
         config = SPRTConfig(rule=rule, **{"min_samples": 1, "max_samples": num_answers, **knobs})
         rows.append({"data": samples.name, "questions": num_questions, "votes": num_answers, "rule": rule,
-                     "setting": setting_label(knobs, num_answers), **replay(samples, config, wave_size)})
+                     "setting": setting_label(knobs, num_answers), **rule_scores(samples, config, wave_size, chunk)})
     return rows
 
 
@@ -189,7 +169,7 @@ def main(argv=None):
     rows = []
     for samples in sets:
         try:
-            rows += replay_rules(samples, chosen_rules(args, samples.slots.shape[1]), args.wave)
+            rows += replay_rules(samples, chosen_rules(args, samples.slots.shape[1]), args.wave, args.chunk)
         except ValueError as error:  # an SPRTConfig field out of range: its message names it
             raise SystemExit(f"bench_stopping: {error}") from error
     if args.json:

@@ -31,14 +31,14 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
-from bench_common import best_time
+from bench_common import best_time, matmul_limit, timed
 
 from optpo_jax.default_config import arithmetic_config
 from optpo_jax.grpo import GRPOBatch
-from optpo_jax.train.loop import batch_problems, init_train_state
+from optpo_jax.train.batches import batch_problems
 from optpo_jax.train.rollouts import collect_rollouts
 from optpo_jax.train.setup import build_setup
-from optpo_jax.train.step import _fit_micro_batch, make_update_step, update_rows
+from optpo_jax.train.update import fit_micro_batch, make_update_step, update_rows
 
 
 def real_rollouts(rows: int):
@@ -46,22 +46,12 @@ def real_rollouts(rows: int):
     config = arithmetic_config("optpo")
     config.policy_update.micro_batch_rows = rows
     setup = build_setup(config)
-    state = init_train_state(setup)
+    state = setup.initial_state()
     problems = batch_problems(setup.train_problems, 0, config.prompts_per_step, config.seed)
-    rollouts, _ = collect_rollouts(state.policy_params(), setup.policy.config, setup.task, problems, setup.learner.config,
-                                   jax.random.key(0))
+    rollouts, _ = collect_rollouts(state.policy_params(), setup.learner, problems, jax.random.key(0))
     chosen = np.arange(min(rows, len(rollouts.prompt_index)))
     advantages = np.random.default_rng(0).standard_normal(len(rollouts.prompt_index)).astype(np.float32)
     return setup, state, update_rows(rollouts, chosen, advantages)
-
-
-def matmul_limit(tokens: int, hidden: int, num_params: int, repeats: int) -> float:
-    """Tokens/s if each token cost 6 x num_params FLOPs at the matmul rate of [tokens, hidden] x [hidden, P / hidden]."""
-    activations = jnp.ones((tokens, hidden), jnp.float32)
-    weights = jnp.ones((hidden, num_params // hidden), jnp.float32) * 1e-3
-    matmul = jax.jit(lambda a, w: a @ w)
-    matmul(activations, weights).block_until_ready()
-    return tokens / (3 * best_time(lambda: matmul(activations, weights).block_until_ready(), repeats))
 
 
 def time_update(setup, state, batch: GRPOBatch, repeats: int, model_config) -> tuple[float, float]:
@@ -70,8 +60,9 @@ def time_update(setup, state, batch: GRPOBatch, repeats: int, model_config) -> t
     params, opt_state = state.params, state.opt_state
     step = make_update_step(model_config, setup.optimizer, setup.learner.config.grpo)
     copy = lambda tree: jax.tree.map(jnp.copy, tree)  # the step donates its inputs
-    compile_seconds = best_time(lambda: jax.block_until_ready(step(copy(params), copy(opt_state), batch, None)), 1)
-    seconds = best_time(lambda: jax.block_until_ready(step(copy(params), copy(opt_state), batch, None)), repeats)
+    update = lambda: step(copy(params), copy(opt_state), batch, None)
+    compile_seconds = timed(update)[1]
+    seconds = best_time(update, repeats)
     return seconds, compile_seconds - seconds
 
 
@@ -84,10 +75,11 @@ def main():
     setup, state, rows = real_rollouts(args.rows)
     update = setup.learner.config.update
     packed_update = update if args.pack_width is None else dataclasses.replace(update, pack_width=args.pack_width)
-    rollout_tokens = int((rows["prompt_lengths"] + rows["completion_lengths"] - 1).sum())
+    rollout_tokens = int((rows.prompt_lengths + rows.completion_lengths - 1).sum())
     model = setup.policy.config
-    limit = matmul_limit(rollout_tokens, model.hidden_size, model.num_params(), 10 * args.repeats)
-    print(f"shipped policy ({model.num_params() / 1e6:.2f}M parameters), {len(rows['advantages'])} rollouts, "
+    # A trained token costs 6 x parameters FLOPs (forward and backward), three times the matmul limit's 2 x.
+    limit = matmul_limit(rollout_tokens, model.hidden_size, model.num_params(), 10 * args.repeats) / 3
+    print(f"shipped policy ({model.num_params() / 1e6:.2f}M parameters), {len(rows)} rollouts, "
           f"{rollout_tokens:,} rollout tokens (prompt + completion, as fed), jax {jax.__version__}, "
           f"{jax.devices()[0].device_kind}; matmul limit {limit:,.0f} tokens/s")
     print("| update | rows x width | tokens computed | seconds | compile s | rollout tokens/s | fraction of the limit "
@@ -98,12 +90,12 @@ def main():
     for name, config, model_config in (
             ("reference (one rollout per row)", dataclasses.replace(update, pack_width=0), reference_model),
             (f"packed ({packed_update.pack_width}-token rows)", packed_update, model)):
-        arrays = _fit_micro_batch(rows, args.rows, config, None)
-        batch = GRPOBatch(**{key: jnp.asarray(values) for key, values in arrays.items()})
-        computed = int((arrays["positions"] >= 0).sum())
+        host_batch = fit_micro_batch(rows, args.rows, config, None)
+        batch = jax.tree.map(jnp.asarray, host_batch)
+        computed = int((host_batch.positions >= 0).sum())
         seconds[name], compile_seconds = time_update(setup, state, batch, args.repeats, model_config)
         rate = rollout_tokens / seconds[name]
-        print(f"| {name} | {' x '.join(map(str, arrays['input_tokens'].shape))} | {computed:,} | {seconds[name]:.3f} "
+        print(f"| {name} | {' x '.join(map(str, host_batch.input_tokens.shape))} | {computed:,} | {seconds[name]:.3f} "
               f"| {compile_seconds:.1f} | {rate:,.0f} | {rate / limit:.2f} "
               f"| {computed / seconds[name] / limit:.2f} |")
     reference, packed = seconds.values()

@@ -3,12 +3,13 @@
     python experiments/plan_vs_compiled.py
 
 Prints, per shape, the plan's bytes (``optpo-jax plan``) and the compiled executables'
-(``memory_plan.compiled_peak``: one update micro-batch and one wave, compiled, not run),
+(``memory_compiled.compiled_peak``: one update micro-batch and one wave, compiled, not run),
 and their ratio. The same shapes (but the remat one) are tests/test_memory_plan.py's.
 """
 
 from optpo_jax.default_config import arithmetic_config
-from optpo_jax.train.memory_plan import compiled_peak, plan_memory, run_shape
+from optpo_jax.train.memory_compiled import compiled_peak
+from optpo_jax.train.memory_plan import plan_memory, run_shape
 
 SHAPES = {
     "full fine-tuning, 64-row micro-batch, 64 new tokens": {"policy_update.micro_batch_rows": 64,

@@ -21,7 +21,7 @@ from bench_stopping import replay_rules
 from matplotlib.figure import Figure
 from vote_replay import DATASETS, DEFAULT_DATA_DIR, load_vote_samples
 
-from optpo_jax.plots import save_figure, write_csv
+from optpo_jax.report.plots import save_figure, write_csv
 
 FIGURES = Path(__file__).resolve().parents[1] / "docs" / "figures"
 THRESHOLDS = (0.8, 0.9, 0.95, 0.99, 0.999)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from optpo_jax.plots import (
+from optpo_jax.report.plots import (
     compute_curve_rows,
     plot_compute_curves,
     plot_rollouts_histogram,
@@ -38,8 +38,8 @@ from optpo_jax.plots import (
     training_curve,
     write_csv,
 )
-from optpo_jax.train.compare import discover, load_curves
-from optpo_jax.train.seed_stats import compute_matched, curve_gaps
+from optpo_jax.report.compare import discover, load_curves
+from optpo_jax.report.seed_stats import compute_matched, curve_gaps
 
 FIGURES = Path(__file__).resolve().parents[1] / "docs" / "figures"
 

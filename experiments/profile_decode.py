@@ -32,10 +32,10 @@ import gzip
 import json
 import re
 import tempfile
-import time
 
 import jax
 import numpy as np
+from bench_common import timed
 from flax import nnx
 
 from optpo_jax.models import init_decoder, preset
@@ -90,10 +90,7 @@ def main():
     jax.block_until_ready(run(jax.random.key(0)))
     with tempfile.TemporaryDirectory() as folder:
         jax.profiler.start_trace(folder)
-        start = time.perf_counter()
-        for wave in range(args.waves):
-            jax.block_until_ready(run(jax.random.key(wave + 1)))
-        wall = time.perf_counter() - start
+        wall = sum(timed(run, jax.random.key(wave + 1))[1] for wave in range(args.waves))
         jax.profiler.stop_trace()
         with gzip.open(glob.glob(f"{folder}/**/*.trace.json.gz", recursive=True)[0]) as trace:
             events = json.load(trace)["traceEvents"]

@@ -1,13 +1,13 @@
 """Where a training step's time goes on the embedded task, and the padded-advantages baseline.
 
-Runs OptPO (or TTRL) steps from the shipped policy and times each stage of
-``loop.training_step``: collecting rollouts, the consensus, the group advantages, the
-teacher-forcing arrays and the micro-batched update. Collection is split into the
-sampler and the host's vote bookkeeping (answer extraction, slot tables, allocate_wave,
-sprt_update: what keeping the votes per process on the host costs). The advantages are
-timed twice on the same inputs: jitted on a padded count (``rollout_advantages``, what
-the loop uses) and eagerly on the exact count (the baseline, which compiles anew
-whenever the count changes).
+Runs OptPO (or TTRL) steps of the library's ``training_step`` from the shipped policy,
+with ``stage_seconds``: it waits for the device after each stage and reports the seconds
+of collecting rollouts, the rewards (the consensus), the group advantages, the update's
+rows and the micro-batched update. Collection is split into the sampler and the host's
+vote bookkeeping (answer extraction, slot tables, allocate_wave, sprt_update: what keeping
+the votes per process on the host costs). The advantages are timed twice on the same
+inputs: jitted on a padded count (``rollout_advantages``, what the step uses) and eagerly
+on the exact count (the baseline, which compiles anew whenever the count changes).
 
     python experiments/profile_step.py [--method ttrl] [--steps 5]
 """
@@ -15,26 +15,34 @@ whenever the count changes).
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from bench_common import timed
 
 from optpo_jax.default_config import arithmetic_config
 from optpo_jax.grpo import group_advantages
-from optpo_jax.train.loop import batch_problems, init_train_state
-from optpo_jax.train.rewards import consensus_rewards
-from optpo_jax.train.rollouts import collect_rollouts
+from optpo_jax.train.batches import batch_problems
 from optpo_jax.train.setup import build_setup
-from optpo_jax.train.step import rollout_advantages, training_rows, update_policy, update_rows
+from optpo_jax.train.step import training_step
 
 
-def timed(fn, *args):
-    """(fn(*args), seconds), waiting for any device work it started."""
-    start = time.perf_counter()
-    result = jax.block_until_ready(fn(*args))
-    return result, time.perf_counter() - start
+def eager_advantages_seconds(output, num_prompts: int, estimator: str) -> float:
+    """Seconds of ``group_advantages`` called eagerly on the step's exact rollout count (the baseline)."""
+    rewards, prompt_index = jnp.asarray(output.rewards), jnp.asarray(output.rollouts.prompt_index)
+    return timed(group_advantages, rewards, prompt_index, jnp.ones(len(output.rewards), bool), num_prompts,
+                 estimator)[1]
+
+
+def stage_report(output, stages: dict, eager: float) -> str:
+    """The step's stage seconds as one line, collection split into the sampler and the host's bookkeeping."""
+    rollouts, collect = output.rollouts, stages["collect"]
+    host = collect - rollouts.sampling_seconds
+    return (f"collect {collect:.2f} s (sampler {rollouts.sampling_seconds:.2f} s, host bookkeeping "
+            f"{1e3 * host / rollouts.waves:.1f} ms a wave, {host / collect:.1%}), rewards {stages['rewards']:.2f} s, "
+            f"advantages {stages['advantages']:.3f} s (eager baseline {eager:.3f} s), rows {stages['rows']:.3f} s, "
+            f"update {stages['update']:.2f} s")
 
 
 def main():
@@ -44,27 +52,16 @@ def main():
     args = parser.parse_args()
     config = arithmetic_config(args.method)
     setup = build_setup(config)
-    state, learner = init_train_state(setup), setup.learner
-    mode = learner.config.update.advantage_mode
+    state, learner = setup.initial_state(), setup.learner
     for step in range(args.steps):
         problems = batch_problems(setup.train_problems, step, config.prompts_per_step, config.seed)
-        (rollouts, _), collect = timed(collect_rollouts, state.params, learner.model_config, learner.task, problems,
-                                       learner.config, jax.random.key(step))
-        host = collect - rollouts.sampling_seconds
-        rewards, consensus = timed(consensus_rewards, rollouts, problems, learner.task)
-        num_rollouts, num_prompts = len(rewards), len(problems)
-        advantages, padded = timed(rollout_advantages, rewards, rollouts.prompt_index, num_prompts, mode)
-        _, eager = timed(group_advantages, jnp.asarray(rewards), jnp.asarray(rollouts.prompt_index),
-                         jnp.ones(num_rollouts, bool), num_prompts, mode)
-        rng = np.random.default_rng(step)
-        rows = training_rows(rollouts, advantages, learner.config.update, rng)
-        arrays, build = timed(update_rows, rollouts, rows, advantages)
-        (state, metrics), update = timed(update_policy, state, arrays, learner, rng)
-        print(f"{args.method} step {step}: {num_rollouts} rollouts, {len(rows)} trained, "
-              f"{metrics['optimizer_steps']} optimizer steps | collect {collect:.2f} s (sampler "
-              f"{rollouts.sampling_seconds:.2f} s, host bookkeeping {1e3 * host / rollouts.waves:.1f} ms a wave, "
-              f"{host / collect:.1%}), consensus {consensus:.2f} s, "
-              f"advantages {padded:.3f} s (eager baseline {eager:.3f} s), arrays {build:.3f} s, update {update:.2f} s")
+        stages = {}
+        state, output = training_step(state, learner, problems, jax.random.key(step), np.random.default_rng(step),
+                                      stage_seconds=stages)
+        eager = eager_advantages_seconds(output, len(problems), learner.config.update.advantage_estimator)
+        metrics = output.update_metrics
+        print(f"{args.method} step {step}: {len(output.rewards)} rollouts, {metrics['trained_rollouts']} trained, "
+              f"{metrics['optimizer_steps']} optimizer steps | {stage_report(output, stages, eager)}")
 
 
 if __name__ == "__main__":

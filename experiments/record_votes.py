@@ -18,8 +18,19 @@ import json
 from pathlib import Path
 
 from optpo_jax.default_config import arithmetic_config
-from optpo_jax.train.loop import load_run_config, restore_run_state, run_eval
+from optpo_jax.train.evaluation import run_eval
 from optpo_jax.train.setup import build_setup
+from optpo_jax.train.trained import load_run_config, load_trained
+
+
+def policy_to_record(workdir: str | None):
+    """(Setup, policy params): the latest checkpoint of the run in ``workdir`` under the run's own config (LoRA
+    adapters merged into their base), or the shipped policy under the OptPO config."""
+    if not workdir:
+        setup = build_setup(arithmetic_config("optpo"))
+        return setup, setup.policy.params
+    trained = load_trained(load_run_config(workdir), workdir)
+    return trained.setup, trained.policy_params()
 
 
 def main(argv=None):
@@ -29,9 +40,7 @@ def main(argv=None):
     parser.add_argument("--workdir", help="a training run whose latest checkpoint to record (default: shipped policy)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    # A run's own config: its task, model and LoRA settings (the adapters are merged into its base).
-    setup = build_setup(load_run_config(args.workdir) if args.workdir else arithmetic_config("optpo"))
-    params = restore_run_state(setup, args.workdir)[0].policy_params() if args.workdir else setup.policy.params
+    setup, params = policy_to_record(args.workdir)
     result = run_eval(setup, params, args.samples, args.seed)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

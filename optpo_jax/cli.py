@@ -126,7 +126,7 @@ def _config_of_run(command: str, free=FREE_FIELDS):
     from ml_collections import config_flags as flags_of_config
 
     from optpo_jax.train.config_checks import ConfigError
-    from optpo_jax.train.loop import load_run_config
+    from optpo_jax.train.trained import load_run_config
     from optpo_jax.train.workdir import config_differences, flatten, in_fields
 
     saved = load_run_config(_WORKDIR.value)
@@ -149,15 +149,14 @@ def _config_of_run(command: str, free=FREE_FIELDS):
 def command_eval(_):
     """pass@1 / maj@k / pass@k of the run in --workdir (its latest checkpoint, under its own config.json) on its
     evaluation prompts; --workdir='' evaluates the initial policy of --config."""
-    from optpo_jax.train.loop import check_fingerprints, restore_run_state, run_eval
+    from optpo_jax.train.evaluation import run_eval
     from optpo_jax.train.setup import build_setup
+    from optpo_jax.train.trained import load_trained
 
     if _WORKDIR.value:
-        setup = build_setup(_start(_config_of_run("eval")))
-        check_fingerprints(_WORKDIR.value, setup, "eval")
-        state, step = restore_run_state(setup, _WORKDIR.value)
-        params = state.policy_params()
-        print(f"evaluating {_WORKDIR.value} at step {step}")
+        run = load_trained(_start(_config_of_run("eval")), _WORKDIR.value, doing="eval")
+        setup, params = run.setup, run.policy_params()
+        print(f"evaluating {_WORKDIR.value} at step {run.step}")
     else:
         setup = build_setup(_start(_config_or_default(_CONFIG, "optpo")))
         params = setup.policy.params
@@ -170,7 +169,7 @@ def command_eval(_):
 @_one_line_errors
 def command_compare(_):
     """Both configs, one run each (``--seeds 1``) or seeds 0..N-1 each; prints and writes the comparison."""
-    from optpo_jax.train.compare import compare_methods
+    from optpo_jax.report.compare import compare_methods
 
     configs = [_start(_config_or_default(_CONFIG, "optpo")), _config_or_default(_BASELINE, "ttrl")]
     seeds = None if _SEEDS.value == 1 else list(range(_SEEDS.value))
@@ -194,8 +193,7 @@ def command_export(_):
     from optpo_jax.models import save_hf
     from optpo_jax.optim import float32_master_params
     from optpo_jax.train.config_checks import ConfigError
-    from optpo_jax.train.loop import check_fingerprints, restore_run_state
-    from optpo_jax.train.setup import build_setup
+    from optpo_jax.train.trained import load_trained
     from optpo_jax.train.workdir import holds_run, model_type_in
 
     if not _OUT.value:
@@ -207,9 +205,8 @@ def command_export(_):
         raise ConfigError(f"export: --out {out} holds a training run; writing a model there would replace its "
                           "config.json: choose another --out")
     config = _config_of_run("export")
-    setup = build_setup(config)
-    check_fingerprints(_WORKDIR.value, setup, "export")
-    state, step = restore_run_state(setup, _WORKDIR.value)
+    run = load_trained(config, _WORKDIR.value, doing="export")
+    setup, state, step = run.setup, run.state, run.step
     if _ADAPTERS_ONLY.value and state.lora is None:
         raise ConfigError("--adapters_only needs a LoRA run (config.lora.rank > 0)")
     trained, dtype, source = state.params, None, "as trained"

@@ -87,7 +87,7 @@ def _insert_rows(params, state: DecodeState, rows, prompt_tokens, prompt_lengths
     cache, num_slots = state.cache, state.num_slots
     logits, fresh = prefill(model_config, params, prompt_tokens, prompt_lengths, valid, width, rollout_index)
     key, draw_key = jax.random.split(state.key)
-    first, _, first_logprob = _draw(logits, draw_key, config)
+    first, first_logprob = _draw(logits, draw_key, config)
     first = jnp.where(valid, first, config.pad_token_id)
     # The prompt goes into the W ring slots just behind the next decode write.
     slots = (cache.write_index - width + jnp.arange(width)) % num_slots
@@ -137,7 +137,7 @@ def _decode_chunk(params, state: DecodeState, max_steps, min_finished, *, model_
         cache = state.cache.replace(write_index=state.cache.write_index % state.num_slots)
         logits, cache = policy_forward(model_config, params, previous, positions, cache)
         key, step_key = jax.random.split(state.key)
-        token, _, policy_logprob = _draw(logits[:, 0], step_key, config)
+        token, policy_logprob = _draw(logits[:, 0], step_key, config)
         column = jnp.where(state.running, state.lengths, max_new)  # finished rows write nothing
         tokens = state.tokens.at[row, column].set(token, mode="drop")
         policy_logprobs = state.policy_logprobs.at[row, column].set(policy_logprob, mode="drop")

@@ -82,7 +82,7 @@ def arithmetic_config(method: str = "optpo") -> ml_collections.ConfigDict:
         # Rollouts a prompt draws for the update after its vote stopped (the paper's N; 0 = votes only).
         "min_rollouts_per_prompt": 0,
         "grad_accumulation": 1, "epochs": 1,
-        "advantage_mode": "grpo",
+        "advantage_estimator": "grpo",
         # Micro-batches train at their longest sequence (rounded up to 16) and at the
         # smallest of 256 / 128 / 64 rows that holds them; each prompt is packed once with
         # its completions into rows of 128 tokens (0: one rollout per row).

@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from optpo_jax.field_ranges import INT, REAL, check_ranges, ranged
+
 
 @dataclasses.dataclass(frozen=True)
 class GRPOConfig:
@@ -34,23 +36,16 @@ class GRPOConfig:
         max_new_tokens); 0 uses the batch's token width, which changes with padding.
     """
 
-    clip_eps: float = 0.2
-    clip_eps_high: float = 0.2
-    kl_coef: float = 0.0
+    clip_eps: float = ranged(0.2, REAL, 0.0, 1.0, False, False)
+    clip_eps_high: float = ranged(0.2, REAL, 0.0, 100.0, low_inclusive=False)
+    kl_coef: float = ranged(0.0, REAL, 0.0, 1e6)
     loss_aggregation: str = "token-mean"
-    temperature: float = 1.0
-    token_scale: int = 0
+    # Training divides logits by it and trains on the sampled distribution: greedy (0) cannot be trained on.
+    temperature: float = ranged(1.0, REAL, 0.0, 100.0, low_inclusive=False)
+    token_scale: int = ranged(0, INT, 0, 1 << 30)
 
     def __post_init__(self):
-        for name in ("clip_eps", "clip_eps_high", "temperature"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"GRPOConfig.{name} must be > 0, got {getattr(self, name)!r}")
-        if self.clip_eps >= 1:
-            raise ValueError(f"GRPOConfig.clip_eps must be < 1, got {self.clip_eps!r}")
-        if self.token_scale < 0:
-            raise ValueError(f"GRPOConfig.token_scale must be >= 0, got {self.token_scale!r}")
-        if self.kl_coef < 0:
-            raise ValueError(f"GRPOConfig.kl_coef must be >= 0, got {self.kl_coef!r}")
+        check_ranges(self)
         if self.loss_aggregation not in LOSS_AGGREGATIONS:
             raise ValueError(
                 f"GRPOConfig.loss_aggregation must be one of {tuple(LOSS_AGGREGATIONS)}, "
@@ -114,12 +109,12 @@ def group_advantages(
     group_ids: jax.Array,
     mask: jax.Array,
     num_groups: int,
-    mode: str = "grpo",
+    estimator: str = "grpo",
     eps: float = 1e-6,
 ) -> jax.Array:
     """Advantages relative to each rollout's group, for groups of different sizes.
 
-    ``mode`` names an estimator of ``ADVANTAGE_ESTIMATORS`` (``grpo``, ``drgrpo``). A group
+    ``estimator`` names one of ``ADVANTAGE_ESTIMATORS`` (``grpo``, ``drgrpo``). A group
     of one rollout or one whose rewards are all equal gives 0, and so do masked rows.
 
     Args:
@@ -127,14 +122,14 @@ def group_advantages(
       group_ids: [R] int32 group (prompt) of each rollout, in [0, num_groups).
       mask: [R] bool, which rows are real rollouts.
       num_groups: static number of groups G.
-      mode: a key of ``ADVANTAGE_ESTIMATORS``.
+      estimator: a key of ``ADVANTAGE_ESTIMATORS``.
       eps: added to the standard deviation.
 
     Returns:
       [R] float32 advantages.
     """
-    if mode not in ADVANTAGE_ESTIMATORS:
-        raise ValueError(f"mode must be one of {tuple(ADVANTAGE_ESTIMATORS)}, got {mode!r}")
+    if estimator not in ADVANTAGE_ESTIMATORS:
+        raise ValueError(f"estimator must be one of {tuple(ADVANTAGE_ESTIMATORS)}, got {estimator!r}")
     if rewards.ndim != 1 or group_ids.shape != rewards.shape or mask.shape != rewards.shape:
         raise ValueError(f"rewards, group_ids, mask must all be [R]; got {rewards.shape}, {group_ids.shape}, {mask.shape}")
     rewards = jnp.where(mask, rewards.astype(jnp.float32), 0.0)  # a NaN in a masked row stays out
@@ -148,7 +143,7 @@ def group_advantages(
     # Spread tested exactly, so equal rewards give exactly 0 whatever the rounding of the mean.
     informative = mask & (size[group_ids] > 1) & (highest > lowest)[group_ids]
     variance = group_sum(weight * centered**2) / jnp.maximum(size - 1.0, 1.0)
-    advantages = ADVANTAGE_ESTIMATORS[mode](centered, variance[group_ids], eps)
+    advantages = ADVANTAGE_ESTIMATORS[estimator](centered, variance[group_ids], eps)
     return jnp.where(informative, advantages, 0.0)
 
 

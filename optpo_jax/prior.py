@@ -19,6 +19,8 @@ step to step and in checkpoints) and passed to ``sprt_update`` / ``allocate_wave
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -60,18 +62,25 @@ def prior_log_likelihood(counts: jax.Array, finished: jax.Array | None = None) -
     return jnp.sum(jnp.where(used[None], per_prompt, 0.0), axis=-1)
 
 
-def update_prior(state: PriorState, finished_counts: jax.Array, finished: jax.Array | None = None) -> PriorState:
+def update_prior(state: PriorState, finished_counts: jax.Array, finished: jax.Array | None = None,
+                 reduce: Callable[[np.ndarray], np.ndarray] | None = None) -> PriorState:
     """Adds the votes of finished prompts: ``finished_counts`` [P, K], optionally masked by ``finished`` [P].
 
-    Prompts without a vote add nothing. Pure and jittable.
+    Prompts without a vote add nothing. Pure and jittable without ``reduce``. ``reduce``
+    (e.g. ``train.distributed.process_sum``) sums the increments over processes, as one
+    float64 host array [G + 1] (the log-likelihoods, then the prompt count), so that every
+    process holds the same state.
     """
     counts = jnp.asarray(finished_counts)
     if counts.ndim != 2:
         raise ValueError(f"finished_counts must be [P, K], got shape {counts.shape}")
     votes = jnp.sum(counts, axis=-1)
     used = votes > 0 if finished is None else jnp.asarray(finished, bool) & (votes > 0)
-    return PriorState(state.log_likelihood + prior_log_likelihood(counts, used),
-                      state.num_prompts + jnp.sum(used).astype(jnp.int32))
+    log_likelihood, num_used = prior_log_likelihood(counts, used), jnp.sum(used).astype(jnp.int32)
+    if reduce is not None:
+        total = reduce(np.concatenate([np.asarray(log_likelihood, np.float64), [int(num_used)]]))
+        log_likelihood, num_used = total[:-1].astype(np.float32), np.int32(total[-1])
+    return PriorState(state.log_likelihood + log_likelihood, state.num_prompts + num_used)
 
 
 def prior_branch(state: PriorState) -> jax.Array:

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from optpo_jax.field_ranges import INT, REAL, check_ranges, ranged
 from optpo_jax.models.config import ModelConfig
 from optpo_jax.models.decoder import forward, grow_cache, init_cache
 
@@ -64,34 +65,25 @@ class SamplingConfig:
         every step reads the whole cache (the reference path; the same tokens, tested).
     """
 
-    max_new_tokens: int = 128
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
+    max_new_tokens: int = ranged(128, INT, 1, 131072)
+    temperature: float = ranged(1.0, REAL, 0.0, 100.0)
+    top_p: float = ranged(1.0, REAL, 0.0, 1.0, low_inclusive=False)
+    top_k: int = ranged(0, INT, 0, 10**9)
     stop_token_ids: tuple[int, ...] = ()
     pad_token_id: int = 0
     prompt_buckets: tuple[int, ...] = ()
     schedule: str = "waves"
     on_stop: str = "finish"
-    cache_segments: int = 4
+    cache_segments: int = ranged(4, INT, 1, 1024)
 
     def __post_init__(self):
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
         object.__setattr__(self, "prompt_buckets", tuple(int(b) for b in self.prompt_buckets))
-        if self.max_new_tokens < 1:
-            raise ValueError(f"SamplingConfig.max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if not self.temperature >= 0:
-            raise ValueError(f"SamplingConfig.temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"SamplingConfig.top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"SamplingConfig.top_k must be >= 0, got {self.top_k}")
+        check_ranges(self)
         if any(t < 0 for t in self.stop_token_ids):
             raise ValueError(f"SamplingConfig.stop_token_ids must be non-negative, got {self.stop_token_ids}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"SamplingConfig.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        if self.cache_segments < 1:
-            raise ValueError(f"SamplingConfig.cache_segments must be >= 1, got {self.cache_segments}")
         if self.on_stop not in ON_STOP:
             raise ValueError(f"SamplingConfig.on_stop must be one of {ON_STOP}, got {self.on_stop!r}")
         buckets = self.prompt_buckets
@@ -105,19 +97,37 @@ class SampleOutput:
 
     Attributes:
       tokens: [R, Lg] int32 generated tokens, pad_token_id after a row's end.
-      logprobs: [R, Lg] float32 log-probability under the sampling distribution (top-k /
-        top-p applied), 0 on padding; 0 for every token when greedy.
       policy_logprobs: [R, Lg] float32 log softmax(logits / temperature) over the full
-        vocabulary (temperature 1 when greedy), 0 on padding.
+        vocabulary (temperature 1 when greedy), 0 on padding: the policy's log-probability
+        that GRPO's ratio starts from (with top-k / top-p, not the restricted distribution's).
       lengths: [R] int32 generated tokens per row, stop token included.
-      stopped: [R] bool, True where the row ended on a stop token.
     """
 
     tokens: jax.Array
-    logprobs: jax.Array
     policy_logprobs: jax.Array
     lengths: jax.Array
-    stopped: jax.Array
+
+
+@struct.dataclass
+class WaveDecodeState:
+    """The wave sampler's loop state between decode steps (``continuous.DecodeState`` is the pool's).
+
+    Attributes:
+      step: [] int32, the next token's index.
+      cache: the policy's KV cache (or the scripted policy's state).
+      key: the random key of the remaining steps.
+      tokens, policy_logprobs: [R, Lg] the ``SampleOutput`` arrays so far.
+      finished: [R] bool, rows that stopped (or were never valid).
+      lengths: [R] int32 tokens generated per row.
+    """
+
+    step: jax.Array
+    cache: object
+    key: jax.Array
+    tokens: jax.Array
+    policy_logprobs: jax.Array
+    finished: jax.Array
+    lengths: jax.Array
 
 
 def _restrict(scaled_logits: jax.Array, config: SamplingConfig) -> jax.Array:
@@ -146,7 +156,7 @@ def _log_normalizer(scaled_logits: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def _draw(logits: jax.Array, key: jax.Array, config: SamplingConfig):
-    """One token per row. logits [R, V] -> (tokens [R], logprobs [R], policy_logprobs [R]).
+    """One token per row. logits [R, V] -> (tokens [R], policy_logprobs [R]).
 
     Works on unnormalised probabilities and normalises only the drawn tokens' values:
     each full-vocabulary pass costs as much as a small matmul on CPU.
@@ -157,18 +167,15 @@ def _draw(logits: jax.Array, key: jax.Array, config: SamplingConfig):
         # First index of the maximum; a fused compare-and-min is much faster than argmax on CPU.
         column = jnp.arange(logits.shape[-1], dtype=jnp.int32)
         tokens = jnp.min(jnp.where(logits == row_max, column, logits.shape[-1]), axis=-1)
-        policy_logprobs = (pick(logits, tokens) - log_total)[:, 0]
-        return tokens, jnp.zeros_like(policy_logprobs), policy_logprobs
+        return tokens, (pick(logits, tokens) - log_total)[:, 0]
     scaled = logits / config.temperature
     row_max, policy_log_total = _log_normalizer(scaled)
+    scaled_sampling = scaled
     if config.top_k > 0 or config.top_p < 1.0:
         scaled_sampling = _restrict(scaled, config)
-        row_max, sampling_log_total = _log_normalizer(scaled_sampling)
-    else:
-        scaled_sampling, sampling_log_total = scaled, policy_log_total
+        row_max = jnp.max(scaled_sampling, axis=-1, keepdims=True)
     tokens = _inverse_cdf_draw(jnp.exp(scaled_sampling - row_max), key)
-    chosen = pick(scaled, tokens)
-    return tokens, (chosen - sampling_log_total)[:, 0], (chosen - policy_log_total)[:, 0]
+    return tokens, (pick(scaled, tokens) - policy_log_total)[:, 0]
 
 
 def _inverse_cdf_draw(probs: jax.Array, key: jax.Array, block: int = 128) -> jax.Array:
@@ -289,49 +296,43 @@ def _sample_padded(params, prompt_tokens, prompt_lengths, valid, key, model_conf
     first_logits, cache = prefill(model_config, params, prompt_tokens, prompt_lengths, valid,
                                   width + segment_ends[0], rollout_index)
 
-    def emit(state, logits, step_key):
-        """Draws token ``step`` from ``logits`` [R, V] for the rows still running."""
-        step, cache, key, tokens, logprobs, policy_logprobs, finished, lengths = state
+    def emit(state: WaveDecodeState, logits, step_key) -> WaveDecodeState:
+        """Draws token ``state.step`` from ``logits`` [R, V] for the rows still running."""
         with jax.named_scope("draw"):  # labels the profile (experiments/profile_decode.py)
-            token, logprob, policy_logprob = _draw(logits, step_key, config)
-        running = ~finished
+            token, policy_logprob = _draw(logits, step_key, config)
+        running = ~state.finished
         token = jnp.where(running, token, config.pad_token_id)
-        write = lambda buffer, value: jax.lax.dynamic_update_slice(buffer, value[:, None], (0, step))
-        tokens = write(tokens, token)
-        logprobs = write(logprobs, jnp.where(running, logprob, 0.0))
-        policy_logprobs = write(policy_logprobs, jnp.where(running, policy_logprob, 0.0))
-        finished = finished | (running & _is_stop(token, config))
-        return step + 1, cache, key, tokens, logprobs, policy_logprobs, finished, lengths + running
+        write = lambda buffer, value: jax.lax.dynamic_update_slice(buffer, value[:, None], (0, state.step))
+        return state.replace(
+            step=state.step + 1, tokens=write(state.tokens, token),
+            policy_logprobs=write(state.policy_logprobs, jnp.where(running, policy_logprob, 0.0)),
+            finished=state.finished | (running & _is_stop(token, config)), lengths=state.lengths + running)
 
-    def keep_going(state, end):
-        step, finished = state[0], state[6]
-        return (step < end) & ~jnp.all(finished)
+    def keep_going(state: WaveDecodeState, end) -> jax.Array:
+        return (state.step < end) & ~jnp.all(state.finished)
 
-    def decode_step(state):
-        step, cache, key, tokens = state[:4]
+    def decode_step(state: WaveDecodeState) -> WaveDecodeState:
+        step = state.step
         if progress_every:  # static: a decode without a bar compiles no callback
             jax.lax.cond(step % progress_every == 0, lambda: jax.debug.callback(_report_token, step), lambda: None)
-        previous = jax.lax.dynamic_slice_in_dim(tokens, step - 1, 1, axis=1)
-        positions = jnp.where(state[6], -1, prompt_lengths + step - 1)[:, None]
-        logits, cache = policy_forward(model_config, params, previous, positions, cache)
-        key, step_key = jax.random.split(key)
-        return emit((step, cache, key, *state[3:]), logits[:, 0], step_key)
+        previous = jax.lax.dynamic_slice_in_dim(state.tokens, step - 1, 1, axis=1)
+        positions = jnp.where(state.finished, -1, prompt_lengths + step - 1)[:, None]
+        logits, cache = policy_forward(model_config, params, previous, positions, state.cache)
+        key, step_key = jax.random.split(state.key)
+        return emit(state.replace(cache=cache, key=key), logits[:, 0], step_key)
 
     key, first_key = jax.random.split(key)
-    zeros = jnp.zeros((num_rows, max_new), jnp.float32)
-    state = (
-        jnp.zeros((), jnp.int32), cache, key, jnp.full((num_rows, max_new), config.pad_token_id, jnp.int32),
-        zeros, zeros, ~valid, jnp.zeros((num_rows,), jnp.int32),
-    )
+    state = WaveDecodeState(
+        step=jnp.zeros((), jnp.int32), cache=cache, key=key,
+        tokens=jnp.full((num_rows, max_new), config.pad_token_id, jnp.int32),
+        policy_logprobs=jnp.zeros((num_rows, max_new), jnp.float32), finished=~valid,
+        lengths=jnp.zeros((num_rows,), jnp.int32))
     state = emit(state, first_logits, first_key)
     for segment, end in enumerate(segment_ends):
         if segment:
-            state = (state[0], grow_cache(state[1], width + end), *state[2:])
+            state = state.replace(cache=grow_cache(state.cache, width + end))
         state = jax.lax.while_loop(functools.partial(keep_going, end=end), decode_step, state)
-    _, _, _, tokens, logprobs, policy_logprobs, _, lengths = state
-    last_token = jnp.take_along_axis(tokens, jnp.maximum(lengths - 1, 0)[:, None], axis=1)[:, 0]
-    stopped = valid & (lengths > 0) & _is_stop(last_token, config)
-    return SampleOutput(tokens, logprobs, policy_logprobs, lengths, stopped)
+    return SampleOutput(state.tokens, state.policy_logprobs, state.lengths)
 
 
 sample_padded = jax.jit(_sample_padded, static_argnames=("model_config", "config", "progress_every"))

@@ -40,6 +40,7 @@ from jax.experimental import checkify
 from jax.scipy.special import betainc
 
 from optpo_jax import posterior
+from optpo_jax.field_ranges import INT, REAL, check_ranges, ranged
 from optpo_jax.posterior import host_check, host_int32, posterior_mode_prob
 from optpo_jax.predictive import MAX_REMAINING, plurality_at_budget_prob
 from optpo_jax.prior import PriorState, branch_concentrations, learned_concentration, prior_branch
@@ -51,20 +52,6 @@ PRIOR_RANGE = (1e-3, 1e3)
 # Vote tables are [P, K] with K >= max_samples (``AnswerSlots`` needs a slot per rollout):
 # 2**20 slots is 4 MiB a prompt. Rules may bound it lower (``Rule.check``).
 MAX_SAMPLES_LIMIT = 2**20
-
-
-def _config_int(name: str, value) -> int:
-    """``value`` as a Python int; ValueError naming the field unless it is an int (bool is not)."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"SPRTConfig.{name} must be an int, got {value!r} of type {type(value).__name__}")  # noqa: TRY004
-    return int(value)
-
-
-def _config_real(name: str, value) -> float:
-    """``value`` as a Python float; ValueError naming the field unless it is a finite real number."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise ValueError(f"SPRTConfig.{name} must be a finite number, got {value!r} of type {type(value).__name__}")  # noqa: TRY004
-    return float(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,47 +75,32 @@ class SPRTConfig:
       margin_p0: for ``margin``, the right answer's share against any other answer
         under its hypothesis, in (0.5, 1): each vote moves the log-odds by log(p0 / (1 - p0)).
 
-    Int fields take Python or NumPy ints (stored as Python ints), never bools or floats;
-    every error is a ValueError naming the field, the value and the bound.
+    Ranged fields (``field_ranges``) take Python or NumPy numbers (stored as Python ones),
+    ints never bools or floats; every error is a ValueError naming the field, the value and
+    the range.
     """
 
     rule: str = "dirichlet"
-    threshold: float = 0.95
-    prior: float = 1.0
-    min_samples: int = 4
-    max_samples: int = 64
-    esc_window: int = 8
-    margin_p0: float = 0.75
+    threshold: float = ranged(0.95, REAL, 0.0, 1.0, False, False)
+    prior: float = ranged(1.0, REAL, *PRIOR_RANGE)
+    min_samples: int = ranged(4, INT, 1, MAX_SAMPLES_LIMIT)
+    max_samples: int = ranged(64, INT, 1, MAX_SAMPLES_LIMIT)
+    esc_window: int = ranged(8, INT, 1, MAX_SAMPLES_LIMIT)
+    margin_p0: float = ranged(0.75, REAL, 0.5, 1.0, False, False)
     learn_prior: bool = False
 
     def __post_init__(self):
         if self.rule not in RULES:
             raise ValueError(f"SPRTConfig.rule must be one of {tuple(RULES)}, got {self.rule!r}")
-        # Normalised to Python numbers: the config is a static jit argument (hashed, compared).
-        for name in ("min_samples", "max_samples", "esc_window"):
-            object.__setattr__(self, name, _config_int(name, getattr(self, name)))
-        for name in ("threshold", "prior", "margin_p0"):
-            object.__setattr__(self, name, _config_real(name, getattr(self, name)))
-        if not 0.0 < self.threshold < 1.0:
-            raise ValueError(f"SPRTConfig.threshold must lie in (0, 1), got {self.threshold!r}")
-        low, high = PRIOR_RANGE
-        if not low <= self.prior <= high:  # False for NaN too
-            raise ValueError(f"SPRTConfig.prior must be a finite number in [{low}, {high}], got {self.prior!r}")
-        if self.min_samples < 1:
-            raise ValueError(f"SPRTConfig.min_samples must be >= 1, got {self.min_samples!r}")
+        check_ranges(self)
         if self.min_samples > self.max_samples:
             raise ValueError(
                 f"SPRTConfig.min_samples ({self.min_samples}) must not exceed "
                 f"SPRTConfig.max_samples ({self.max_samples})"
             )
-        if self.max_samples > MAX_SAMPLES_LIMIT:
-            raise ValueError(f"SPRTConfig.max_samples must be at most {MAX_SAMPLES_LIMIT}, got {self.max_samples!r}")
-        if self.esc_window < 1:
-            raise ValueError(f"SPRTConfig.esc_window must be >= 1, got {self.esc_window!r}")
-        if self.learn_prior and self.rule not in PRIOR_RULES:
-            raise ValueError(f"SPRTConfig.learn_prior needs a rule with a prior {PRIOR_RULES}, got rule {self.rule!r}")
-        if not 0.5 < self.margin_p0 < 1.0:
-            raise ValueError(f"SPRTConfig.margin_p0 must lie in (0.5, 1), got {self.margin_p0!r}")
+        if self.learn_prior and not RULES[self.rule].reads_prior:
+            raise ValueError(f"SPRTConfig.learn_prior needs a rule that reads a prior "
+                             f"{tuple(name for name, rule in RULES.items() if rule.reads_prior)}, got rule {self.rule!r}")
         check = RULES[self.rule].check
         if check is not None:
             check(self)
@@ -267,26 +239,25 @@ def predictive_confidence(counts: jax.Array, run_length: jax.Array, config: SPRT
 class Rule(NamedTuple):
     """A stopping rule: its confidence, whether reaching the threshold stops a prompt
     (False: only the budget does, and the confidence is reported, not acted on), whether
-    its confidence takes the prior as a traced ``prior=`` argument (else the prior is static),
-    and a check of a config's sizes against what the rule allocates (ValueError), or None."""
+    its confidence reads ``config.prior`` (so a learned prior applies), whether it takes the
+    prior as a traced ``prior=`` argument (else the prior is static), and a check of a
+    config's sizes against what the rule allocates (ValueError), or None."""
 
     confidence: Callable[..., jax.Array]
     stops_early: bool = True
+    reads_prior: bool = False
     traced_prior: bool = False
     check: Callable[[SPRTConfig], None] | None = None
 
 
 RULES: dict[str, Rule] = {
-    "dirichlet": Rule(dirichlet_confidence, check=_check_posterior_tables),
-    "beta": Rule(beta_confidence, traced_prior=True),
+    "dirichlet": Rule(dirichlet_confidence, reads_prior=True, check=_check_posterior_tables),
+    "beta": Rule(beta_confidence, reads_prior=True, traced_prior=True),
     "esc": Rule(esc_confidence),
     "margin": Rule(margin_confidence),
-    "predictive": Rule(predictive_confidence, traced_prior=True, check=_check_predictive_budget),
-    "fixed": Rule(dirichlet_confidence, stops_early=False, check=_check_posterior_tables),
+    "predictive": Rule(predictive_confidence, reads_prior=True, traced_prior=True, check=_check_predictive_budget),
+    "fixed": Rule(dirichlet_confidence, stops_early=False, reads_prior=True, check=_check_posterior_tables),
 }
-
-
-PRIOR_RULES = ("dirichlet", "beta", "predictive", "fixed")  # the rules whose confidence reads config.prior
 
 
 def rule_confidence(counts: jax.Array, run_length: jax.Array, config: SPRTConfig,
@@ -312,8 +283,8 @@ def _rule_confidence(counts, run_length, config: SPRTConfig, prior_state: PriorS
     confidence = rule.confidence
     if prior_state is None:
         return confidence(counts, run_length, config)
-    if config.rule not in PRIOR_RULES:
-        raise ValueError(f"a learned prior needs a rule with a prior {PRIOR_RULES}, got rule {config.rule!r}")
+    if not rule.reads_prior:
+        raise ValueError(f"a learned prior needs a rule that reads a prior, got rule {config.rule!r}")
     if rule.traced_prior:
         return confidence(counts, run_length, config, prior=learned_concentration(prior_state, config.prior))
     branches = [functools.partial(confidence, config=dataclasses.replace(config, prior=value))
@@ -356,15 +327,15 @@ def rank_within_prompt(prompt_ids: jax.Array, keep: jax.Array) -> jax.Array:
     return jnp.zeros(num_rows, jnp.int32).at[order].set((position - segment_start).astype(jnp.int32))
 
 
-def _update_runs(state: VoteState, prompt_ids, answer_slots, keep):
+def _update_runs(state: VoteState, prompt_ids, slot_ids, keep):
     """Run of identical trailing answers per prompt after this wave, in row order."""
     num_prompts = state.counts.shape[0]
     row = jnp.arange(prompt_ids.shape[0])
     kept_row = jnp.where(keep, row, -1)
     last_row = jax.ops.segment_max(kept_row, prompt_ids, num_segments=num_prompts)
     touched = last_row >= 0
-    last_slot = jnp.where(touched, answer_slots[jnp.maximum(last_row, 0)], -1)
-    breaks = keep & ((answer_slots != last_slot[prompt_ids]) | (answer_slots < 0))
+    last_slot = jnp.where(touched, slot_ids[jnp.maximum(last_row, 0)], -1)
+    breaks = keep & ((slot_ids != last_slot[prompt_ids]) | (slot_ids < 0))
     break_row = jax.ops.segment_max(jnp.where(breaks, row, -1), prompt_ids, num_segments=num_prompts)
     trailing = jax.ops.segment_sum(
         (keep & (row > break_row[prompt_ids])).astype(jnp.int32), prompt_ids, num_segments=num_prompts
@@ -397,44 +368,44 @@ def _host_valid(valid):
     return array != 0 if np.issubdtype(array.dtype, np.integer) else valid
 
 
-def _wave_inputs(prompt_ids, answer_slots, valid) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _wave_inputs(prompt_ids, slot_ids, valid) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The wave's arrays, checked at trace time: all [R], integer ids and slots, bool (or int != 0) valid.
 
     Host (NumPy) ids and slots that int32 cannot hold become ``posterior.OUT_OF_INT32``
     (out of range), as JAX would wrap them with x64 off.
     """
-    prompt_ids, answer_slots = jnp.asarray(host_int32(prompt_ids)), jnp.asarray(host_int32(answer_slots))
+    prompt_ids, slot_ids = jnp.asarray(host_int32(prompt_ids)), jnp.asarray(host_int32(slot_ids))
     valid = jnp.asarray(_host_valid(valid))
-    if prompt_ids.ndim != 1 or answer_slots.shape != prompt_ids.shape or valid.shape != prompt_ids.shape:
+    if prompt_ids.ndim != 1 or slot_ids.shape != prompt_ids.shape or valid.shape != prompt_ids.shape:
         raise ValueError(
-            "prompt_ids, answer_slots and valid must all be [R]; got "
-            f"{prompt_ids.shape}, {answer_slots.shape}, {valid.shape}"
+            "prompt_ids, slot_ids and valid must all be [R]; got "
+            f"{prompt_ids.shape}, {slot_ids.shape}, {valid.shape}"
         )
     _require_integer("prompt_ids", prompt_ids)
-    _require_integer("answer_slots", answer_slots)
+    _require_integer("slot_ids", slot_ids)
     if valid.dtype != jnp.bool_:
         if not jnp.issubdtype(valid.dtype, jnp.integer):
             raise TypeError(f"valid must be bool (or an integer dtype, read as != 0), got dtype {valid.dtype}")
         valid = valid != 0
-    return prompt_ids, answer_slots, valid
+    return prompt_ids, slot_ids, valid
 
 
-def _check_host_ranges(prompt_ids, answer_slots, valid, num_prompts: int, num_slots: int) -> None:
+def _check_host_ranges(prompt_ids, slot_ids, valid, num_prompts: int, num_slots: int) -> None:
     """The checks of ``checked=True`` on host rows in their own dtype, so that an id int32 cannot
     hold is named as given. Only when all three are host arrays (a traced ``valid`` leaves them
     to the traced checks, which then name ``posterior.OUT_OF_INT32`` for such an id)."""
-    if any(isinstance(values, jax.Array) for values in (prompt_ids, answer_slots, valid)):
+    if any(isinstance(values, jax.Array) for values in (prompt_ids, slot_ids, valid)):
         return
-    prompt_ids, answer_slots, valid = np.asarray(prompt_ids), np.asarray(answer_slots), np.asarray(valid)
-    if not all(np.issubdtype(values.dtype, np.integer) for values in (prompt_ids, answer_slots)):
+    prompt_ids, slot_ids, valid = np.asarray(prompt_ids), np.asarray(slot_ids), np.asarray(valid)
+    if not all(np.issubdtype(values.dtype, np.integer) for values in (prompt_ids, slot_ids)):
         return  # _wave_inputs raises the TypeError
-    if prompt_ids.shape != answer_slots.shape or prompt_ids.shape != valid.shape or prompt_ids.ndim != 1:
+    if prompt_ids.shape != slot_ids.shape or prompt_ids.shape != valid.shape or prompt_ids.ndim != 1:
         return  # _wave_inputs raises the ValueError
     valid = valid != 0
     for bad, values, what in (
         (valid & ((prompt_ids < 0) | (prompt_ids >= num_prompts)), prompt_ids,
          f"prompt id {{}}, outside [0, {num_prompts})"),
-        (valid & (answer_slots != -1) & ((answer_slots < 0) | (answer_slots >= num_slots)), answer_slots,
+        (valid & (slot_ids != -1) & ((slot_ids < 0) | (slot_ids >= num_slots)), slot_ids,
          f"answer slot {{}}, outside [-1, {num_slots})"),
     ):
         if bad.any():
@@ -442,12 +413,12 @@ def _check_host_ranges(prompt_ids, answer_slots, valid, num_prompts: int, num_sl
             host_check(bad, f"sprt_update: row {row} has " + what.format(values[row]))
 
 
-def _pad_empty_wave(prompt_ids, answer_slots, valid):
+def _pad_empty_wave(prompt_ids, slot_ids, valid):
     """An empty wave (R = 0) as one padding row (valid False), which changes no vote: gathers
     and segment ops need a row."""
     if prompt_ids.shape[0] > 0:
-        return prompt_ids, answer_slots, valid
-    return jnp.zeros(1, prompt_ids.dtype), jnp.full(1, -1, answer_slots.dtype), jnp.zeros(1, bool)
+        return prompt_ids, slot_ids, valid
+    return jnp.zeros(1, prompt_ids.dtype), jnp.full(1, -1, slot_ids.dtype), jnp.zeros(1, bool)
 
 
 def _check_ranges(bad: jax.Array, values: jax.Array, what: str) -> None:
@@ -459,7 +430,7 @@ def _check_ranges(bad: jax.Array, values: jax.Array, what: str) -> None:
 def sprt_update(
     state: VoteState,
     prompt_ids: jax.Array,
-    answer_slots: jax.Array,
+    slot_ids: jax.Array,
     valid: jax.Array,
     config: SPRTConfig,
     *,
@@ -496,7 +467,7 @@ def sprt_update(
     Args:
       state: votes of P prompts over K slots.
       prompt_ids: [R] integer prompt served by each row, in [0, P).
-      answer_slots: [R] integer answer slot of each row in [0, K), or -1.
+      slot_ids: [R] integer answer slot of each row in [0, K), or -1.
       valid: [R] whether the row carries a rollout: bool, or an integer dtype read
         as ``valid != 0`` (so ``2`` is valid). Any other dtype raises TypeError.
       config: the stopping rule.
@@ -508,34 +479,34 @@ def sprt_update(
       The new VoteState. Pure, jittable and vmappable; no host synchronisation.
 
     Raises:
-      TypeError at trace time if ``prompt_ids`` or ``answer_slots`` is not of an
+      TypeError at trace time if ``prompt_ids`` or ``slot_ids`` is not of an
       integer dtype (floats would be truncated) or ``valid`` is neither bool nor
       integer; ValueError if the three are not all [R].
     """
     num_prompts, num_slots = state.counts.shape
     if checked:
-        _check_host_ranges(prompt_ids, answer_slots, valid, num_prompts, num_slots)
-    prompt_ids, answer_slots, valid = _pad_empty_wave(*_wave_inputs(prompt_ids, answer_slots, valid))
+        _check_host_ranges(prompt_ids, slot_ids, valid, num_prompts, num_slots)
+    prompt_ids, slot_ids, valid = _pad_empty_wave(*_wave_inputs(prompt_ids, slot_ids, valid))
     # Range tests in the given dtype, before any cast could wrap a large id into range.
     known_prompt = (prompt_ids >= 0) & (prompt_ids < num_prompts)
-    known_slot = (answer_slots >= 0) & (answer_slots < num_slots)
+    known_slot = (slot_ids >= 0) & (slot_ids < num_slots)
     if checked:
         _check_ranges(valid & ~known_prompt, prompt_ids, f"prompt id {{value}}, outside [0, {num_prompts})")
-        _check_ranges(valid & ~known_slot & (answer_slots != -1), answer_slots,
+        _check_ranges(valid & ~known_slot & (slot_ids != -1), slot_ids,
                       f"answer slot {{value}}, outside [-1, {num_slots})")
     if num_prompts == 0:
         return state  # every row's prompt id lies outside [0, 0): all are dropped
     # Dropped rows get some in-range id (clip: measured faster than where on CPU); ``keep`` is False for them.
     prompt_ids = jnp.clip(prompt_ids, 0, num_prompts - 1).astype(jnp.int32)
-    answer_slots = jnp.where(known_slot, answer_slots, -1).astype(jnp.int32)
+    slot_ids = jnp.where(known_slot, slot_ids, -1).astype(jnp.int32)
     keep = valid & known_prompt & ~state.done[prompt_ids]
     keep = keep & (rank_within_prompt(prompt_ids, keep) < remaining_budget(state, config)[prompt_ids])
-    votes = keep & (answer_slots >= 0)
-    counts = state.counts.at[prompt_ids, jnp.maximum(answer_slots, 0)].add(votes.astype(jnp.int32))
+    votes = keep & (slot_ids >= 0)
+    counts = state.counts.at[prompt_ids, jnp.maximum(slot_ids, 0)].add(votes.astype(jnp.int32))
     num_samples = state.num_samples + jax.ops.segment_sum(
         keep.astype(jnp.int32), prompt_ids, num_segments=num_prompts
     )
-    run_slot, run_length = _update_runs(state, prompt_ids, answer_slots, keep)
+    run_slot, run_length = _update_runs(state, prompt_ids, slot_ids, keep)
     confidence = rule_confidence(counts, run_length, config, prior_state)
     done = state.done | stop_condition(confidence, num_samples, config)
     return VoteState(counts, num_samples, done, confidence, run_slot, run_length)

@@ -20,3 +20,14 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 def maybe_jit(request):
     """Runs a test body with and without jax.jit around the function under test."""
     return (lambda fn, **kw: fn) if request.param == "eager" else (lambda fn, **kw: jax.jit(fn, **kw))
+
+
+@pytest.fixture(scope="session")
+def lora_run(tmp_path_factory):
+    """A finished 2-step LoRA run (copied by each test that changes it)."""
+    from optpo_jax.train.loop import train
+    from tests.run_configs import LORA, tiny_config
+
+    workdir = tmp_path_factory.mktemp("lora") / "run"
+    train(tiny_config(steps=2, **LORA), workdir, progress=False)
+    return workdir

@@ -1,3 +1,5 @@
+"""optpo_jax/allocation.py: rollouts_to_stop, allocate_wave and refill's budgets."""
+
 import functools
 
 import jax
@@ -110,3 +112,29 @@ def test_allocate_wave_without_prompts_returns_an_all_invalid_wave(maybe_jit):
     np.testing.assert_array_equal(prompt_ids, np.zeros(5, np.int32))
     np.testing.assert_array_equal(valid, np.zeros(5, bool))
     assert prompt_ids.dtype == jnp.int32 and valid.dtype == jnp.bool_
+
+
+def _rows(prompt_ids, slots, valid=None):
+    prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
+    valid = jnp.ones(prompt_ids.shape, bool) if valid is None else jnp.asarray(valid)
+    return prompt_ids, jnp.asarray(slots, jnp.int32), valid
+
+
+# a dropped row takes no budget from the prompt it would have been clipped onto.
+def test_dropped_rows_take_no_budget():
+    config = SPRTConfig(rule="fixed", min_samples=1, max_samples=2)
+    state = sprt_update(init_vote_state(2, 2), *_rows([2, 2, 1, 1], [1, 1, 0, 0]), config)
+    np.testing.assert_array_equal(state.counts, [[0, 0], [2, 0]])
+
+
+# num_rows must be an int >= 1 (before: 3.5 gave 4 rows).
+@pytest.mark.parametrize("num_rows, error", [(3.5, TypeError), (4.0, TypeError), (True, TypeError),
+                                             ("4", TypeError), (np.float32(2), TypeError), (0, ValueError)])
+def test_allocate_wave_requires_integer_num_rows(num_rows, error):
+    with pytest.raises(error, match="num_rows"):
+        allocate_wave(init_vote_state(2, 2), num_rows, SPRTConfig())
+
+
+def test_allocate_wave_accepts_numpy_integer():
+    prompt_ids, valid = allocate_wave(init_vote_state(2, 2), np.int64(3), SPRTConfig())
+    assert prompt_ids.shape == valid.shape == (3,)

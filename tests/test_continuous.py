@@ -15,6 +15,7 @@ from optpo_jax.grpo import GRPOConfig
 from optpo_jax.models import ModelConfig, init_decoder, scripted
 from optpo_jax.sampler import SamplingConfig, sample
 from optpo_jax.train import rollouts as rollouts_module
+from optpo_jax.train.learner import Learner
 from optpo_jax.train.rollouts import collect_rollouts
 from optpo_jax.train.step_config import StepConfig, UpdateConfig
 from optpo_jax.train.vote_book import VoteBook
@@ -195,15 +196,15 @@ def scripted_run(schedule, on_stop="finish", num_rows=8, lookahead=0):
     rng = np.random.default_rng(0)
     num_questions = 7 + lookahead
     lengths = np.repeat(rng.integers(2, 12, (num_questions, 1)), 10, axis=1)
-    answers = np.where(rng.random((num_questions, 10)) < 0.7, 0, rng.integers(-1, 3, (num_questions, 10)))
-    params = scripted.script_params(lengths, answers)
+    slot_ids = np.where(rng.random((num_questions, 10)) < 0.7, 0, rng.integers(-1, 3, (num_questions, 10)))
+    params = scripted.script_params(lengths, slot_ids)
     sampling = SamplingConfig(max_new_tokens=12, stop_token_ids=(scripted.STOP,), pad_token_id=scripted.PAD,
                               schedule=schedule, on_stop=on_stop)
     config = StepConfig(sprt=RULE, sampling=sampling, update=UpdateConfig(), grpo=GRPOConfig(),
                         rows_per_wave=num_rows)
     questions = list(range(num_questions))
-    return collect_rollouts(params, scripted.ScriptedConfig(num_answers=10), ReplayTask(), questions[:7], config,
-                            jax.random.key(0), lookahead=questions[7:])
+    learner = Learner(ReplayTask(), scripted.ScriptedConfig(num_answers=10), config)
+    return collect_rollouts(params, learner, questions[:7], jax.random.key(0), lookahead=questions[7:])
 
 
 def test_continuous_and_waves_reach_the_same_votes_on_a_deterministic_trace():
@@ -279,13 +280,13 @@ def test_evaluation_samples_the_same_rollouts_in_both_schedules():
 
 def test_a_continuous_run_stopped_mid_batch_resumes_like_an_uninterrupted_one(tmp_path, monkeypatch):
     """Nothing of the pool is saved: a run stopped inside the third step's decode (an exception here;
-    tests/test_loop.py SIGKILLs a waves run and a LoRA run) resumes from its last checkpoint and carry, the
+    tests/train/test_loop.py SIGKILLs a waves run and a LoRA run) resumes from its last checkpoint and carry, the
     lookahead's rollouts in flight dropped, and ends with the same metrics as a run never stopped."""
     import json
 
     from optpo_jax.train import row_pool
     from optpo_jax.train.loop import train
-    from tests.test_loop import tiny_config
+    from tests.run_configs import tiny_config
 
     config = tiny_config(steps=3, **{"sampling.schedule": "continuous", "sampling.on_stop": "cancel",
                                       "policy_update.min_rollouts_per_prompt": 4, "eval.every_steps": 0})

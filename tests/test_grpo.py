@@ -1,3 +1,5 @@
+"""optpo_jax/grpo.py: advantages, loss aggregation, grpo_step's gradients and skipped updates."""
+
 import functools
 
 import jax
@@ -7,9 +9,11 @@ import optax
 import pytest
 
 from optpo_jax import GRPOBatch, GRPOConfig, group_advantages, grpo_step, policy_loss
-from optpo_jax.grpo import aggregate_loss, token_logprobs
+from optpo_jax.grpo import ADVANTAGE_ESTIMATORS, aggregate_loss, token_logprobs
 
 REWARDS = np.array([1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0], np.float32)
+
+
 GROUPS = np.array([0, 0, 0, 1, 1, 1, 1], np.int32)
 
 
@@ -183,3 +187,45 @@ def test_config_names_field_and_value():
         GRPOConfig(loss_aggregation="mean")
     with pytest.raises(ValueError, match="GRPOConfig.kl_coef.*-0.1"):
         GRPOConfig(kl_coef=-0.1)
+
+
+def _tiny_batch(num_rows=2, width=3, vocab=5):
+    rng = np.random.default_rng(0)
+    mask = np.zeros((num_rows, width), bool)
+    mask[0] = True
+    return GRPOBatch(input_tokens=jnp.asarray(rng.integers(0, vocab, (num_rows, width)), jnp.int32),
+                     target_tokens=jnp.asarray(rng.integers(0, vocab, (num_rows, width)), jnp.int32),
+                     loss_mask=jnp.asarray(mask), advantages=jnp.array([1.0, 0.0]),
+                     old_logprobs=jnp.full((num_rows, width), -1.6))
+
+
+def _apply(params, batch):
+    return token_logprobs(jax.nn.one_hot(batch.input_tokens, params["w"].shape[0]) @ params["w"], batch.target_tokens)
+
+
+def test_a_nan_in_a_padding_row_does_not_skip_the_update():
+    params = {"w": jnp.eye(5) * 0.1}
+    optimizer = optax.sgd(0.5)
+    clean = _tiny_batch()
+    poisoned = clean.replace(advantages=clean.advantages.at[1].set(jnp.nan),
+                             old_logprobs=clean.old_logprobs.at[1].set(jnp.nan))
+    expected, _, _ = grpo_step(params, optimizer.init(params), clean, _apply, optimizer, GRPOConfig())
+    got, _, metrics = grpo_step(params, optimizer.init(params), poisoned, _apply, optimizer, GRPOConfig())
+    assert not bool(metrics["skipped"])
+    np.testing.assert_array_equal(np.asarray(got["w"]), np.asarray(expected["w"]))
+
+
+def test_an_update_to_non_finite_params_is_skipped():
+    params = {"w": jnp.eye(5) * 0.1}
+    optimizer = optax.chain(optax.sgd(0.5), optax.scale(float("nan")))  # finite gradients, NaN params
+    new_params, _, metrics = grpo_step(params, optimizer.init(params), _tiny_batch(), _apply, optimizer,
+                                       GRPOConfig())
+    assert bool(metrics["skipped"]) and np.isfinite(float(metrics["grad_norm"]))
+    np.testing.assert_array_equal(np.asarray(new_params["w"]), np.asarray(params["w"]))
+
+
+def test_a_new_advantage_estimator_is_one_function_and_one_registry_line(monkeypatch):
+    monkeypatch.setitem(ADVANTAGE_ESTIMATORS, "sign", lambda centered, variance, eps: jnp.sign(centered))
+    advantages = group_advantages(jnp.array([1.0, 0.0, 0.0, 1.0, 1.0]), jnp.array([0, 0, 0, 1, 1]),
+                                  jnp.ones(5, bool), 2, mode="sign")
+    np.testing.assert_array_equal(np.asarray(advantages), [1.0, -1.0, -1.0, 0.0, 0.0])

@@ -1,12 +1,17 @@
+"""optpo_jax/posterior.py: posterior_mode_prob against scipy, on bad input and in checked mode."""
+
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from scipy_reference import mode_prob_reference
+from jax.experimental import checkify
 
 from optpo_jax import posterior_mode_prob
+from tests.scipy_reference import mode_prob_reference
 
 NUM_SLOTS = 64
 
@@ -153,3 +158,40 @@ def test_static_prior_whose_tables_do_not_fit_raises():
     for prior in (float("inf"), float("nan"), 0.0):
         with pytest.raises(ValueError, match="prior"):
             posterior_mode_prob(jnp.array([3, 1], jnp.int32), prior)
+
+
+# K = 0 is a shape: raise at trace time instead of dividing by zero.
+def test_posterior_rejects_empty_answer_axis(maybe_jit):
+    with pytest.raises(ValueError, match=r"K >= 1.*\(3, 0\)"):
+        maybe_jit(posterior_mode_prob)(jnp.zeros((3, 0), jnp.int32))
+
+
+# a row with a negative count is NaN (before: the negative count was ignored).
+def test_posterior_negative_count_row_is_nan(maybe_jit):
+    counts = jnp.array([[-3, 2, 1], [-1, -1, 0], [2, 1, 0]], jnp.int32)
+    got = np.asarray(maybe_jit(posterior_mode_prob)(counts))
+    assert np.isnan(got[0]) and np.isnan(got[1])
+    assert got[2] == pytest.approx(float(posterior_mode_prob(jnp.array([2, 1, 0], jnp.int32))), abs=0)
+
+
+# checked mode of posterior_mode_prob names the index and value.
+def test_posterior_checked_mode():
+    fn = jax.jit(checkify.checkify(functools.partial(posterior_mode_prob, max_count=8, checked=True)))
+    error, _ = fn(jnp.array([[1, 2], [3, -2]], jnp.int32))
+    with pytest.raises(checkify.JaxRuntimeError, match=r"counts\[1, 1\] = -2, outside \[0, max_count=8\]"):
+        error.throw()
+    error, _ = fn(jnp.array([[1, 9]], jnp.int32))
+    with pytest.raises(checkify.JaxRuntimeError, match=r"counts\[0, 1\] = 9"):
+        error.throw()
+    error, prob = fn(jnp.array([[1, 2], [3, 0]], jnp.int32))
+    error.throw()
+    np.testing.assert_array_equal(prob, posterior_mode_prob(jnp.array([[1, 2], [3, 0]], jnp.int32), max_count=8))
+
+
+def test_64bit_host_counts_that_do_not_fit_give_nan():
+    # Reference: NaN for a count above max_count (documented); the other row as computed alone.
+    got = np.asarray(posterior_mode_prob(np.array([[2**32 + 5, 0], [3, 1], [-(2**32) + 2, 1]], np.int64)))
+    assert np.isnan(got[0]) and np.isnan(got[2])
+    assert got[1] == float(posterior_mode_prob(jnp.array([3, 1], jnp.int32)))
+    with pytest.raises(checkify.JaxRuntimeError, match=r"counts\[0, 0\] = 4294967301"):
+        posterior_mode_prob(np.array([[2**32 + 5, 0]], np.int64), checked=True)

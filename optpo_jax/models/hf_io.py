@@ -16,7 +16,7 @@ from safetensors.flax import save_file
 
 from optpo_jax.models.config import DTYPES, ModelConfig, dtype_name, from_hf_config, to_hf_config
 from optpo_jax.models.decoder import forward, graphdef_for, init_decoder
-from optpo_jax.models.lora import merged_params, save_peft_adapters
+from optpo_jax.models.lora import merge_adapters_jit, save_peft_adapters
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -64,7 +64,7 @@ class HFModel:
     def __call__(self, tokens) -> jax.Array:
         tokens = jnp.asarray(tokens, jnp.int32)
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-        return _jitted_forward(self.config, self.params, tokens, positions)[0]
+        return _forward_jit(self.config, self.params, tokens, positions)[0]
 
     @property
     def module(self):
@@ -72,7 +72,7 @@ class HFModel:
         return nnx.merge(graphdef_for(self.config), self.params)
 
 
-_jitted_forward = jax.jit(forward, static_argnums=0)
+_forward_jit = jax.jit(forward, static_argnames=("config",))
 
 
 def _weight_files(path: Path) -> dict[str, Path]:
@@ -304,7 +304,7 @@ def save_hf(model: HFModel, out_dir: str | Path, adapters: dict | None = None, l
                    "a merged model")
     params = _cast(model.params, dtype)
     if adapters is not None:
-        params = merged_params(params, adapters, lora)
+        params = merge_adapters_jit(params, adapters, lora)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = _hf_tensors(params)

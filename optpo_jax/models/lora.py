@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from optpo_jax.field_ranges import INT, REAL, check_ranges, ranged
+
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
@@ -37,18 +39,15 @@ _PEFT_PREFIX = "base_model.model."
 class LoRAConfig:
     """Rank, scale (alpha / rank, as in PEFT) and the projections that get adapters."""
 
-    rank: int
-    alpha: float = 16.0
+    rank: int = ranged(dataclasses.MISSING, INT, 1, 65536)
+    alpha: float = ranged(16.0, REAL, 0.0, 1e6, low_inclusive=False)
     targets: tuple[str, ...] = PROJECTIONS
 
     def __post_init__(self):
         if isinstance(self.targets, str):
             object.__setattr__(self, "targets", tuple(t.strip() for t in self.targets.split(",") if t.strip()))
         object.__setattr__(self, "targets", tuple(self.targets))
-        if not isinstance(self.rank, (int, np.integer)) or self.rank < 1:
-            raise ValueError(f"lora.rank must be an integer >= 1, got {self.rank!r}")
-        if not self.alpha > 0:
-            raise ValueError(f"lora.alpha must be > 0, got {self.alpha!r}")
+        check_ranges(self)
         unknown = [t for t in self.targets if t not in PROJECTIONS]
         if not self.targets or unknown:
             raise ValueError(f"lora.targets must be a non-empty subset of {PROJECTIONS}, got {self.targets!r}")
@@ -129,7 +128,7 @@ def merge_adapters(params, adapters: dict, config: LoRAConfig):
     return jax.tree_util.tree_map_with_path(merged, params)
 
 
-merged_params = jax.jit(merge_adapters, static_argnums=2)
+merge_adapters_jit = jax.jit(merge_adapters, static_argnames=("config",))
 
 
 def split_targeted(params, config: LoRAConfig) -> dict:
@@ -164,10 +163,6 @@ def adapter_pullback(kernel_grads: dict, adapters: dict, config: LoRAConfig) -> 
                 "lora_b": config.scale * jnp.dot(adapter["lora_a"].T, grad)}
 
     return jax.tree.map(pulled, adapters, kernel_grads, is_leaf=lambda node: isinstance(node, dict) and "lora_a" in node)
-
-
-def num_adapter_params(adapters: dict) -> int:
-    return int(sum(leaf.size for leaf in jax.tree.leaves(adapters)))
 
 
 def _peft_module_key(adapter_path: tuple[str, ...]) -> str:

@@ -55,16 +55,16 @@ class ScriptedConfig:
         return FIRST_ANSWER + self.num_answers
 
 
-def script_params(lengths, answer_slots, decoder_params=None) -> dict:
+def script_params(lengths, slot_ids, decoder_params=None) -> dict:
     """The scripts as the policy's params: ``lengths`` [Q, K] generated tokens (>= 2: answer and
-    stop) and ``answer_slots`` [Q, K] slot of each recorded answer, -1 for none; ``decoder_params``
+    stop) and ``slot_ids`` [Q, K] slot of each recorded answer, -1 for none; ``decoder_params``
     the underlying decoder's ``nnx.State`` when the config has one."""
-    lengths, answer_slots = np.asarray(lengths), np.asarray(answer_slots)
-    if lengths.shape != answer_slots.shape or lengths.ndim != 2:
-        raise ValueError(f"lengths and answer_slots must both be [Q, K], got {lengths.shape} and {answer_slots.shape}")
+    lengths, slot_ids = np.asarray(lengths), np.asarray(slot_ids)
+    if lengths.shape != slot_ids.shape or lengths.ndim != 2:
+        raise ValueError(f"lengths and slot_ids must both be [Q, K], got {lengths.shape} and {slot_ids.shape}")
     if lengths.size and lengths.min() < 2:
         raise ValueError(f"every scripted length must be >= 2 (answer and stop token), got {lengths.min()}")
-    params = {"lengths": jnp.asarray(lengths, jnp.int32), "answer_slots": jnp.asarray(answer_slots, jnp.int32)}
+    params = {"lengths": jnp.asarray(lengths, jnp.int32), "slot_ids": jnp.asarray(slot_ids, jnp.int32)}
     return params if decoder_params is None else {**params, "decoder": decoder_params}
 
 
@@ -108,7 +108,7 @@ def forward(config: ScriptedConfig, params: dict, tokens, positions, cache: KVCa
     question = jnp.sum(keys[:, 0, :, 0] * first_slot, axis=-1).astype(jnp.int32)
     rollout = jnp.sum(values[:, 0, :, 0] * first_slot, axis=-1).astype(jnp.int32)
     length = params["lengths"][question, rollout][:, None]
-    answer = params["answer_slots"][question, rollout][:, None]
+    answer = params["slot_ids"][question, rollout][:, None]
     generated = positions  # the prompt is one token: the query at position p emits completion token p
     target = jnp.where(generated == length - 1, STOP,
                        jnp.where((generated == length - 2) & (answer >= 0), FIRST_ANSWER + answer, FILLER))

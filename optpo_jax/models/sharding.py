@@ -11,6 +11,9 @@ from __future__ import annotations
 from flax import nnx
 from jax.sharding import PartitionSpec
 
+# The mesh's axes, in order: batch rows over data, weights over fsdp and tensor (train.distributed builds it).
+MESH_AXES = ("data", "fsdp", "tensor")
+
 _COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "lm_head")
 _ROW_PARALLEL = ("o_proj", "down_proj")
 

@@ -75,7 +75,3 @@ class AnswerSlots:
         self.lookups[prompt] = {}
         for slot, answer in enumerate(table):
             self.lookups[prompt].setdefault(self.canonical(answer) if self.canonical else answer, slot)
-
-    def reset(self, prompt: int) -> None:
-        """Empties a prompt's table (its row is reused for a new prompt)."""
-        self.tables[prompt], self.lookups[prompt] = [], {}

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import collections
 import copy
+import json
+import os
+import warnings
+import zipfile
 from pathlib import Path
 
 import jax
@@ -11,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from optpo_jax.sprt import VoteState
 from optpo_jax.train.rollouts import LookaheadCarry
 
 
@@ -37,9 +42,9 @@ class Checkpointer:
         """Writes the carry of ``step`` before its Orbax step commits, so every committed step has one."""
         path = self._carry_path(step)
         if carry is None:
-            LookaheadCarry.save_none(path)
+            _write_npz(path, {})  # the step left no carry: its next batch starts afresh
         else:
-            carry.save(path)
+            save_carry(path, carry)
         for old in sorted(path.parent.glob("*.npz"), key=lambda p: int(p.name.split(".")[0]))[: -self.keep - 1]:
             old.unlink()
 
@@ -93,7 +98,7 @@ class Checkpointer:
                      else "no earlier step verifies: start again with --overwrite")
             raise CheckpointError(f"checkpoint step {step} in {self.directory} is corrupt ({problem}); {offer}")
         try:
-            carry = LookaheadCarry.load(self._carry_path(step))
+            carry = load_carry(self._carry_path(step))
         except ValueError as error:
             raise CheckpointError(str(error)) from error
         return state, totals, carry
@@ -164,8 +169,8 @@ def _leaf_checksum(leaf: jax.Array) -> jax.Array:
 
 
 # One call per leaf: leaves may live on different devices (an optimizer's step count on one, params on a mesh).
-_checksum = jax.jit(_leaf_checksum)
-_all_finite = jax.jit(lambda leaf: jnp.all(jnp.isfinite(leaf)))
+_leaf_checksum_jit = jax.jit(_leaf_checksum)
+_all_finite_jit = jax.jit(lambda leaf: jnp.all(jnp.isfinite(leaf)))
 
 
 def _read_scalar(value: jax.Array):
@@ -181,7 +186,7 @@ def _named_leaves(tree) -> tuple[list[str], list]:
 def tree_checksums(tree) -> dict[str, int]:
     """A checksum per array of ``tree``, keyed by its path (computed on device, a few scalars to the host)."""
     names, leaves = _named_leaves(tree)
-    return {name: int(_read_scalar(_checksum(jnp.asarray(leaf)))) for name, leaf in zip(names, leaves, strict=True)}
+    return {name: int(_read_scalar(_leaf_checksum_jit(jnp.asarray(leaf)))) for name, leaf in zip(names, leaves, strict=True)}
 
 
 def verify_state(state, expected: dict | None) -> str | None:
@@ -193,5 +198,43 @@ def verify_state(state, expected: dict | None) -> str | None:
         if differing or set(expected) != set(actual):
             return f"{len(differing)} of {len(names)} arrays differ from their checksums, e.g. {differing[:1]}"
     bad = [name for name, leaf in zip(names, leaves, strict=True)
-           if jnp.issubdtype(leaf.dtype, jnp.inexact) and not _read_scalar(_all_finite(leaf))]
+           if jnp.issubdtype(leaf.dtype, jnp.inexact) and not _read_scalar(_all_finite_jit(leaf))]
     return f"non-finite values in {len(bad)} arrays, e.g. {bad[0]}" if bad else None
+
+
+def save_carry(path: Path, carry: LookaheadCarry) -> None:
+    """Writes ``carry`` to ``path`` (.npz) atomically, with the process count it was split over."""
+    arrays = {f"votes.{name}": np.asarray(value) for name, value in vars(carry.votes).items()}
+    arrays.update({f"kept.{name}": value for name, value in carry.kept.items()})
+    arrays["tables"] = np.array(json.dumps(carry.tables))
+    arrays["process_count"] = np.array(jax.process_count())
+    _write_npz(path, arrays)
+
+
+def load_carry(path: Path) -> LookaheadCarry | None:
+    """The carry saved at ``path``; None (with a warning) when there is none, or it was split over another
+    number of processes (its votes would belong to other prompts). ValueError when the file is unreadable."""
+    if not path.exists():
+        warnings.warn(f"no lookahead carry at {path}: the next batch starts its votes afresh", stacklevel=2)
+        return None
+    try:
+        with np.load(path) as npz:
+            arrays = {name: npz[name] for name in npz.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        raise ValueError(f"the lookahead carry {path} is unreadable ({type(error).__name__}: {error}); it was "
+                         "cut short or overwritten: resume from an earlier step with --resume_step") from error
+    if "tables" not in arrays:
+        return None
+    if int(arrays["process_count"]) != jax.process_count():
+        warnings.warn(f"the carry at {path} was split over {int(arrays['process_count'])} processes, not "
+                      f"{jax.process_count()}: the next batch starts its votes afresh", stacklevel=2)
+        return None
+    fields = lambda prefix: {k.split(".", 1)[1]: arrays[k] for k in arrays if k.startswith(prefix)}
+    return LookaheadCarry(VoteState(**fields("votes.")), json.loads(str(arrays["tables"])), fields("kept."))
+
+
+def _write_npz(path: Path, arrays: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp.npz")
+    np.savez(temporary, **arrays)
+    os.replace(temporary, path)

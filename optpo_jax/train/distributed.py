@@ -20,9 +20,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from optpo_jax.models.sharding import partition_specs
+from optpo_jax.models.sharding import MESH_AXES, partition_specs
 
-AXES = ("data", "fsdp", "tensor")
 ROW_AXES = ("data", "fsdp")
 
 
@@ -40,8 +39,8 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> M
         sizes[free[0]] = len(devices) // fixed
     if math.prod(sizes.values()) != len(devices):
         raise ValueError(f"mesh {sizes} needs {math.prod(sizes.values())} devices, {len(devices)} are available")
-    shape = tuple(sizes[name] for name in AXES)
-    return jax.make_mesh(shape, AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices)
+    shape = tuple(sizes[name] for name in MESH_AXES)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices)
 
 
 def _fitting(spec: PartitionSpec, shape: tuple, mesh: Mesh) -> PartitionSpec:

@@ -14,6 +14,7 @@ from optpo_jax.sprt import SPRTConfig, consensus, init_vote_state
 from optpo_jax.train.answer_slots import AnswerSlots
 from optpo_jax.train.distributed import allgather_objects, local_row_count, merge_shares, process_max, process_share
 from optpo_jax.train.row_pool import RowPool
+from optpo_jax.train.setup import Setup
 from optpo_jax.train.waves import Wave, count_votes, sample_wave, tokenize_prompts
 
 
@@ -171,3 +172,10 @@ def evaluate(
                           len(problems), num_samples),
                       majority_correct=np.array(merge_shares([share["majority"] for share in shares]), bool),
                       generated_tokens=sum(share["generated"] for share in shares))
+
+
+def run_eval(setup: Setup, params, num_samples: int, seed: int, progress: bool = True) -> EvalResult:
+    """pass@1 / maj@k / pass@k of ``params`` on the run's evaluation prompts."""
+    policy = dataclasses.replace(setup.policy, params=params)
+    return evaluate(policy, setup.task, setup.eval_problems, num_samples, jax.random.key(seed), setup.eval_sampling,
+                    rows_per_wave=setup.learner.config.rows_per_wave, progress=progress)

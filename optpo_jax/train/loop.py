@@ -19,96 +19,31 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from optpo_jax.models.lora import init_adapters
-from optpo_jax.prior import fitted_concentration, init_prior_state, prior_from_json, prior_to_json
-from optpo_jax.train.checkpoints import Checkpointer, tree_checksums
-from optpo_jax.train.distributed import is_lead_process, mesh_of, process_share, replicate_unplaced
-from optpo_jax.train.evaluation import EvalResult, evaluate
+from optpo_jax.prior import fitted_concentration, prior_to_json
+from optpo_jax.train.batches import batch_problems
+from optpo_jax.train.checkpoints import Checkpointer
+from optpo_jax.train.distributed import is_lead_process, process_share
+from optpo_jax.train.evaluation import run_eval
+from optpo_jax.train.fingerprints import FINGERPRINTS, check_fingerprints, run_fingerprints
 from optpo_jax.train.memory_plan import check_fits, device_memory_limit
 from optpo_jax.train.metrics import step_metrics
-from optpo_jax.train.metrics_log import MetricsLog
+from optpo_jax.train.metrics_log import MetricsLog, read_metrics
 from optpo_jax.train.rollouts import LookaheadCarry
-from optpo_jax.train.setup import Setup, build_setup, check_config
-from optpo_jax.train.step import TrainState, training_step
+from optpo_jax.train.run_totals import RunTotals
+from optpo_jax.train.setup import Setup, check_config, load_setup
+from optpo_jax.train.state import TrainState, restore_state
+from optpo_jax.train.step import training_step
 from optpo_jax.train.workdir import (
     WorkdirError,
     WorkdirLock,
     check_fresh_start,
     check_resumable,
-    read_json,
-    read_json_lines,
     remove_run,
     write_atomically,
 )
-
-
-def batch_problems(problems: list, step: int, prompts_per_step: int, seed: int) -> list:
-    """The prompts of ``step``: epochs of seeded permutations of ``problems`` (a pure function of step)."""
-    per_epoch = len(problems) // prompts_per_step
-    epoch, index = divmod(step, per_epoch)
-    order = np.random.default_rng([seed, epoch]).permutation(len(problems))
-    return [problems[i] for i in order[index * prompts_per_step : (index + 1) * prompts_per_step]]
-
-
-def run_eval(setup: Setup, params, num_samples: int, seed: int, progress: bool = True) -> EvalResult:
-    """pass@1 / maj@k / pass@k of ``params`` on the run's evaluation prompts."""
-    policy = dataclasses.replace(setup.policy, params=params)
-    return evaluate(policy, setup.task, setup.eval_problems, num_samples, jax.random.key(seed), setup.eval_sampling,
-                    rows_per_wave=setup.learner.config.rows_per_wave, progress=progress)
-
-
-def init_train_state(setup: Setup) -> TrainState:
-    """The initial policy, its optimizer state and the KL reference.
-
-    Full fine-tuning trains the params against a copy of them; with ``config.lora`` the
-    optimizer trains fresh adapters (B = 0) and the frozen base is the reference.
-    """
-    params, lora = setup.policy.params, setup.learner.lora
-    if lora is None:
-        trained, reference = params, jax.tree.map(jnp.copy, params)  # a copy: the update donates the params
-    else:
-        trained = replicate_unplaced(init_adapters(params, lora, seed=setup.config.seed), mesh_of(params))
-        reference = params
-    opt_state = replicate_unplaced(setup.optimizer.init(trained), mesh_of(params))
-    prior = init_prior_state() if setup.learner.config.sprt.learn_prior else None
-    return TrainState(params=trained, opt_state=opt_state, ref_params=reference, prior=prior, lora=lora)
-
-
-def restore_state(checkpointer: Checkpointer, state: TrainState,
-                  step: int | None = None) -> tuple[TrainState, dict, LookaheadCarry | None]:
-    """``state`` with the trained params (or adapters), optimizer state and prior of a checkpoint
-    (the latest, or ``step``); also the saved totals and lookahead carry."""
-    saved, totals, carry = checkpointer.restore({"params": state.params, "opt_state": state.opt_state}, step)
-    prior = prior_from_json(totals["prior"]) if state.prior is not None else None
-    return state.replace(params=saved["params"], opt_state=saved["opt_state"], prior=prior), totals, carry
-
-
-def load_run_config(workdir: str | Path):
-    """The config a run saved in ``workdir`` (its config.json) as a ConfigDict; WorkdirError without one."""
-    import ml_collections
-
-    path = Path(workdir) / "config.json"
-    if not path.is_file():
-        raise WorkdirError(f"{workdir} holds no run: {path} is missing")
-    return ml_collections.ConfigDict(read_json(path, "it was cut while being written: train the run again with "
-                                                      "--overwrite, or restore the file"))
-
-
-def restore_run_state(setup: Setup, workdir: str | Path, step: int | None = None) -> tuple[TrainState, int]:
-    """(the TrainState, step) of a checkpoint of the run in ``workdir`` (the latest, or ``step``);
-    ``state.policy_params()`` is the policy (with LoRA: the frozen base with the adapters merged in)."""
-    if not (Path(workdir) / "checkpoints").is_dir():  # checked first: a Checkpointer would create the folder
-        raise WorkdirError(f"{workdir} holds no checkpoint")
-    checkpointer = Checkpointer(Path(workdir) / "checkpoints")
-    step = checkpointer.latest_step() if step is None else step
-    if step is None:
-        raise WorkdirError(f"{workdir} holds no checkpoint")
-    state, _, _ = restore_state(checkpointer, init_train_state(setup), step)
-    return state, step
 
 
 def _step_batches(setup: Setup, step: int) -> tuple[list, list]:
@@ -119,8 +54,9 @@ def _step_batches(setup: Setup, step: int) -> tuple[list, list]:
     return batch(step), lookahead
 
 
-def _run_step(setup: Setup, state: TrainState, step: int, carry, totals: dict, progress: bool):
-    """One step of the loop with its metrics (and mid-run evaluation); updates ``totals`` in place."""
+def _run_step(setup: Setup, state: TrainState, step: int, carry: LookaheadCarry | None, totals: RunTotals,
+              progress: bool) -> tuple[TrainState, LookaheadCarry | None, RunTotals, dict]:
+    """One step of the loop: (state, carry, totals) after it and its metrics (with a mid-run evaluation)."""
     config = setup.config
     start = time.perf_counter()
     # Each process votes on, grades and trains on its own share of the batch.
@@ -128,28 +64,27 @@ def _run_step(setup: Setup, state: TrainState, step: int, carry, totals: dict, p
     state, output = training_step(state, setup.learner, problems, jax.random.fold_in(jax.random.key(config.seed), step),
                                   np.random.default_rng([config.seed, step, 1]), lookahead, carry, progress)
     metrics = step_metrics(output, problems, setup.task)
-    totals.update(step=step + 1, rollouts=totals["rollouts"] + metrics["rollouts"],
-                  generated_tokens=totals["generated_tokens"] + metrics["generated_tokens"],
-                  trained_tokens=totals.get("trained_tokens", 0) + metrics["trained_tokens"],
-                  seconds=totals["seconds"] + time.perf_counter() - start,
-                  label_accuracy_sum=totals["label_accuracy_sum"] + metrics["label_accuracy"])
-    if state.prior is not None:  # saved with the step's totals, so a resumed run stops as this one would
-        totals["prior"] = prior_to_json(state.prior)
-        metrics["fitted_prior"] = fitted_concentration(state.prior, config.sprt.prior)
+    # The prior is saved with the step's totals, so a resumed run stops as this one would.
+    prior = prior_to_json(state.prior_state) if state.prior_state is not None else None
+    totals = totals.after_step(metrics, time.perf_counter() - start, prior)
+    if state.prior_state is not None:
+        metrics["fitted_prior"] = fitted_concentration(state.prior_state, config.sprt.prior)
     # Running totals, so curves can be drawn against compute (evaluation excluded from the seconds).
-    metrics.update(total_rollouts=totals["rollouts"], total_generated_tokens=totals["generated_tokens"],
-                   total_trained_tokens=totals["trained_tokens"], train_seconds=totals["seconds"])
+    metrics.update(total_rollouts=totals.rollouts, total_generated_tokens=totals.generated_tokens,
+                   total_trained_tokens=totals.trained_tokens, train_seconds=totals.seconds)
     if config.eval.every_steps and (step + 1) % config.eval.every_steps == 0 and step + 1 < config.steps:
         result = run_eval(setup, state.policy_params(), config.eval.samples, config.seed + 2 + step, progress)
         metrics.update({f"eval/{k}": v for k, v in result.summary().items()})
-    return state, output.carry, metrics
+    return state, output.carry, totals, metrics
 
 
 def train(config, workdir: str | Path, resume: bool = False, progress: bool = True, overwrite: bool = False,
-          resume_step: int | None = None, task=None) -> dict:
+          resume_step: int | None = None, task=None, config_checked: bool = False) -> dict:
     """Runs ``config`` in ``workdir``; returns the summary (also written to summary.json).
 
     ``task``: your own ``tasks.base.Task`` object instead of the task ``config.task`` names.
+    ``config_checked``: the caller has passed ``config`` through ``setup.check_config`` (``compare`` checks
+    every run's config before the first starts), so it is not checked again.
 
     A workdir holds one run: a new run refuses a workdir that holds one unless ``overwrite``
     (which removes it first); ``resume`` continues the saved run (from its latest checkpoint,
@@ -157,10 +92,11 @@ def train(config, workdir: str | Path, resume: bool = False, progress: bool = Tr
     a workdir at once (a lock held while this runs).
     """
     workdir = Path(workdir)
-    check_config(config)
+    if not config_checked:
+        check_config(config)
     with WorkdirLock(workdir) if is_lead_process() else contextlib.nullcontext():
         _check_workdir(workdir, config, resume, overwrite, resume_step)
-        setup = build_setup(config, task)
+        setup = load_setup(config, task)
         check_fits(config, setup.policy.config, device_memory_limit())  # before an out-of-memory in XLA
         if resume:
             _check_resume_step(workdir, setup.config.steps, resume_step)
@@ -195,44 +131,10 @@ def _check_workdir(workdir: Path, config, resume: bool, overwrite: bool, resume_
     check_resumable(workdir, config)
 
 
-FINGERPRINTS = "fingerprints.json"
-
-
-def run_fingerprints(setup: Setup) -> dict:
-    """What the config alone does not pin down: the task's class (``train(task=...)`` leaves config.task as it
-    is), the prompts and answers (a replaced data file) and the initial policy's weights (checksums of every
-    array), the last three as sha256 prefixes. Problems are read as given (their ``prompt`` and ``answer``, else
-    their repr), not tokenized: tokenizing every prompt here would count truncations before any wave."""
-    digest = lambda value: hashlib.sha256(repr(value).encode()).hexdigest()[:16]
-    content = lambda problem: ((problem.prompt, getattr(problem, "answer", None)) if hasattr(problem, "prompt")
-                               else problem)
-    task = type(setup.task)
-    return {"task": f"{task.__module__}.{task.__qualname__}",
-            "train_prompts": digest([content(problem) for problem in setup.train_problems]),
-            "eval_prompts": digest([content(problem) for problem in setup.eval_problems]),
-            "initial_policy": digest(sorted(tree_checksums(setup.policy.params).items()))}
-
-
-def check_fingerprints(workdir: str | Path, setup: Setup, doing: str) -> None:
-    """Refuses to ``doing`` (resume, eval, export) the run in ``workdir`` with a setup whose task, prompts or
-    initial policy differ from the run's (runs saved before fingerprints.json existed are not checked)."""
-    path = Path(workdir) / FINGERPRINTS
-    if not path.exists():
-        return
-    saved = read_json(path, "restore it, or start the run again with --overwrite")
-    changed = [f"{name}: {saved[name]} -> {value}" for name, value in run_fingerprints(setup).items()
-               if name in saved and saved[name] != value]
-    if changed:
-        raise WorkdirError(f"{doing}: the run's task, data or model differ from what this config now reads "
-                           f"({'; '.join(changed)}): a data file or checkpoint directory was replaced, or the run "
-                           "was trained with train(task=...) (use that task from Python). Put them back, or start "
-                           "a new run in another --workdir")
-
-
 def _nothing_trained(workdir: Path) -> bool:
     """Whether a new run in ``workdir`` ended before its first training step was logged or checkpointed."""
     try:
-        records = read_json_lines(workdir / "metrics.jsonl")[0] if (workdir / "metrics.jsonl").exists() else []
+        records = read_metrics(workdir) if (workdir / "metrics.jsonl").exists() else []
         checkpoints = workdir / "checkpoints"
         # Step folders on disk (Orbax names a finished step by its number), not a CheckpointManager: creating one
         # waits for every process, and only the lead process is here.
@@ -256,29 +158,28 @@ def _check_resume_step(workdir: Path, steps: int, resume_step: int | None) -> No
 
 def _train(setup: Setup, workdir: Path, resume: bool, resume_step: int | None, progress: bool) -> dict:
     config = setup.config
-    state, carry = init_train_state(setup), None
-    totals = {"step": 0, "rollouts": 0, "generated_tokens": 0, "trained_tokens": 0, "seconds": 0.0,
-              "label_accuracy_sum": 0.0}
+    state, carry, totals = setup.initial_state(), None, RunTotals()
     checkpointer = Checkpointer(workdir / "checkpoints", keep=2)
     if resume:
-        state, totals, carry = restore_state(checkpointer, state, resume_step)
-        checkpointer.rewind(totals["step"])  # a run resumed from an earlier step saves the later ones anew
-    log = MetricsLog(workdir, truncate_after=totals["step"] if resume else -1, enabled=is_lead_process())
-    if totals["step"] == 0:
+        state, saved_totals, carry = restore_state(checkpointer, state, resume_step)
+        totals = RunTotals.from_json(saved_totals)
+        checkpointer.rewind(totals.step)  # a run resumed from an earlier step saves the later ones anew
+    log = MetricsLog(workdir, truncate_after=totals.step if resume else -1, enabled=is_lead_process())
+    if totals.step == 0:
         before = run_eval(setup, state.policy_params(), config.eval.final_samples, config.seed + 1, progress)
-        totals["before"] = before.summary()
-        log.write(0, {f"eval/{k}": v for k, v in totals["before"].items()})
-    steps = tqdm(range(totals["step"], config.steps), desc=f"train {config.method}", disable=not progress,
-                 initial=totals["step"], total=config.steps)
+        totals = dataclasses.replace(totals, before=before.summary())
+        log.write(0, {f"eval/{k}": v for k, v in totals.before.items()})
+    steps = tqdm(range(totals.step, config.steps), desc=f"train {config.method}", disable=not progress,
+                 initial=totals.step, total=config.steps)
     for step in steps:
         checkpointer.check_background()  # a failed background save stops the run here, not steps later
-        state, carry, metrics = _run_step(setup, state, step, carry, totals, progress)
+        state, carry, totals, metrics = _run_step(setup, state, step, carry, totals, progress)
         log.write(step + 1, metrics)
         if metrics["trained_rollouts"] == 0 and is_lead_process():
             _warn_nothing_trained(step + 1, metrics)
         steps.set_postfix(rollouts=f"{metrics['rollouts_per_prompt']:.1f}", label=f"{metrics['label_accuracy']:.2f}")
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
-            checkpointer.save(step + 1, {"params": state.params, "opt_state": state.opt_state}, totals, carry)
+            checkpointer.save(step + 1, state.checkpointed(), totals.to_json(), carry)
     checkpointer.wait()
     return _finish(setup, state, totals, log, workdir, progress)
 
@@ -294,24 +195,25 @@ def _warn_nothing_trained(step: int, metrics: dict) -> None:
     tqdm.write(f"optpo-jax: step {step}: no rollout was trained on: {cause}", file=sys.stderr)
 
 
-def _finish(setup: Setup, state: TrainState, totals: dict, log: MetricsLog, workdir: Path, progress: bool) -> dict:
+def _finish(setup: Setup, state: TrainState, totals: RunTotals, log: MetricsLog, workdir: Path,
+            progress: bool) -> dict:
     """The final evaluation, logged and summarised in summary.json; its per-prompt results in final_eval.json.
 
     final_eval.json (written before summary.json, so a summary always has the per-prompt
     results of the same evaluation) holds, in the order of the evaluation prompts, each
     prompt's pass@1 (share of its samples right) and whether its majority vote was right,
-    with a fingerprint of the prompts: ``train.seed_stats`` pairs runs prompt by prompt.
+    with a fingerprint of the prompts: ``report.seed_stats`` pairs runs prompt by prompt.
     """
     config = setup.config
     after = run_eval(setup, state.policy_params(), config.eval.final_samples, config.seed + 1, progress)
     log.write(config.steps, {f"final/{k}": v for k, v in after.summary().items()})
     log.close()
     summary = {
-        "method": config.method, "steps": config.steps, "before": totals.get("before"),
-        "after": after.summary(), "total_rollouts": totals["rollouts"],
-        "total_generated_tokens": totals["generated_tokens"], "total_trained_tokens": totals.get("trained_tokens", 0),
-        "train_seconds": totals["seconds"],
-        "label_accuracy": totals["label_accuracy_sum"] / max(config.steps, 1),
+        "method": config.method, "steps": config.steps, "before": totals.before,
+        "after": after.summary(), "total_rollouts": totals.rollouts,
+        "total_generated_tokens": totals.generated_tokens, "total_trained_tokens": totals.trained_tokens,
+        "train_seconds": totals.seconds,
+        "label_accuracy": totals.label_accuracy_sum / max(config.steps, 1),
     }
     if is_lead_process():
         prompts = hashlib.sha256(repr(list(setup.eval_problems)).encode()).hexdigest()[:16]

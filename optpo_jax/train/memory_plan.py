@@ -1,7 +1,7 @@
 """Bytes per device of a run, from its config alone, before any weight is loaded or compiled.
 
-A run holds, all the time: the policy's params, the KL reference (a copy for full
-fine-tuning; the frozen base itself with LoRA), the trained leaves' optimizer state (and
+A run holds, all the time: the policy's params, the KL reference when ``grpo.kl_coef`` > 0
+(a copy for full fine-tuning; the frozen base itself with LoRA), the trained leaves' optimizer state (and
 a float32 master copy with ``optimizer.float32_master``). On top of that, one phase at a
 time: sampling a wave (its KV cache, one layer's keys and values again as they are
 rewritten, the logits; with LoRA the merged params) or one
@@ -33,6 +33,7 @@ from optpo_jax.models.config import DTYPES, ModelConfig
 from optpo_jax.models.decoder import init_decoder
 from optpo_jax.models.logprobs import logit_chunk_tokens
 from optpo_jax.models.lora import LoRAConfig, targeted_kernels
+from optpo_jax.models.sharding import MESH_AXES
 
 _GIB = 1024**3
 _UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4,
@@ -81,6 +82,7 @@ class RunShape:
     batch_shards: int = 1  # devices the rows are split over (mesh data x fsdp)
     model_shards: int = 1  # devices each weight is split over (mesh fsdp x tensor)
     pack_width: int = 0  # policy_update.pack_width: 0 = one rollout per row
+    kl_reference: bool = False  # grpo.kl_coef > 0: full fine-tuning keeps a copy of the initial params
 
     @property
     def row_width(self) -> int:
@@ -163,7 +165,8 @@ def plan_memory(shape: RunShape) -> MemoryPlan:
         merged = kernel_count * param_bytes // shape.model_shards
     else:
         trained_count = model.num_params() // shape.model_shards
-        trained, trained_bytes, reference, merged = 0, param_bytes, params, 0
+        trained, trained_bytes, merged = 0, param_bytes, 0
+        reference = params if shape.kl_reference else 0
     master = 4 * trained_count if shape.float32_master and trained_bytes < 4 else 0
     moments = 2 * trained_count * (4 if master else trained_bytes)
     sequence = shape.prompt_tokens + shape.max_new_tokens
@@ -251,7 +254,7 @@ def _plan_model_config(config) -> ModelConfig:
 
 
 def _mesh_shards(mesh_sizes: dict, num_devices: int) -> tuple[int, int]:
-    sizes = {name: int(mesh_sizes.get(name, 1)) for name in ("data", "fsdp", "tensor")}
+    sizes = {name: int(mesh_sizes.get(name, 1)) for name in MESH_AXES}
     free = [name for name, size in sizes.items() if size == -1]
     if free:
         sizes[free[0]] = max(num_devices // math.prod(s for s in sizes.values() if s != -1), 1)
@@ -277,7 +280,7 @@ def run_shape(config, model: ModelConfig | None = None, num_devices: int = 1) ->
         lora_targets=tuple(t for t in str(lora.targets).split(",") if t) if lora is not None else (),
         float32_master=bool(config.optimizer.get("float32_master", False)), remat=bool(config.get("remat", False)),
         batch_shards=batch_shards, model_shards=model_shards,
-        pack_width=int(config.policy_update.get("pack_width", 0)),
+        pack_width=int(config.policy_update.get("pack_width", 0)), kl_reference=float(config.grpo.kl_coef) > 0,
     )
 
 
@@ -298,64 +301,3 @@ def check_fits(config, model: ModelConfig, device_bytes: int | None) -> None:
     if plan.total > device_bytes:
         raise ConfigError("the run does not fit the device's memory (optpo-jax plan):\n"
                           + format_plan(plan, device_bytes))
-
-
-def _tree_bytes(tree) -> int:
-    return int(sum(leaf.nbytes for leaf in jax.tree.leaves(tree)))
-
-
-def _compiled_bytes(compiled) -> int:
-    stats = compiled.memory_analysis()
-    return (stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
-            + stats.temp_size_in_bytes)
-
-
-def compiled_peak(config) -> dict:
-    """What XLA allocates for a run of ``config`` on this backend: {"update", "sampling", "total"} bytes.
-
-    Loads the policy and compiles (without running) one update micro-batch at the plan's
-    width and one wave; each phase is its executable's arguments + outputs - aliased +
-    temporaries, plus the run's arrays it does not take (the reference copy; while
-    sampling, the optimizer state). The check of ``plan_memory`` on a backend without
-    ``memory_stats`` (CPU).
-    """
-    import jax.numpy as jnp
-    import numpy as np
-
-    from optpo_jax.grpo import GRPOBatch
-    from optpo_jax.sampler import sample_padded
-    from optpo_jax.train.loop import init_train_state
-    from optpo_jax.train.setup import build_setup
-
-    setup = build_setup(config)
-    state = init_train_state(setup)
-    shape = run_shape(config, setup.policy.config)
-    lora = state.lora is not None
-    rows = shape.micro_batch_rows // shape.grad_accumulation
-    sequence = shape.prompt_tokens + shape.max_new_tokens
-    if shape.pack_width:  # the plan's tokens (every rollout at full length) in packed rows
-        packed_rows, width, targets = -(-rows * sequence // shape.row_width), shape.row_width, shape.max_new_tokens
-        index = jnp.zeros((rows, targets), jnp.int32)
-        packed = {"groups": jnp.zeros((packed_rows, width), jnp.int32), "target_index": index,
-                  "branches": jnp.zeros((packed_rows, width), jnp.int32)}
-    else:
-        packed_rows, width, targets, packed = rows, sequence, sequence, {}
-    tokens = jnp.zeros((packed_rows, width), jnp.int32)
-    batch = GRPOBatch(input_tokens=tokens, target_tokens=jnp.zeros((rows, targets), jnp.int32),
-                      loss_mask=jnp.ones((rows, targets), bool), advantages=jnp.zeros((rows,)),
-                      old_logprobs=jnp.zeros((rows, targets)), positions=tokens, **packed)
-    base = state.ref_params if lora else None
-    step = setup.learner.update_step
-    gradients = _compiled_bytes(step.gradients.lower(state.params, batch, base).compile())
-    grads = jax.eval_shape(step.gradients, state.params, batch, base)[0]
-    apply = _compiled_bytes(step.apply.lower(state.params, state.opt_state, grads, jnp.zeros(())).compile())
-    # Each half holds what the other takes: the optimizer state while the gradients are computed.
-    update = max(gradients + _tree_bytes(state.opt_state), apply)
-    update += 0 if lora else _tree_bytes(state.ref_params)  # the reference copy stays on the device meanwhile
-    wave_rows = config.rows_per_wave
-    prompts = np.zeros((wave_rows, shape.prompt_tokens), np.int32)
-    wave = sample_padded.lower(state.policy_params(), prompts, np.ones(wave_rows, np.int32), np.ones(wave_rows, bool),
-                               jax.random.key(0), setup.policy.config, setup.learner.config.sampling)
-    sampling = _compiled_bytes(wave.compile()) + _tree_bytes(state.opt_state) + _tree_bytes(state.ref_params)
-    sampling += _tree_bytes(state.params) if lora else 0  # the adapters, besides the merged params
-    return {"update": update, "sampling": sampling, "total": max(update, sampling)}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 from tensorboardX import SummaryWriter
@@ -47,9 +48,19 @@ class MetricsLog:
         if self.enabled:
             self.writer.close()
 
-    def read(self) -> list[dict]:
-        """The records of metrics.jsonl, without a last line cut by an interruption (``read_json_lines``)."""
-        return read_json_lines(self.path)[0]
+
+
+def read_metrics(workdir: str | Path) -> list[dict]:
+    """The records of ``workdir``'s metrics.jsonl in file order: the one reader of the file.
+
+    A last line cut by an interrupted write is left out with a warning; a malformed line
+    before it is a WorkdirError naming the line (``workdir.read_json_lines``).
+    """
+    path = Path(workdir) / "metrics.jsonl"
+    records, cut = read_json_lines(path)
+    if cut:
+        warnings.warn(f"{path}: its last line was cut by an interrupted write and is left out", stacklevel=2)
+    return records
 
 
 def _is_final(record: dict) -> bool:

@@ -10,27 +10,24 @@ next batch's prompts early; their votes and rollouts travel to the next call as 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import time
-import warnings
-import zipfile
-from pathlib import Path
 
 import jax
 import numpy as np
 from tqdm.auto import tqdm
 
 from optpo_jax.allocation import refill
+from optpo_jax.prior import PriorState
 from optpo_jax.sprt import SPRTConfig, VoteState, init_vote_state
 from optpo_jax.train.answer_slots import AnswerSlots
 from optpo_jax.train.distributed import local_row_count, process_max
+from optpo_jax.train.learner import Learner
 from optpo_jax.train.row_pool import RowPool
 from optpo_jax.train.step_config import StepConfig
 from optpo_jax.train.vote_book import VoteBook
 from optpo_jax.train.waves import Wave, count_votes, sample_wave, tokenize_prompts
 
-_refill = jax.jit(refill, static_argnums=(2, 3))
+_refill_jit = jax.jit(refill, static_argnames=("num_rows", "config"))
 
 # What is kept of every rollout, per row: [N] or [N, Lg] host arrays.
 KEPT_FIELDS = ("prompt_index", "completion_tokens", "completion_lengths", "policy_logprobs", "slots")
@@ -99,52 +96,10 @@ class LookaheadCarry:
     tables: list
     kept: dict
 
-    def save(self, path: Path) -> None:
-        """Writes the carry to ``path`` (.npz) atomically, with the process count it was split over."""
-        arrays = {f"votes.{name}": np.asarray(value) for name, value in vars(self.votes).items()}
-        arrays.update({f"kept.{name}": value for name, value in self.kept.items()})
-        arrays["tables"] = np.array(json.dumps(self.tables))
-        arrays["process_count"] = np.array(jax.process_count())
-        _write_npz(path, arrays)
 
-    @staticmethod
-    def save_none(path: Path) -> None:
-        """Records at ``path`` that a step left no carry (its next batch starts afresh)."""
-        _write_npz(path, {})
-
-    @staticmethod
-    def load(path: Path) -> LookaheadCarry | None:
-        """The carry saved at ``path``; None (with a warning) when there is none, or it was split
-        over another number of processes (its votes would belong to other prompts)."""
-        if not path.exists():
-            warnings.warn(f"no lookahead carry at {path}: the next batch starts its votes afresh", stacklevel=2)
-            return None
-        try:
-            with np.load(path) as npz:
-                arrays = {name: npz[name] for name in npz.files}
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
-            raise ValueError(f"the lookahead carry {path} is unreadable ({type(error).__name__}: {error}); it was "
-                             "cut short or overwritten: resume from an earlier step with --resume_step") from error
-        if "tables" not in arrays:
-            return None
-        if int(arrays["process_count"]) != jax.process_count():
-            warnings.warn(f"the carry at {path} was split over {int(arrays['process_count'])} processes, not "
-                          f"{jax.process_count()}: the next batch starts its votes afresh", stacklevel=2)
-            return None
-        fields = lambda prefix: {k.split(".", 1)[1]: arrays[k] for k in arrays if k.startswith(prefix)}
-        return LookaheadCarry(VoteState(**fields("votes.")), json.loads(str(arrays["tables"])), fields("kept."))
-
-
-def _write_npz(path: Path, arrays: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp.npz")
-    np.savez(temporary, **arrays)
-    os.replace(temporary, path)
-
-
-def collect_rollouts(params, model_config, task, problems: list, config: StepConfig, key: jax.Array,
-                     lookahead: list = (), carry: LookaheadCarry | None = None,
-                     progress: bool = False, prior_state=None) -> tuple[Rollouts, LookaheadCarry | None]:
+def collect_rollouts(params, learner: Learner, problems: list, key: jax.Array, lookahead: list = (),
+                     carry: LookaheadCarry | None = None, *, prior_state: PriorState | None = None,
+                     progress: bool = False) -> tuple[Rollouts, LookaheadCarry | None]:
     """Samples waves for ``problems`` until the stopping rule has finished every one.
 
     Rows the batch cannot use go to ``lookahead`` prompts (the next batch): they start
@@ -153,21 +108,22 @@ def collect_rollouts(params, model_config, task, problems: list, config: StepCon
     could use.
 
     Args:
-      params, model_config: the policy.
-      task: prompt_tokens(problem) and extract(completion tokens).
+      params: the policy's params (architecture: ``learner.model_config``).
+      learner: its ``task`` (prompt_tokens(problem), extract(completion tokens)) and ``config``:
+        the stopping rule (``sprt``), ``sampling`` and ``rows_per_wave`` (over all processes; each
+        fills rows_per_wave / process_count rows with its own prompts).
       problems: the P prompts of this batch (this process's share on several processes).
-      config: the stopping rule (``sprt``), ``sampling`` and ``rows_per_wave`` (over all
-        processes; each fills rows_per_wave / process_count rows with its own prompts).
       key: jax.random key; wave w uses fold_in(key, w).
       lookahead: prompts that may use spare rows.
       carry: what the previous call returned for these ``problems``.
-      progress: show a progress bar over waves (undecided prompts in its postfix).
       prior_state: the stopping rule's learned prior (``sprt.learn_prior``), or None.
+      progress: show a progress bar over waves (undecided prompts in its postfix).
 
     Returns:
       The batch's Rollouts (including rollouts carried in) and the carry for ``lookahead``
       (None without lookahead).
     """
+    model_config, task, config = learner.model_config, learner.task, learner.config
     num_prompts, all_problems = len(problems), list(problems) + list(lookahead)
     num_rows = local_row_count(config.rows_per_wave, "rows_per_wave")
     prompts = tokenize_prompts(task, all_problems, config.sampling)
@@ -208,8 +164,8 @@ class _Collection:
     num_prompts: int
     num_rows: int
     config: StepConfig
-    prior_state: object
-    bar: object
+    prior_state: PriorState | None
+    bar: tqdm
     rows_used: int = 0
     rows_total: int = 0
     calls: int = 0
@@ -402,7 +358,7 @@ def _allocate_with_lookahead(votes: VoteState, num_prompts: int, num_rows: int, 
     num_free = num_rows if num_free is None else num_free
     batch = slice(None, num_prompts)
     plan = (lambda part: None) if to_stop is None else (lambda part: to_stop[part])
-    prompt_ids, valid = (np.asarray(x) for x in _refill(votes.select(batch), in_flight[batch], num_rows, config,
+    prompt_ids, valid = (np.asarray(x) for x in _refill_jit(votes.select(batch), in_flight[batch], num_rows, config,
                                                         prior_state, num_free, plan(batch)))
     prompt_ids, valid = prompt_ids.copy(), valid.copy()
     if extra is not None and extra.any():
@@ -416,7 +372,7 @@ def _allocate_with_lookahead(votes: VoteState, num_prompts: int, num_rows: int, 
     # A wave gives the lookahead the first spare rows of a whole wave's allocation (its demands and even
     # shares, as ever: the same waves as before refill existed); a pool refills them demand first.
     lookahead_free = num_rows if wave else spare
-    early_ids, early_valid = (np.asarray(x) for x in _refill(votes.select(lookahead), in_flight[lookahead], num_rows,
+    early_ids, early_valid = (np.asarray(x) for x in _refill_jit(votes.select(lookahead), in_flight[lookahead], num_rows,
                                                               config, prior_state, lookahead_free, plan(lookahead)))
     extra_ids = early_ids[early_valid][:spare] + num_prompts
     rows = np.flatnonzero(~valid[:num_free])[: len(extra_ids)]

@@ -44,8 +44,8 @@ class Finished(Wave):
 
 # Reads go through jitted copies: a NumPy view of a state buffer would keep it alive and stop the
 # next call from donating it (XLA would copy the whole state instead).
-_running = jax.jit(lambda state: state.running)
-_read_rows = jax.jit(lambda state, rows: (state.tokens[rows], state.lengths[rows], state.policy_logprobs[rows]))
+_running_jit = jax.jit(lambda state: state.running)
+_read_rows_jit = jax.jit(lambda state, rows: (state.tokens[rows], state.lengths[rows], state.policy_logprobs[rows]))
 
 
 class RowPool:
@@ -140,9 +140,9 @@ class RowPool:
         self.state = decode_chunk(self.params, self.state, self.sampling.max_new_tokens, min_finished,
                                   model_config=self.model_config, config=self.sampling)
         self.round_trips += 1
-        rows = np.flatnonzero(busy & ~np.asarray(_running(self.state)))
+        rows = np.flatnonzero(busy & ~np.asarray(_running_jit(self.state)))
         rows = rows[np.argsort(self.row_serial[rows], kind="stable")]
-        completions, lengths, policy_logprobs = (np.asarray(values)[: len(rows)] for values in _read_rows(
+        completions, lengths, policy_logprobs = (np.asarray(values)[: len(rows)] for values in _read_rows_jit(
             self.state, np.pad(rows, (0, row_bucket(len(rows), self.num_rows) - len(rows))).astype(np.int32)))
         answers = [self.task.extract(completions[i, : lengths[i]]) for i in range(len(rows))]
         finished = Finished(

@@ -7,31 +7,40 @@ import dataclasses
 from pathlib import Path
 
 import jax
+import ml_collections
 import optax
 
+from optpo_jax.field_ranges import FieldError
 from optpo_jax.grpo import GRPOConfig
 from optpo_jax.models.config import ATTENTION_KERNELS
+from optpo_jax.models.hf_io import HFModel
 from optpo_jax.models.lora import LoRAConfig, targeted_kernels
+from optpo_jax.models.sharding import MESH_AXES
 from optpo_jax.optim import float32_master
 from optpo_jax.sampler import SamplingConfig
 from optpo_jax.sprt import SPRTConfig
 from optpo_jax.tasks.arithmetic import ArithmeticTask, load_policy
 from optpo_jax.tasks.base import Task, check_task, import_factory
-from optpo_jax.train.config_checks import ConfigError, validate_config
+from optpo_jax.train.config_checks import ConfigError, check_experiment_fields
 from optpo_jax.train.distributed import check_row_layout, local_row_count, make_mesh, mesh_of, shard_params
+from optpo_jax.train.learner import Learner
 from optpo_jax.train.rewards import REWARDS
-from optpo_jax.train.step import Learner, make_update_step
+from optpo_jax.train.state import TrainState, init_train_state
 from optpo_jax.train.step_config import StepConfig, UpdateConfig
+from optpo_jax.train.update import make_update_step
 
 DATA_MODES = ("transductive", "held_out")
 
 
-def _build(kind, fields, name: str):
-    """``kind(**fields)`` with errors that name the config section."""
+def _build(kind, fields, section: str):
+    """``kind(**fields)`` with errors that name the config section (``section`` "" for top-level fields)."""
+    prefix = f"config.{section}." if section else "config."
     try:
         return kind(**(fields.to_dict() if hasattr(fields, "to_dict") else dict(fields)))
+    except FieldError as error:
+        raise ConfigError(f"{prefix}{error.field} {error.problem}") from None
     except (TypeError, ValueError) as error:
-        raise ConfigError(f"config.{name}: {error}") from error
+        raise ConfigError(f"{prefix.rstrip('.')}: {error}") from error
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,8 +56,8 @@ class Setup:
       train_problems, eval_problems: the prompts trained on and evaluated on.
     """
 
-    config: object
-    policy: object
+    config: ml_collections.ConfigDict
+    policy: HFModel
     learner: Learner
     eval_sampling: SamplingConfig
     optimizer: optax.GradientTransformation
@@ -56,8 +65,13 @@ class Setup:
     eval_problems: list
 
     @property
-    def task(self):
+    def task(self) -> Task:
         return self.learner.task
+
+    def initial_state(self) -> TrainState:
+        """The run's TrainState before its first step (``state.init_train_state`` of the initial policy)."""
+        return init_train_state(self.policy.params, self.optimizer, self.learner.config, lora_config(self.config),
+                                int(self.config.seed))
 
 
 def resolve_model_path(name: str) -> str:
@@ -216,13 +230,11 @@ def make_task(config, task: Task | None = None):
 def place_policy(policy, config):
     """The policy with ``config.remat`` and ``config.attention`` applied and its params sharded over
     ``config.mesh`` (if > 1 device)."""
-    attention = config.get("attention", "reference")
-    if attention not in ATTENTION_KERNELS:
-        raise ConfigError(f"config.attention must be one of {ATTENTION_KERNELS}, got {attention!r}")
-    model_config = dataclasses.replace(policy.config, remat=bool(config.get("remat", False)), attention=attention)
+    model_config = dataclasses.replace(policy.config, remat=bool(config.get("remat", False)),
+                                       attention=config.get("attention", "reference"))
     params = policy.params
     mesh_sizes = dict(config.get("mesh", {}))
-    if mesh_sizes and mesh_sizes != {"data": 1, "fsdp": 1, "tensor": 1}:
+    if any(int(mesh_sizes.get(axis, 1)) != 1 for axis in MESH_AXES):
         try:
             mesh = make_mesh(**mesh_sizes)
         except ValueError as error:
@@ -276,30 +288,33 @@ def _with_config_errors(check):
 
 def step_config_of(config, stop_token_ids=(), pad_token_id: int = 0) -> tuple[StepConfig, SamplingConfig]:
     """(the StepConfig of every training step, the evaluation's SamplingConfig) of ``config``, with the task's
-    stop and pad tokens (placeholders when only checking)."""
+    stop and pad tokens (placeholders when only checking). Each dataclass checks its fields' ranges."""
     common = {"stop_token_ids": stop_token_ids, "pad_token_id": pad_token_id}
     sampling = _build(SamplingConfig, dict(config.sampling, **common), "sampling")
-    eval_sampling = dataclasses.replace(sampling, temperature=config.eval.temperature, top_p=config.eval.top_p)
+    eval_sampling = _build(SamplingConfig, dict(config.sampling, **common, temperature=config.eval.temperature,
+                                                top_p=config.eval.top_p), "eval")
     grpo = _build(GRPOConfig, dict(config.grpo, temperature=sampling.temperature,
                                    token_scale=sampling.max_new_tokens), "grpo")
-    step_config = StepConfig(sprt=_build(SPRTConfig, config.sprt, "sprt"), sampling=sampling,
-                             update=_build(UpdateConfig, config.policy_update, "policy_update"), grpo=grpo,
-                             rows_per_wave=int(config.rows_per_wave), reward=config.get("reward", "consensus"))
+    parts = {"sprt": _build(SPRTConfig, config.sprt, "sprt"), "sampling": sampling, "grpo": grpo,
+             "update": _build(UpdateConfig, config.policy_update, "policy_update")}
+    step_config = _build(StepConfig, dict(parts, rows_per_wave=config.rows_per_wave,
+                                          reward=config.get("reward", "consensus")), "")
     return step_config, eval_sampling
 
 
 @_with_config_errors
 def check_config(config) -> None:
-    """Every check of ``config`` that needs neither the model nor the data (ConfigError naming the field):
-    what ``train`` and ``compare`` pass before anything in a workdir is removed or trained."""
-    validate_config(config)
+    """Every check of ``config`` that needs neither the model nor the data (ConfigError naming the field), run
+    once per run: what ``train`` and ``compare`` pass before anything in a workdir is removed or trained."""
+    check_experiment_fields(config)
+    step_config_of(config)
+    if not float(config.sampling.temperature) > 0:
+        raise ValueError(f"config.sampling.temperature must be > 0 for training (greedy sampling cannot be trained "
+                         f"on: the update divides logits by it), got {config.sampling.temperature!r}")
     if config.get("reward", "consensus") not in REWARDS:
         raise ValueError(f"config.reward must be one of {tuple(REWARDS)}, got {config.reward!r}")
     if config.data.mode not in DATA_MODES:
         raise ValueError(f"config.data.mode must be one of {DATA_MODES}, got {config.data.mode!r}")
-    for name in ("prompts_per_step", "rows_per_wave"):
-        if int(config[name]) < 1:
-            raise ValueError(f"config.{name} must be >= 1, got {config[name]!r}")
     num_prompts = int(config.data.get("num_prompts", 0))
     if num_prompts and config.prompts_per_step > num_prompts:
         raise ValueError(f"config.prompts_per_step={config.prompts_per_step} exceeds config.data.num_prompts="
@@ -311,20 +326,25 @@ def check_config(config) -> None:
     if config.sampling.get("schedule", "waves") == "continuous" and jax.process_count() > 1:
         raise ValueError(f"config.sampling.schedule='continuous' runs on one process, this run has "
                          f"{jax.process_count()}: set config.sampling.schedule='waves'")
-    step_config_of(config)
+    if config.get("attention", "reference") not in ATTENTION_KERNELS:
+        raise ValueError(f"config.attention must be one of {ATTENTION_KERNELS}, got {config.attention!r}")
     make_optimizer(config)
     lora_config(config)
 
 
-@_with_config_errors
 def build_setup(config, task: Task | None = None) -> Setup:
-    """Validates ``config`` (``check_config``; ConfigError naming the field and value) and loads the task and
-    policy.
+    """``check_config`` then ``load_setup``: the Setup of an unchecked ``config`` (ConfigError naming the field)."""
+    check_config(config)
+    return load_setup(config, task)
+
+
+@_with_config_errors
+def load_setup(config, task: Task | None = None) -> Setup:
+    """Loads the task and policy of a ``config`` that passed ``check_config`` and builds the run's parts.
 
     ``task``: a ``tasks.base.Task`` object to use instead of the one ``config.task`` names.
     ``config.steps = 0`` is one epoch of the training prompts (``Setup.config`` holds the number).
     """
-    check_config(config)
     task, policy, train_problems, eval_problems = make_task(config, task)
     if eval_problems is None:
         raise ValueError("config.data.mode='held_out' needs held-out problems: set config.data.held_out_path")
@@ -349,6 +369,6 @@ def build_setup(config, task: Task | None = None) -> Setup:
                              f"targeted projection of this model: at most {narrowest}")
     update_step = make_update_step(policy.config, optimizer, step_config.grpo, step_config.update.grad_accumulation,
                                    lora)
-    return Setup(config=config, policy=policy, learner=Learner(task, policy.config, step_config, update_step, lora),
+    return Setup(config=config, policy=policy, learner=Learner(task, policy.config, step_config, update_step),
                  eval_sampling=eval_sampling, optimizer=optimizer, train_problems=train_problems,
                  eval_problems=eval_problems)

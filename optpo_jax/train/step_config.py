@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from optpo_jax.field_ranges import INT, check_ranges, ranged
 from optpo_jax.grpo import ADVANTAGE_ESTIMATORS, GRPOConfig
 from optpo_jax.sampler import SamplingConfig
 from optpo_jax.sprt import SPRTConfig
@@ -28,7 +29,7 @@ class UpdateConfig:
       grad_accumulation: splits each optimizer step's rows into this many micro-batches
         whose gradients are summed exactly (memory: one micro-batch of activations).
       epochs: passes over the rollouts per training step.
-      advantage_mode: a key of ``grpo.ADVANTAGE_ESTIMATORS``.
+      advantage_estimator: a key of ``grpo.ADVANTAGE_ESTIMATORS``.
       width_bucket: a micro-batch trains at the width of its longest sequence rounded up
         to a multiple of this (0: always prompt bucket + max_new_tokens).
       row_buckets: micro-batch row counts allowed: micro_batch_rows, its half, ... (this
@@ -42,38 +43,25 @@ class UpdateConfig:
         float rounding).
     """
 
-    train_samples_per_prompt: int = 0
-    min_rollouts_per_prompt: int = 0
-    micro_batch_rows: int = 256
-    optimizer_steps: int = 0
-    grad_accumulation: int = 1
-    epochs: int = 1
-    advantage_mode: str = "grpo"
-    width_bucket: int = 16
-    row_buckets: int = 3
-    pack_width: int = 128
+    train_samples_per_prompt: int = ranged(0, INT, 0, 1024)
+    min_rollouts_per_prompt: int = ranged(0, INT, 0, 1024)
+    micro_batch_rows: int = ranged(256, INT, 1, 65536)
+    optimizer_steps: int = ranged(0, INT, 0, 65536)
+    grad_accumulation: int = ranged(1, INT, 1, 65536)
+    epochs: int = ranged(1, INT, 1, 1000)
+    advantage_estimator: str = "grpo"
+    width_bucket: int = ranged(16, INT, 0, 65536)
+    row_buckets: int = ranged(3, INT, 1, 16)
+    pack_width: int = ranged(128, INT, 0, 1 << 20)
 
     def __post_init__(self):
-        if self.train_samples_per_prompt < 0:
-            raise ValueError(f"train_samples_per_prompt must be >= 0, got {self.train_samples_per_prompt}")
-        if self.min_rollouts_per_prompt < 0:
-            raise ValueError(f"min_rollouts_per_prompt must be >= 0, got {self.min_rollouts_per_prompt}")
-        if self.micro_batch_rows < 1:
-            raise ValueError(f"micro_batch_rows must be >= 1, got {self.micro_batch_rows}")
-        if self.optimizer_steps < 0:
-            raise ValueError(f"optimizer_steps must be >= 0, got {self.optimizer_steps}")
-        if self.grad_accumulation < 1 or self.micro_batch_rows % self.grad_accumulation:
-            raise ValueError(f"grad_accumulation={self.grad_accumulation} must be >= 1 and divide "
+        check_ranges(self)
+        if self.micro_batch_rows % self.grad_accumulation:
+            raise ValueError(f"grad_accumulation={self.grad_accumulation} must divide "
                              f"micro_batch_rows={self.micro_batch_rows}")
-        if self.epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
-        if self.width_bucket < 0 or self.row_buckets < 1:
-            raise ValueError(f"width_bucket must be >= 0 and row_buckets >= 1, got {self.width_bucket}, "
-                             f"{self.row_buckets}")
-        if self.pack_width < 0:
-            raise ValueError(f"pack_width must be >= 0, got {self.pack_width}")
-        if self.advantage_mode not in ADVANTAGE_ESTIMATORS:
-            raise ValueError(f"advantage_mode must be one of {tuple(ADVANTAGE_ESTIMATORS)}, got {self.advantage_mode!r}")
+        if self.advantage_estimator not in ADVANTAGE_ESTIMATORS:
+            raise ValueError(f"advantage_estimator must be one of {tuple(ADVANTAGE_ESTIMATORS)}, got "
+                             f"{self.advantage_estimator!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,12 +81,11 @@ class StepConfig:
     sampling: SamplingConfig
     update: UpdateConfig
     grpo: GRPOConfig
-    rows_per_wave: int
+    rows_per_wave: int = ranged(dataclasses.MISSING, INT, 1, 65536)
     reward: str = "consensus"
 
     def __post_init__(self):
-        if self.rows_per_wave < 1:
-            raise ValueError(f"rows_per_wave must be >= 1, got {self.rows_per_wave!r}")
+        check_ranges(self)
         # A prompt's rollouts share its answer table, max_samples slots wide.
         if self.update.min_rollouts_per_prompt > self.sprt.max_samples:
             raise ValueError(f"policy_update.min_rollouts_per_prompt={self.update.min_rollouts_per_prompt} must not "

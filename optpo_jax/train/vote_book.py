@@ -23,8 +23,8 @@ def _update_and_plan(votes: VoteState, prompt_ids, slots, valid, config: SPRTCon
     return votes, rollouts_to_stop(votes, config, prior_state)
 
 
-_update_and_plan_jit = jax.jit(_update_and_plan, static_argnums=(4,))
-_plan = jax.jit(rollouts_to_stop, static_argnums=(1,))
+_update_and_plan_jit = jax.jit(_update_and_plan, static_argnames=("config",))
+_rollouts_to_stop_jit = jax.jit(rollouts_to_stop, static_argnames=("config",))
 
 
 class VoteBook:
@@ -34,7 +34,7 @@ class VoteBook:
         self.votes = jax.tree.map(lambda values: np.array(values), votes)
         self.num_rows = num_rows  # the pool's rows: counts are padded to its row buckets
         self.config, self.prior_state = config, prior_state
-        self.to_stop = np.array(_plan(votes, config, prior_state))
+        self.to_stop = np.array(_rollouts_to_stop_jit(votes, config, prior_state))
 
     def count(self, prompt_ids: np.ndarray, slots: np.ndarray, valid: np.ndarray) -> None:
         """``sprt_update`` of rows (prompt_ids, slots, valid) [n], in row order, on the prompts they touch."""

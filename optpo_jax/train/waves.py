@@ -27,7 +27,7 @@ from optpo_jax.sprt import SPRTConfig, VoteState, sprt_update
 from optpo_jax.train.answer_slots import AnswerSlots
 from optpo_jax.train.distributed import local_rows, mesh_of, process_max, rows_to_global
 
-_update_votes = jax.jit(sprt_update, static_argnums=(4,))
+_sprt_update_jit = jax.jit(sprt_update, static_argnames=("config",))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,4 +103,4 @@ def count_votes(votes: VoteState, answer_slots: AnswerSlots, wave: Wave,
     Returns the new votes and the [R] slot of each row's answer (-1 without one).
     """
     slots = answer_slots.assign(wave.prompt_ids, wave.answers)
-    return _update_votes(votes, wave.prompt_ids, slots, wave.valid, sprt, prior_state=prior_state), slots
+    return _sprt_update_jit(votes, wave.prompt_ids, slots, wave.valid, sprt, prior_state=prior_state), slots

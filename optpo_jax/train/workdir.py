@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import copy
 import fcntl
 import json
 import os
@@ -135,6 +136,28 @@ ADDED_FIELDS = {"policy_update.min_rollouts_per_prompt": 0, "policy_update.optim
                 "policy_update.pack_width": 0, "attention": "reference"}
 
 
+# Fields renamed after runs were saved: old dotted name -> new. A saved config is read under the new names.
+RENAMED_FIELDS = {"policy_update.advantage_mode": "policy_update.advantage_estimator"}
+
+
+def with_current_names(saved: dict) -> dict:
+    """A copy of the nested config dict ``saved`` with ``RENAMED_FIELDS`` under their new names."""
+    renamed = copy.deepcopy(saved)
+    for old, new in RENAMED_FIELDS.items():
+        *old_sections, old_name = old.split(".")
+        section = renamed
+        for name in old_sections:
+            section = section.get(name, {}) if isinstance(section, dict) else {}
+        if isinstance(section, dict) and old_name in section:
+            value = section.pop(old_name)
+            *new_sections, new_name = new.split(".")
+            target = renamed
+            for name in new_sections:
+                target = target.setdefault(name, {})
+            target[new_name] = value
+    return renamed
+
+
 def in_fields(name: str, fields) -> bool:
     """Whether the dotted field ``name`` is one of ``fields``: a name, or a section ending in "."."""
     return any(name == field or (field.endswith(".") and name.startswith(field)) for field in fields)
@@ -142,8 +165,9 @@ def in_fields(name: str, fields) -> bool:
 
 def config_differences(saved: dict, new: dict, allowed=()) -> list[str]:
     """``config.field: saved -> new`` for every field that differs (nested or already flattened dicts), except
-    ``allowed`` fields (``in_fields``); fields added since ``saved`` was written take ``ADDED_FIELDS``."""
-    saved, new = {**ADDED_FIELDS, **flatten(saved)}, {**ADDED_FIELDS, **flatten(new)}
+    ``allowed`` fields (``in_fields``); fields added since ``saved`` was written take ``ADDED_FIELDS``, renamed
+    ones their ``RENAMED_FIELDS`` name."""
+    saved, new = {**ADDED_FIELDS, **flatten(with_current_names(saved))}, {**ADDED_FIELDS, **flatten(new)}
     return [f"config.{name}: {saved.get(name, '<absent>')!r} -> {new.get(name, '<absent>')!r}"
             for name in sorted(set(saved) | set(new))
             if saved.get(name) != new.get(name) and not in_fields(name, allowed)]

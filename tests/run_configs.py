@@ -1,0 +1,37 @@
+"""Tiny run configs and run folders shared by the tests of whole runs."""
+
+import shutil
+from pathlib import Path
+
+from optpo_jax.default_config import arithmetic_config
+
+LORA = {"lora.rank": 4, "lora.alpha": 16.0}
+
+
+def tiny_config(method="optpo", **overrides):
+    config = arithmetic_config(method)
+    config.data.num_prompts = 8
+    config.prompts_per_step = 4
+    config.steps = 3
+    config.rows_per_wave = 32
+    config.sprt.max_samples = 8
+    config.sprt.min_samples = 2
+    config.policy_update.micro_batch_rows = 32
+    config.policy_update.train_samples_per_prompt = 0 if method == "optpo" else 4
+    config.eval.final_samples = 4
+    config.eval.samples = 2
+    config.eval.every_steps = 2
+    config.checkpoint_every = 1
+    # One update shape (every micro-batch padded to 32 rows at the full width), so a tiny run compiles its
+    # update once: fitted micro-batches are tested on their own (test_fitted_micro_batches_train_like_padded_ones).
+    config.policy_update.update(width_bucket=0, row_buckets=1)
+    config.update_from_flattened_dict(overrides)
+    return config
+
+
+def copy_run(source: Path, folder: Path) -> Path:
+    """A copy of the run in ``source`` at ``folder / "run"``, without its lock file."""
+    copy = folder / "run"
+    shutil.copytree(source, copy)
+    (copy / ".lock").unlink(missing_ok=True)
+    return copy
