@@ -11,7 +11,7 @@ loop uses) two ways:
 - packed: each prompt once with its completions, rows of ``pack_width`` tokens, the head
   in chunks (``train.packing``, ``models.logprobs``), the fused MLP (the defaults).
 
-Both give the same update (tests/test_loop.py, tests/test_packing.py). The limit is what the rollouts'
+Both give the same update (tests/train/test_update.py, tests/train/test_packing.py). The limit is what the rollouts'
 tokens (the prompt and completion of every rollout as the reference path feeds them,
 8,182 here) would cost at 6 x parameters
 FLOPs each at this machine's matmul rate for a [tokens, hidden] x [hidden, parameters /

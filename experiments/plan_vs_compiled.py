@@ -4,7 +4,7 @@
 
 Prints, per shape, the plan's bytes (``optpo-jax plan``) and the compiled executables'
 (``memory_compiled.compiled_peak``: one update micro-batch and one wave, compiled, not run),
-and their ratio. The same shapes (but the remat one) are tests/test_memory_plan.py's.
+and their ratio. The same shapes (but the remat one) are tests/train/test_memory_plan.py's.
 """
 
 from optpo_jax.default_config import arithmetic_config

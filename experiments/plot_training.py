@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from optpo_jax.report.compare import discover, load_curves
 from optpo_jax.report.plots import (
     compute_curve_rows,
     plot_compute_curves,
@@ -38,7 +39,6 @@ from optpo_jax.report.plots import (
     training_curve,
     write_csv,
 )
-from optpo_jax.report.compare import discover, load_curves
 from optpo_jax.report.seed_stats import compute_matched, curve_gaps
 
 FIGURES = Path(__file__).resolve().parents[1] / "docs" / "figures"

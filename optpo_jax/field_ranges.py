@@ -18,10 +18,11 @@ INT, REAL = "an integer", "a finite number"
 
 
 class FieldError(ValueError):
-    """A field's value outside its kind or range. ``owner.field`` is named in the message."""
+    """A field's value that cannot run: the message is ``owner.field`` followed by ``problem`` (which starts
+    with " must be ..." or "=value ..."), so that ``train.setup`` can name the config path instead."""
 
     def __init__(self, owner: str, field: str, problem: str):
-        super().__init__(f"{owner}.{field} {problem}" if owner else f"{field} {problem}")
+        super().__init__(f"{owner}.{field}{problem}" if owner else f"{field}{problem}")
         self.field, self.problem = field, problem
 
 
@@ -47,11 +48,11 @@ class Range:
         is_int = isinstance(value, numbers.Integral) and not isinstance(value, bool)
         is_real = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
         if self.kind == INT and not is_int or self.kind == REAL and not is_real:
-            raise FieldError(owner, field, f"must be {self.text()}, got {value!r}")
+            raise FieldError(owner, field, f" must be {self.text()}, got {value!r}")
         above_low = self.low <= value if self.low_inclusive else self.low < value
         below_high = value <= self.high if self.high_inclusive else value < self.high
         if not (above_low and below_high):
-            raise FieldError(owner, field, f"must be {self.text()}, got {value!r}")
+            raise FieldError(owner, field, f" must be {self.text()}, got {value!r}")
         return int(value) if self.kind == INT else float(value)
 
 

@@ -40,7 +40,7 @@ from jax.experimental import checkify
 from jax.scipy.special import betainc
 
 from optpo_jax import posterior
-from optpo_jax.field_ranges import INT, REAL, check_ranges, ranged
+from optpo_jax.field_ranges import INT, REAL, FieldError, check_ranges, ranged
 from optpo_jax.posterior import host_check, host_int32, posterior_mode_prob
 from optpo_jax.predictive import MAX_REMAINING, plurality_at_budget_prob
 from optpo_jax.prior import PriorState, branch_concentrations, learned_concentration, prior_branch
@@ -113,8 +113,8 @@ def _check_posterior_tables(config: SPRTConfig) -> None:
         if entries > posterior.MAX_TABLE_ENTRIES:
             which = (f"SPRTConfig.prior={value!r}" if value == config.prior
                      else f"prior={value!r} (learn_prior: a concentration of prior.PRIOR_GRID)")
-            raise ValueError(
-                f"SPRTConfig.max_samples={config.max_samples} with {which} needs posterior tables of "
+            raise FieldError(
+                "SPRTConfig", "max_samples", f"={config.max_samples} with {which} needs posterior tables of "
                 f"{entries} entries for rule {config.rule!r}; at most {posterior.MAX_TABLE_ENTRIES} fit "
                 "(their nodes grow like 1 / prior): lower max_samples or raise the prior"
             )
@@ -123,8 +123,8 @@ def _check_posterior_tables(config: SPRTConfig) -> None:
 def _check_predictive_budget(config: SPRTConfig) -> None:
     """The predictive rule's [X, R, R] arrays grow like max_samples**3: at most ``MAX_REMAINING``."""
     if config.max_samples > MAX_REMAINING:
-        raise ValueError(
-            f"SPRTConfig.max_samples={config.max_samples} is too large for rule 'predictive' (its arrays "
+        raise FieldError(
+            "SPRTConfig", "max_samples", f"={config.max_samples} is too large for rule 'predictive' (its arrays "
             f"grow like max_samples**3): at most {MAX_REMAINING}"
         )
 

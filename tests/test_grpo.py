@@ -36,8 +36,8 @@ def test_drgrpo_singletons_zero_spread_and_masked_rows_give_zero():
     np.testing.assert_array_equal(np.asarray(got), [0.5, -0.5, 0, 0, 0, 0, 0, 0])
 
 
-def test_advantage_mode_is_validated():
-    with pytest.raises(ValueError, match="'rloo'"):
+def test_advantage_estimator_is_validated():
+    with pytest.raises(ValueError, match="estimator must be one of .*'rloo'"):
         group_advantages(jnp.zeros(2), jnp.zeros(2, jnp.int32), jnp.ones(2, bool), 1, "rloo")
 
 
@@ -227,5 +227,5 @@ def test_an_update_to_non_finite_params_is_skipped():
 def test_a_new_advantage_estimator_is_one_function_and_one_registry_line(monkeypatch):
     monkeypatch.setitem(ADVANTAGE_ESTIMATORS, "sign", lambda centered, variance, eps: jnp.sign(centered))
     advantages = group_advantages(jnp.array([1.0, 0.0, 0.0, 1.0, 1.0]), jnp.array([0, 0, 0, 1, 1]),
-                                  jnp.ones(5, bool), 2, mode="sign")
+                                  jnp.ones(5, bool), 2, estimator="sign")
     np.testing.assert_array_equal(np.asarray(advantages), [1.0, -1.0, -1.0, 0.0, 0.0])

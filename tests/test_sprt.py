@@ -139,7 +139,7 @@ def test_consensus_is_minus_one_without_votes():
         ({"prior": 1e300}, "prior", "[0.001, 1000.0]"),
         ({"prior": True}, "prior", "a finite number"),
         ({"prior": "1.0"}, "prior", "a finite number"),
-        ({"threshold": float("nan")}, "threshold", "(0, 1)"),
+        ({"threshold": float("nan")}, "threshold", "(0.0, 1.0)"),
     ],
 )
 def test_config_rejects_non_integer_sizes_and_unusable_priors(fields, field, bound):
@@ -302,13 +302,13 @@ def test_integer_valid_is_read_as_nonzero(maybe_jit):
     "argument, rows",
     [
         ("prompt_ids", (jnp.array([0.7, 1.2]), jnp.array([0, 0]), jnp.ones(2, bool))),
-        ("answer_slots", (jnp.array([0, 1]), jnp.array([0.9, 1.5]), jnp.ones(2, bool))),
-        ("answer_slots", (jnp.array([0, 1]), jnp.array([True, False]), jnp.ones(2, bool))),
+        ("slot_ids", (jnp.array([0, 1]), jnp.array([0.9, 1.5]), jnp.ones(2, bool))),
+        ("slot_ids", (jnp.array([0, 1]), jnp.array([True, False]), jnp.ones(2, bool))),
         ("valid", (jnp.array([0, 1]), jnp.array([0, 0]), jnp.array([0.5, 1.0]))),
     ],
 )
 def test_non_integer_dtypes_raise_naming_the_argument(argument, rows, maybe_jit):
-    dtype = rows[("prompt_ids", "answer_slots", "valid").index(argument)].dtype
+    dtype = rows[("prompt_ids", "slot_ids", "valid").index(argument)].dtype
     update = maybe_jit(functools.partial(sprt_update, config=CONFIG))
     with pytest.raises(TypeError, match=f"{argument} must .*{dtype}"):
         update(init_vote_state(2, 2), *rows)
@@ -338,7 +338,7 @@ def test_readme_vmap_snippet_runs_and_matches_each_problem_alone(capsys):
     assert num_problems >= 2 and batched.counts.shape[0] == num_problems
     for i in range(num_problems):
         alone = sprt_update(init_vote_state(*batched.counts.shape[1:]), namespace["prompt_ids"][i],
-                            namespace["answer_slots"][i], namespace["valid"][i], config)
+                            namespace["slot_ids"][i], namespace["valid"][i], config)
         _assert_same_state(jax.tree.map(lambda x, i=i: x[i], batched), alone)
 
 
@@ -446,9 +446,9 @@ def test_margin_is_walds_test_on_the_margin_for_two_answers():
 
 
 @pytest.mark.parametrize("fields, message", [
-    ({"rule": "margin", "margin_p0": 1.2}, "SPRTConfig.margin_p0 must lie in (0.5, 1), got 1.2"),
-    ({"rule": "margin", "margin_p0": 0.5}, "SPRTConfig.margin_p0 must lie in (0.5, 1), got 0.5"),
-    ({"rule": "esc", "learn_prior": True}, "SPRTConfig.learn_prior needs a rule with a prior"),
+    ({"rule": "margin", "margin_p0": 1.2}, "SPRTConfig.margin_p0 must be a finite number in (0.5, 1.0), got 1.2"),
+    ({"rule": "margin", "margin_p0": 0.5}, "SPRTConfig.margin_p0 must be a finite number in (0.5, 1.0), got 0.5"),
+    ({"rule": "esc", "learn_prior": True}, "SPRTConfig.learn_prior needs a rule that reads a prior"),
 ])
 def test_invalid_rule_parameters_are_named(fields, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):

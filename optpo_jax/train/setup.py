@@ -38,7 +38,7 @@ def _build(kind, fields, section: str):
     try:
         return kind(**(fields.to_dict() if hasattr(fields, "to_dict") else dict(fields)))
     except FieldError as error:
-        raise ConfigError(f"{prefix}{error.field} {error.problem}") from None
+        raise ConfigError(f"{prefix}{error.field}{error.problem}") from None
     except (TypeError, ValueError) as error:
         raise ConfigError(f"{prefix.rstrip('.')}: {error}") from error
 
@@ -293,6 +293,9 @@ def step_config_of(config, stop_token_ids=(), pad_token_id: int = 0) -> tuple[St
     sampling = _build(SamplingConfig, dict(config.sampling, **common), "sampling")
     eval_sampling = _build(SamplingConfig, dict(config.sampling, **common, temperature=config.eval.temperature,
                                                 top_p=config.eval.top_p), "eval")
+    if not sampling.temperature > 0:  # checked here: GRPOConfig, built from it, would name its own field
+        raise ConfigError(f"config.sampling.temperature must be > 0 for training (greedy sampling cannot be trained "
+                          f"on: the update divides logits by it), got {config.sampling.temperature!r}")
     grpo = _build(GRPOConfig, dict(config.grpo, temperature=sampling.temperature,
                                    token_scale=sampling.max_new_tokens), "grpo")
     parts = {"sprt": _build(SPRTConfig, config.sprt, "sprt"), "sampling": sampling, "grpo": grpo,
@@ -308,9 +311,6 @@ def check_config(config) -> None:
     once per run: what ``train`` and ``compare`` pass before anything in a workdir is removed or trained."""
     check_experiment_fields(config)
     step_config_of(config)
-    if not float(config.sampling.temperature) > 0:
-        raise ValueError(f"config.sampling.temperature must be > 0 for training (greedy sampling cannot be trained "
-                         f"on: the update divides logits by it), got {config.sampling.temperature!r}")
     if config.get("reward", "consensus") not in REWARDS:
         raise ValueError(f"config.reward must be one of {tuple(REWARDS)}, got {config.reward!r}")
     if config.data.mode not in DATA_MODES:

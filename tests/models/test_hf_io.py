@@ -177,13 +177,12 @@ def save_run(workdir, run_args, float32_master: bool) -> tuple[dict, dict]:
     (as after steps below bfloat16's resolution). Returns (master or None, params) by checkpoint key."""
     from optpo_jax.optim import MasterState
     from optpo_jax.train.checkpoints import Checkpointer
-    from optpo_jax.train.loop import init_train_state
     from optpo_jax.train.setup import build_setup
 
     config = run_config(*run_args, float32_master=float32_master)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(config.to_json_best_effort())  # export reads the run's own config
-    state = init_train_state(build_setup(config))
+    state = build_setup(config).initial_state()
     keys = iter(jax.random.split(jax.random.key(0), 1000))
     master = jax.tree.map(lambda p: p.astype(jnp.float32) * (1 + 1e-4 * jax.random.normal(next(keys), p.shape)),
                           state.params)

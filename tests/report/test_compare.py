@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from optpo_jax.train.checkpoints import Checkpointer
 from optpo_jax.report.compare import compare_methods, discover, run_action
+from optpo_jax.train.checkpoints import Checkpointer
 from optpo_jax.train.config_checks import ConfigError
 from optpo_jax.train.workdir import WorkdirError
 from tests.run_configs import tiny_config

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 
 from optpo_jax.default_config import arithmetic_config
+from optpo_jax.train.batches import batch_problems
 from optpo_jax.train.config_checks import ConfigError
-from optpo_jax.train.loop import batch_problems, train
+from optpo_jax.train.loop import train
 from optpo_jax.train.setup import build_setup
 from optpo_jax.train.workdir import WorkdirError
 from tests.doc_blocks import ROOT
@@ -183,7 +184,7 @@ def test_resume_after_the_data_or_the_model_changed_is_refused(tmp_path):
     with pytest.raises(WorkdirError, match="--resume: the run's task, data or model differ.*train_prompts"):
         train(config, tmp_path / "run", resume=True, progress=False, task=Sums(4))
     # eval / export of it through the command line build the config's own task, not the one it trained with
-    from optpo_jax.train.loop import check_fingerprints
+    from optpo_jax.train.fingerprints import check_fingerprints
     from optpo_jax.train.setup import build_setup
 
     with pytest.raises(WorkdirError, match=r"eval: .*task: tests.train.test_loop.*Sums -> optpo_jax.tasks.arithmetic"):
@@ -212,18 +213,18 @@ def test_record_votes_reads_a_lora_run_with_its_own_config(tmp_path):
     import jax
 
     from optpo_jax.train.checkpoints import Checkpointer
-    from optpo_jax.train.loop import init_train_state, run_eval
+    from optpo_jax.train.evaluation import run_eval
 
     config = _small_config(**{"lora.rank": 4, "data.num_prompts": 4})
     setup = build_setup(config)
-    state = init_train_state(setup)
+    state = setup.initial_state()
     adapters = jax.tree.map(lambda leaf: leaf + 0.05, state.params)  # B != 0: the merge differs from the base
     state = state.replace(params=adapters)
     workdir = tmp_path / "run"
     workdir.mkdir()
     (workdir / "config.json").write_text(config.to_json_best_effort())
     checkpointer = Checkpointer(workdir / "checkpoints")
-    checkpointer.save(1, {"params": state.params, "opt_state": state.opt_state}, {"step": 1})
+    checkpointer.save(1, state.checkpointed(), {"step": 1})
     checkpointer.wait()
     spec = importlib.util.spec_from_file_location("record_votes", ROOT / "experiments/record_votes.py")
     record_votes = importlib.util.module_from_spec(spec)

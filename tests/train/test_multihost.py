@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from optpo_jax.tasks.arithmetic import SHIFTED, generate_problems
-from optpo_jax.train.loop import batch_problems
+from optpo_jax.train.batches import batch_problems
 from tests.run_configs import tiny_config
 
 WORKER = Path(__file__).with_name("multihost_worker.py")

@@ -30,7 +30,7 @@ def test_collected_rollouts_match_the_votes(setup, rule):
     if rule == "fixed":
         config = dataclasses.replace(config, sprt=SPRTConfig(rule="fixed", max_samples=8))
     problems = setup.train_problems[:5]
-    rollouts, carry = collect_rollouts(setup.policy.params, setup.policy.config, setup.task, problems, config,
+    rollouts, carry = collect_rollouts(setup.policy.params, dataclasses.replace(setup.learner, config=config), problems,
                                        jax.random.key(0))
     assert carry is None
     votes = rollouts.votes
@@ -53,10 +53,9 @@ def test_collected_rollouts_match_the_votes(setup, rule):
 
 def test_lookahead_prompts_use_spare_rows_and_carry_their_votes(setup):
     first, second = setup.train_problems[:3], setup.train_problems[3:6]
-    args = (setup.policy.params, setup.policy.config, setup.task)
-    config = setup.learner.config
-    alone, _ = collect_rollouts(*args, first, config, jax.random.key(2))
-    batch, carry = collect_rollouts(*args, first, config, jax.random.key(2), lookahead=second)
+    args = (setup.policy.params, setup.learner)
+    alone, _ = collect_rollouts(*args, first, jax.random.key(2))
+    batch, carry = collect_rollouts(*args, first, jax.random.key(2), lookahead=second)
     # The batch gets the rows it would get alone (it is served first); spare rows went to `second`.
     np.testing.assert_array_equal(batch.prompt_index, alone.prompt_index)
     np.testing.assert_array_equal(batch.slots, alone.slots)
@@ -64,7 +63,7 @@ def test_lookahead_prompts_use_spare_rows_and_carry_their_votes(setup):
     early = np.bincount(carry.kept["prompt_index"], minlength=3)
     np.testing.assert_array_equal(early, np.asarray(carry.votes.num_samples))
     assert early.sum() == batch.rows_used - len(batch.prompt_index) > 0
-    later, none = collect_rollouts(*args, second, config, jax.random.key(3), carry=carry)
+    later, none = collect_rollouts(*args, second, jax.random.key(3), carry=carry)
     assert none is None and np.asarray(later.votes.done).all()
     per_prompt = np.bincount(later.prompt_index, minlength=3)
     np.testing.assert_array_equal(per_prompt, np.asarray(later.votes.num_samples))
@@ -77,11 +76,13 @@ def test_lookahead_prompts_use_spare_rows_and_carry_their_votes(setup):
 def test_min_rollouts_per_prompt_draws_for_the_update_without_changing_the_vote(setup):
     """policy_update.min_rollouts_per_prompt (the paper's N): after a prompt's vote stopped it still draws
     up to N rollouts; the vote (counts, label) is exactly what it was without them."""
-    args = (setup.policy.params, setup.policy.config, setup.task, setup.train_problems[:5])
+    problems = setup.train_problems[:5]
     config = dataclasses.replace(setup.learner.config, sprt=SPRTConfig(threshold=0.6, min_samples=2, max_samples=8))
-    plain, _ = collect_rollouts(*args, config, jax.random.key(4))
+    learner = lambda config: dataclasses.replace(setup.learner, config=config)
+    plain, _ = collect_rollouts(setup.policy.params, learner(config), problems, jax.random.key(4))
     topped_config = dataclasses.replace(config, update=dataclasses.replace(config.update, min_rollouts_per_prompt=7))
-    topped, _ = collect_rollouts(*args, topped_config, jax.random.key(4), lookahead=setup.train_problems[5:8])
+    topped, _ = collect_rollouts(setup.policy.params, learner(topped_config), problems, jax.random.key(4),
+                                 lookahead=setup.train_problems[5:8])
     votes = np.asarray(topped.votes.num_samples)
     np.testing.assert_array_equal(votes, np.asarray(plain.votes.num_samples))
     np.testing.assert_array_equal(np.asarray(topped.votes.counts), np.asarray(plain.votes.counts))
@@ -121,5 +122,5 @@ def test_a_wave_that_loses_votes_is_an_error_even_under_python_O(monkeypatch):
 
     monkeypatch.setattr(rollouts_module, "count_votes", losing_count)
     with pytest.raises(RuntimeError, match="voting rows added"):
-        rollouts_module.collect_rollouts(setup.policy.params, setup.policy.config, setup.task,
-                                         setup.train_problems[:4], setup.learner.config, jax.random.key(0))
+        rollouts_module.collect_rollouts(setup.policy.params, setup.learner, setup.train_problems[:4],
+                                         jax.random.key(0))

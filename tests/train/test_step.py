@@ -11,8 +11,8 @@ from optpo_jax.train.rewards import REWARDS, consensus_labels, consensus_rewards
 from optpo_jax.train.rollouts import collect_rollouts
 from optpo_jax.train.setup import build_setup
 from optpo_jax.train.step import training_rows
-from optpo_jax.train.update import batch_logprobs, fit_micro_batch, update_rows
 from optpo_jax.train.step_config import UpdateConfig
+from optpo_jax.train.update import batch_logprobs, fit_micro_batch, update_rows
 
 
 def test_rewards_rows_and_old_logprobs_line_up(setup):

@@ -9,13 +9,13 @@ import pytest
 
 from optpo_jax.train.rollouts import collect_rollouts
 from optpo_jax.train.setup import build_setup
-from optpo_jax.train.step import update_rows
 from optpo_jax.train.step_config import UpdateConfig
+from optpo_jax.train.update import update_rows
 from tests.run_configs import tiny_config
 
 
 def test_micro_batch_shapes_follow_the_rows_and_the_longest_sequence():
-    from optpo_jax.train.step import micro_batch_shape
+    from optpo_jax.train.update import micro_batch_shape
 
     config = UpdateConfig(micro_batch_rows=256, width_bucket=16, row_buckets=3)
     assert micro_batch_shape(256, 40, 256, 55, config) == (256, 48)
@@ -37,12 +37,10 @@ def test_fitted_and_packed_micro_batches_train_like_padded_ones(setup):
 
     import optax
 
-    from optpo_jax.train.loop import init_train_state
-    from optpo_jax.train.step import make_update_step, update_policy
+    from optpo_jax.train.update import make_update_step, update_policy
 
     problems = setup.train_problems[:4]
-    rollouts, _ = collect_rollouts(setup.policy.params, setup.policy.config, setup.task, problems,
-                                   setup.learner.config, jax.random.key(5))
+    rollouts, _ = collect_rollouts(setup.policy.params, setup.learner, problems, jax.random.key(5))
     advantages = np.random.default_rng(0).standard_normal(len(rollouts.prompt_index)).astype(np.float32)
     arrays = update_rows(rollouts, np.arange(len(advantages)), advantages)
     learning_rate = 1e-2
@@ -57,7 +55,7 @@ def test_fitted_and_packed_micro_batches_train_like_padded_ones(setup):
                              update_step=make_update_step(setup.policy.config, sgd, setup.learner.config.grpo,
                                                           accumulation))
         params = jax.tree.map(jnp.copy, setup.policy.params)  # the update donates what it is given
-        state = init_train_state(setup).replace(params=params, opt_state=sgd.init(params))
+        state = setup.initial_state().replace(params=params, opt_state=sgd.init(params))
         state, metrics = update_policy(state, arrays, learner, np.random.default_rng(1))
         results.append((jax.tree.leaves(state.params), metrics))
     (padded, padded_metrics) = results[0]
@@ -78,14 +76,12 @@ def test_float32_master_updates_float32_params():
     """optimizer.float32_master on float32 params: the update runs (it once donated one buffer as both the params
     and the master copy) and the params follow the master copy (closed form: p + (m - p) in float32 is m up to the
     rounding of m - p, an ulp of the old p or of m)."""
-    from optpo_jax.train.loop import init_train_state
-    from optpo_jax.train.step import update_policy
+    from optpo_jax.train.update import update_policy
 
     setup = build_setup(tiny_config(**{"optimizer.float32_master": True}))
-    rollouts, _ = collect_rollouts(setup.policy.params, setup.policy.config, setup.task, setup.train_problems[:2],
-                                   setup.learner.config, jax.random.key(5))
+    rollouts, _ = collect_rollouts(setup.policy.params, setup.learner, setup.train_problems[:2], jax.random.key(5))
     advantages = np.random.default_rng(0).standard_normal(len(rollouts.prompt_index)).astype(np.float32)
-    state = init_train_state(setup)
+    state = setup.initial_state()
     before = [np.asarray(leaf).copy() for leaf in jax.tree.leaves(state.params)]
     state, metrics = update_policy(state, update_rows(rollouts, np.arange(len(advantages)), advantages),
                                    setup.learner, np.random.default_rng(1))
@@ -100,8 +96,7 @@ def test_float32_master_updates_float32_params():
 def test_optimizer_steps_fixes_the_number_of_updates(setup):
     """policy_update.optimizer_steps = k: k updates whatever the rows (fewer only with fewer rows than k; chunks of
     micro_batch_rows when k of them cannot hold the rows); 0: one update per micro_batch_rows."""
-    from optpo_jax.train.loop import init_train_state
-    from optpo_jax.train.step import _step_cuts, update_policy
+    from optpo_jax.train.update import _step_cuts, update_policy
 
     # Cuts at ceil(i M / k): k = 4 over 9 rows is 3 + 2 + 2 + 2 (steps of ceil(9 / 4) = 3 rows would make only 3).
     assert _step_cuts(9, 16, 4) == [0, 3, 5, 7, 9]
@@ -115,16 +110,15 @@ def test_optimizer_steps_fixes_the_number_of_updates(setup):
     assert _step_cuts(0, 16, 4) == [0] and _step_cuts(0, 16, 0) == [0]  # no rows, no step
 
     # The update takes those steps.
-    rollouts, _ = collect_rollouts(setup.policy.params, setup.policy.config, setup.task, setup.train_problems[:4],
-                                   setup.learner.config, jax.random.key(5))
+    rollouts, _ = collect_rollouts(setup.policy.params, setup.learner, setup.train_problems[:4], jax.random.key(5))
     advantages = np.random.default_rng(0).standard_normal(len(rollouts.prompt_index)).astype(np.float32)
     assert len(advantages) > 24
     arrays = update_rows(rollouts, np.arange(len(advantages)), advantages)
     update = dataclasses.replace(setup.learner.config.update, optimizer_steps=3, micro_batch_rows=16)
     learner = dataclasses.replace(setup.learner, config=dataclasses.replace(setup.learner.config, update=update))
-    state = init_train_state(setup)
+    state = setup.initial_state()
     state = state.replace(params=jax.tree.map(jnp.copy, state.params))
     _, metrics = update_policy(state, arrays, learner, np.random.default_rng(1))
     assert metrics["optimizer_steps"] == 3
-    with pytest.raises(ValueError, match="optimizer_steps must be >= 0, got -1"):
+    with pytest.raises(ValueError, match=r"UpdateConfig.optimizer_steps must be an integer in \[0, 65536\], got -1"):
         UpdateConfig(optimizer_steps=-1)
