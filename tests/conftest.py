@@ -31,3 +31,11 @@ def lora_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("lora") / "run"
     train(tiny_config(steps=2, **LORA), workdir, progress=False)
     return workdir
+
+
+@pytest.fixture
+def lora_run_copy(lora_run, tmp_path):
+    """A copy of ``lora_run`` for a test that changes it."""
+    from tests.run_configs import copy_run
+
+    return copy_run(lora_run, tmp_path)

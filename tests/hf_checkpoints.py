@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config
@@ -71,3 +72,9 @@ def write_checkpoint(family: str, folder: Path, seed: int = 0):
     model.save_pretrained(folder, **kwargs)
     tiny_tokenizer().save_pretrained(folder)
     return model
+
+
+def torch_logits(torch_model, tokens):
+    """The reference logits: transformers' PyTorch model on ``tokens`` [B, T]."""
+    with torch.no_grad():
+        return torch_model(torch.as_tensor(np.asarray(tokens), dtype=torch.long)).logits.numpy()

@@ -29,6 +29,20 @@ def tiny_config(method="optpo", **overrides):
     return config
 
 
+def small_config(**overrides):
+    """The embedded OptPO config on 8 prompts, 4 a step, waves of 32 rows (its other settings as shipped)."""
+    config = arithmetic_config("optpo")
+    config.data.num_prompts, config.prompts_per_step, config.rows_per_wave = 8, 4, 32
+    config.update_from_flattened_dict(overrides)
+    return config
+
+
+def run_files(workdir: Path) -> dict:
+    """{relative path: bytes} of every file in ``workdir`` but its lock: what a refused command must leave as it was."""
+    return {str(path.relative_to(workdir)): path.read_bytes() for path in sorted(workdir.rglob("*"))
+            if path.is_file() and path.name != ".lock"}
+
+
 def copy_run(source: Path, folder: Path) -> Path:
     """A copy of the run in ``source`` at ``folder / "run"``, without its lock file."""
     copy = folder / "run"

@@ -11,7 +11,7 @@ import pytest
 from optpo_jax.cli import COMMAND_FLAGS, COMMANDS
 from tests.cli_in_process import run_command
 from tests.doc_blocks import code_blocks
-from tests.run_configs import copy_run
+from tests.run_configs import run_files
 
 
 def _help(*args):
@@ -91,41 +91,31 @@ def test_the_cli_prints_a_config_error_as_one_line(tmp_path):
     assert not (tmp_path / "cmp" / "optpo").exists()  # the baseline was checked before the first run
 
 
-@pytest.fixture
-def run_copy(lora_run, tmp_path):
-    return copy_run(lora_run, tmp_path)
-
-
-def _files(workdir: Path) -> dict:
-    return {str(path.relative_to(workdir)): path.read_bytes() for path in sorted(workdir.rglob("*"))
-            if path.is_file() and path.name != ".lock"}
-
-
-def test_eval_reads_the_runs_config_and_refuses_flags_that_differ(run_copy, capsys):
+def test_eval_reads_the_runs_config_and_refuses_flags_that_differ(lora_run_copy, capsys):
     """A LoRA run evaluated with no config flags reproduces its own final evaluation (same samples and seed);
     --config.lora.* that differ are refused, naming them (they once gave pass@1 0.0 and exit 0)."""
-    summary = json.loads((run_copy / "summary.json").read_text())
-    code, out, _ = run_command(capsys, "eval", f"--workdir={run_copy}")
-    assert code == 0 and f"evaluating {run_copy} at step 2" in out
+    summary = json.loads((lora_run_copy / "summary.json").read_text())
+    code, out, _ = run_command(capsys, "eval", f"--workdir={lora_run_copy}")
+    assert code == 0 and f"evaluating {lora_run_copy} at step 2" in out
     assert json.loads(out[out.index("{"):]) == summary["after"]
     # Overrides reach ml_collections from the process's own command line, so these run as commands.
-    refused = _cli("eval", f"--workdir={run_copy}", "--config.lora.rank=8", "--config.lora.alpha=1000")
+    refused = _cli("eval", f"--workdir={lora_run_copy}", "--config.lora.rank=8", "--config.lora.alpha=1000")
     assert refused.returncode != 0 and "Traceback" not in refused.stderr
     assert refused.stderr.strip().splitlines()[-1].startswith("optpo-jax: error: eval uses the run's own config")
     assert "config.lora.alpha: 16.0 -> 1000" in refused.stderr and "config.lora.rank: 4 -> 8" in refused.stderr
-    export = _cli("export", f"--workdir={run_copy}", f"--out={run_copy.parent / 'model'}", "--config.lora.alpha=1000")
+    export = _cli("export", f"--workdir={lora_run_copy}", f"--out={lora_run_copy.parent / 'model'}", "--config.lora.alpha=1000")
     assert export.returncode != 0 and "config.lora.alpha" in export.stderr
-    assert not (run_copy.parent / "model").exists()
+    assert not (lora_run_copy.parent / "model").exists()
 
 
-def test_eval_of_a_workdir_without_a_run_is_an_error_and_export_never_writes_into_a_run(run_copy, tmp_path, capsys):
+def test_eval_of_a_workdir_without_a_run_is_an_error_and_export_never_writes_into_a_run(lora_run_copy, tmp_path, capsys):
     code, _, _ = run_command(capsys, "eval", f"--workdir={tmp_path / 'reff'}")
     assert "holds no run" in code
-    before = _files(run_copy)
-    code, _, _ = run_command(capsys, "export", f"--workdir={run_copy}", f"--out={run_copy}")
-    assert "holds a training run" in code and _files(run_copy) == before
+    before = run_files(lora_run_copy)
+    code, _, _ = run_command(capsys, "export", f"--workdir={lora_run_copy}", f"--out={lora_run_copy}")
+    assert "holds a training run" in code and run_files(lora_run_copy) == before
     (tmp_path / "a_file").write_text("x")
-    code, _, _ = run_command(capsys, "export", f"--workdir={run_copy}", f"--out={tmp_path / 'a_file'}")
+    code, _, _ = run_command(capsys, "export", f"--workdir={lora_run_copy}", f"--out={tmp_path / 'a_file'}")
     assert "is a file, not a directory" in code
 
 

@@ -1,23 +1,15 @@
 """CPU smoke test of experiments/bench_accelerator.py at a reduced shape: sane outputs, no timing claims."""
 
-import importlib
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
+from tests.experiments.scripts import experiment_module
 
 
 @pytest.fixture(scope="module")
 def bench():
-    """The script as a module; it imports its sibling bench_common, so experiments/ goes on the path."""
-    sys.path.insert(0, str(EXPERIMENTS))
-    try:
-        yield importlib.import_module("bench_accelerator")
-    finally:
-        sys.path.remove(str(EXPERIMENTS))
+    yield from experiment_module("bench_accelerator")
 
 
 def test_reduced_run_gives_sane_throughputs_and_table(bench):

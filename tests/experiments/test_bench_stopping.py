@@ -1,23 +1,17 @@
 """experiments/bench_stopping.py's flags on a small vote file: --data, --rule, --config, --wave, --json, online prior."""
 
-import importlib
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
+from tests.experiments.scripts import EXPERIMENTS, experiment_module
+
 ROOT = EXPERIMENTS.parent
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(EXPERIMENTS))
-    try:
-        yield importlib.import_module("bench_stopping")
-    finally:
-        sys.path.remove(str(EXPERIMENTS))
+    yield from experiment_module("bench_stopping")
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 import torch
 
 from optpo_jax.models import (
@@ -13,21 +12,7 @@ from optpo_jax.models import (
     padded_positions,
 )
 from optpo_jax.sampler import SamplingConfig, sample
-from tests.hf_checkpoints import FAMILIES, VOCAB, write_checkpoint
-
-FAMILY_NAMES = sorted(FAMILIES)
-
-
-@pytest.fixture(scope="module", params=FAMILY_NAMES)
-def checkpoint(request, tmp_path_factory):
-    folder = tmp_path_factory.mktemp(request.param)
-    torch_model = write_checkpoint(request.param, folder)
-    return request.param, folder, torch_model
-
-
-def _torch_logits(torch_model, tokens):
-    with torch.no_grad():
-        return torch_model(torch.as_tensor(np.asarray(tokens), dtype=torch.long)).logits.numpy()
+from tests.hf_checkpoints import VOCAB, torch_logits
 
 
 def test_logits_match_transformers(checkpoint):
@@ -38,7 +23,7 @@ def test_logits_match_transformers(checkpoint):
     model = load_hf(folder)
     tokens = np.random.default_rng(0).integers(0, VOCAB, (3, 17))
     ours = np.asarray(model(tokens))
-    difference = np.max(np.abs(ours - _torch_logits(torch_model, tokens)))
+    difference = np.max(np.abs(ours - torch_logits(torch_model, tokens)))
     print(f"{family}: max |logit difference| = {difference:.2e}")
     assert difference <= 1e-4
     assert model.tokenizer.chat_template is not None

@@ -23,7 +23,7 @@ from optpo_jax.models import (
     save_hf,
 )
 from optpo_jax.models.hf_io import hf_key
-from tests.hf_checkpoints import FAMILIES, VOCAB, tiny_tokenizer, write_checkpoint
+from tests.hf_checkpoints import VOCAB, tiny_tokenizer, torch_logits, write_checkpoint
 
 TOKENS = np.array([[1, 5, 9, 17, 33, 60, 2, 7], [1, 88, 4, 4, 12, 95, 40, 3]], np.int32)
 
@@ -332,21 +332,6 @@ def test_unknown_dtype_names_the_argument_and_the_choices(qwen2_folder, argument
         load_hf(qwen2_folder, load_tokenizer=False, **{argument: bad})
 
 
-FAMILY_NAMES = sorted(FAMILIES)
-
-
-@pytest.fixture(scope="module", params=FAMILY_NAMES)
-def checkpoint(request, tmp_path_factory):
-    folder = tmp_path_factory.mktemp(request.param)
-    torch_model = write_checkpoint(request.param, folder)
-    return request.param, folder, torch_model
-
-
-def _torch_logits(torch_model, tokens):
-    with torch.no_grad():
-        return torch_model(torch.as_tensor(np.asarray(tokens), dtype=torch.long)).logits.numpy()
-
-
 def test_save_hf_round_trip_loads_in_transformers(checkpoint, tmp_path):
     # Reference: transformers' AutoModelForCausalLM loading what save_hf wrote.
     _, folder, torch_model = checkpoint
@@ -354,7 +339,7 @@ def test_save_hf_round_trip_loads_in_transformers(checkpoint, tmp_path):
     save_hf(model, tmp_path / "out")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
     tokens = np.random.default_rng(2).integers(0, VOCAB, (2, 9))
-    np.testing.assert_allclose(_torch_logits(reloaded, tokens), _torch_logits(torch_model, tokens), atol=1e-5)
+    np.testing.assert_allclose(torch_logits(reloaded, tokens), torch_logits(torch_model, tokens), atol=1e-5)
     assert (tmp_path / "out" / "tokenizer_config.json").exists()
 
 

@@ -2,22 +2,12 @@
 
 import jax
 import numpy as np
-import pytest
 
 from optpo_jax.models import (
     load_hf,
     partition_specs,
 )
-from tests.hf_checkpoints import FAMILIES, VOCAB, write_checkpoint
-
-FAMILY_NAMES = sorted(FAMILIES)
-
-
-@pytest.fixture(scope="module", params=FAMILY_NAMES)
-def checkpoint(request, tmp_path_factory):
-    folder = tmp_path_factory.mktemp(request.param)
-    torch_model = write_checkpoint(request.param, folder)
-    return request.param, folder, torch_model
+from tests.hf_checkpoints import VOCAB
 
 
 def test_partition_specs_leave_results_unchanged_on_a_mesh(checkpoint):

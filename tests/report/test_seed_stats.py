@@ -1,7 +1,5 @@
 """optpo_jax/report/seed_stats.py: paired statistics, curves and reading a run's files."""
 
-import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,31 +7,11 @@ from scipy import stats
 
 from optpo_jax.report import seed_stats
 from optpo_jax.train.workdir import WorkdirError
-
-LINES = [{"step": 0, "eval/pass@1": 0.25, "eval/pass@1_stderr": 0.1},
-         {"step": 1, "rollouts": 8, "total_rollouts": 8, "train_seconds": 1.0},
-         {"step": 2, "rollouts": 8, "total_rollouts": 16, "train_seconds": 2.0, "eval/pass@1": 0.5}]
-
-
-CUT = '{"step": 3, "rollouts": 8, "total_roll'  # a kill while appending step 3
-
-
-def _jsonl(records) -> str:
-    return "".join(json.dumps(record) + "\n" for record in records)
-
-
-def _run_dir(path: Path, metrics: str) -> Path:
-    """A finished run's files, as ``seed_stats.read_run`` reads them."""
-    path.mkdir(parents=True)
-    (path / "config.json").write_text(json.dumps({"steps": 2, "data": {"mode": "test"}}))
-    (path / "summary.json").write_text(json.dumps({"steps": 2, "after": {"pass@1": 0.5}}))
-    (path / "final_eval.json").write_text(json.dumps({"per_prompt_pass@1": [0.5], "prompts_sha256": "x"}))
-    (path / "metrics.jsonl").write_text(metrics)
-    return path
+from tests.metrics_files import CUT_LINE, METRICS_LINES, jsonl, run_dir
 
 
 def test_a_cut_last_metrics_line_is_dropped_when_a_run_is_read(tmp_path):
-    run = _run_dir(tmp_path / "run", _jsonl(LINES) + CUT)
+    run = run_dir(tmp_path / "run", jsonl(METRICS_LINES) + CUT_LINE)
     with pytest.warns(UserWarning, match="metrics.jsonl: its last line was cut"):
         curve = seed_stats.read_run(run)["curve"]
     assert curve["step"].tolist() == [0, 2] and curve["rollouts"].tolist() == [0, 16]
@@ -42,7 +20,7 @@ def test_a_cut_last_metrics_line_is_dropped_when_a_run_is_read(tmp_path):
 @pytest.mark.parametrize("name", ["config.json", "summary.json", "final_eval.json"])
 @pytest.mark.parametrize("text", ["", '{"steps": 2, "af'])
 def test_reading_a_run_with_an_empty_or_cut_json_file_is_a_named_error(tmp_path, name, text):
-    run = _run_dir(tmp_path / "run", _jsonl(LINES))
+    run = run_dir(tmp_path / "run", jsonl(METRICS_LINES))
     (run / name).write_text(text)
     with pytest.raises(WorkdirError, match=rf"{name} is (empty|cut).*(--resume|--overwrite)"):
         seed_stats.read_run(run)

@@ -20,6 +20,7 @@ from optpo_jax.tasks.math import (
     MathEquivalence,
     MathTask,
 )
+from tests.tasks.fakes import FakeTokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -186,16 +187,6 @@ def test_fast_path_needs_no_worker():
         MathEquivalence(timeout_seconds=0)
 
 
-class _FakeTokenizer:
-    pad_token_id, eos_token_id, unk_token_id = 0, 0, None
-
-    def convert_tokens_to_ids(self, token):
-        return 0
-
-    def decode(self, tokens, skip_special_tokens=True):
-        return "".join(tokens)
-
-
 def test_junk_after_a_number_is_not_that_number():
     """Item 10: math-verify used to read the first number out of unparseable LaTeX."""
     equal = MathEquivalence(timeout_seconds=2)
@@ -292,7 +283,7 @@ def test_a_pair_whose_worker_always_dies_is_an_error_never_a_cached_verdict(doom
     from optpo_jax.train.metrics import task_counters
 
     with GradingPool(workers=1) as pool:
-        task = MathTask(_FakeTokenizer(), multiple_choice=True)  # multiple choice: starts no default pool
+        task = MathTask(FakeTokenizer(), multiple_choice=True)  # multiple choice: starts no default pool
         task.equivalent = MathEquivalence(timeout_seconds=5, pool=pool)
         task.grader = MathEquivalence(timeout_seconds=5, pool=pool)
         doom["check"] = True

@@ -29,6 +29,7 @@ from optpo_jax.tasks.math import (
 )
 from optpo_jax.train import train
 from optpo_jax.train.answer_slots import AnswerSlots
+from tests.tasks.fakes import FakeTokenizer
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 
@@ -293,16 +294,6 @@ def test_extraction_of_long_hostile_texts_is_linear():
     assert extract_math_answer("\\boxed{" * 10000) is None
 
 
-class _FakeTokenizer:
-    pad_token_id, eos_token_id, unk_token_id = 0, 0, None
-
-    def convert_tokens_to_ids(self, token):
-        return 0
-
-    def decode(self, tokens, skip_special_tokens=True):
-        return "".join(tokens)
-
-
 def test_an_overlong_answer_is_no_answer_never_a_truncated_one():
     """Item 9: an answer longer than MAX_ANSWER_CHARS gives None (not a prefix, not an earlier
     box), and MathTask counts it in overlong_answers."""
@@ -313,7 +304,7 @@ def test_an_overlong_answer_is_no_answer_never_a_truncated_one():
     assert extract_math_answer(f"The answer is {fits}.") == fits
     assert extract_math_answer(f"The answer is 7.\nThe answer is {too_long}") is None
     assert extract_choice(f"\\boxed{{{too_long}}}") is None
-    task = MathTask(_FakeTokenizer(), multiple_choice=True)
+    task = MathTask(FakeTokenizer(), multiple_choice=True)
     assert task.extract(["\\boxed{", too_long, "}"]) is None and task.overlong_answers == 1
     assert task.extract(["\\boxed{B}"]) == "B" and task.overlong_answers == 1
 

@@ -7,7 +7,7 @@ from optpo_jax.train.setup import build_setup
 from tests.run_configs import copy_run, tiny_config
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def setup():
     return build_setup(tiny_config())
 

@@ -2,22 +2,15 @@
 
 import pytest
 
-from optpo_jax.default_config import arithmetic_config
 from optpo_jax.train.setup import build_setup
-
-
-def _small_config(**overrides):
-    config = arithmetic_config("optpo")
-    config.data.num_prompts, config.prompts_per_step, config.rows_per_wave = 8, 4, 32
-    config.update_from_flattened_dict(overrides)
-    return config
+from tests.run_configs import small_config
 
 
 def test_evaluate_refuses_a_wave_with_fewer_answers_than_rows(monkeypatch):
     """A wave that lost answers is an error, not a shorter list zipped away (zip(strict=False) hid it)."""
     from optpo_jax.train import evaluation, waves
 
-    setup = build_setup(_small_config())
+    setup = build_setup(small_config())
 
     def short_wave(*args, **kwargs):
         wave = waves.sample_wave(*args, **kwargs)

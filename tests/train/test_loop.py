@@ -7,20 +7,18 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from optpo_jax.default_config import arithmetic_config
 from optpo_jax.train.batches import batch_problems
 from optpo_jax.train.config_checks import ConfigError
 from optpo_jax.train.loop import train
 from optpo_jax.train.setup import build_setup
 from optpo_jax.train.workdir import WorkdirError
 from tests.doc_blocks import ROOT
-from tests.run_configs import LORA, copy_run, tiny_config
+from tests.run_configs import LORA, run_files, small_config, tiny_config
 
 
 def test_checkpoint_keeps_the_totals_of_its_step(tmp_path):
@@ -135,32 +133,21 @@ def test_config_values_are_checked_before_the_workdir_is_touched(tmp_path, field
     assert not (tmp_path / "run").exists()  # refused before touching the workdir
 
 
-# A copy of the LoRA run (tests/train/conftest.py's run_copy copies a full fine-tuning run).
-@pytest.fixture
-def run_copy(lora_run, tmp_path):
-    return copy_run(lora_run, tmp_path)
-
-
-def _files(workdir: Path) -> dict:
-    return {str(path.relative_to(workdir)): path.read_bytes() for path in sorted(workdir.rglob("*"))
-            if path.is_file() and path.name != ".lock"}
-
-
 @pytest.mark.parametrize("override", [{"sprt.rule": "dirichelt"}, {"prompts_per_step": 200}])
-def test_overwrite_with_a_config_error_leaves_the_old_run_as_it_was(run_copy, override):
-    before = _files(run_copy)
+def test_overwrite_with_a_config_error_leaves_the_old_run_as_it_was(lora_run_copy, override):
+    before = run_files(lora_run_copy)
     with pytest.raises(ConfigError):
-        train(tiny_config(steps=2, **LORA, **override), run_copy, overwrite=True, progress=False)
-    assert _files(run_copy) == before
+        train(tiny_config(steps=2, **LORA, **override), lora_run_copy, overwrite=True, progress=False)
+    assert run_files(lora_run_copy) == before
 
 
-def test_resume_with_fewer_steps_than_the_checkpoint_is_refused(run_copy):
-    before = _files(run_copy)
+def test_resume_with_fewer_steps_than_the_checkpoint_is_refused(lora_run_copy):
+    before = run_files(lora_run_copy)
     with pytest.raises(WorkdirError, match="checkpoint is at step 2 and config.steps is 1: a run cannot be shortened"):
-        train(tiny_config(steps=1, **LORA), run_copy, resume=True, progress=False)
+        train(tiny_config(steps=1, **LORA), lora_run_copy, resume=True, progress=False)
     with pytest.raises(WorkdirError, match=r"holds steps \[1, 2\], not 99"):
-        train(tiny_config(steps=2, **LORA), run_copy, resume=True, resume_step=99, progress=False)
-    assert _files(run_copy) == before
+        train(tiny_config(steps=2, **LORA), lora_run_copy, resume=True, resume_step=99, progress=False)
+    assert run_files(lora_run_copy) == before
 
 
 def test_resume_after_the_data_or_the_model_changed_is_refused(tmp_path):
@@ -198,13 +185,6 @@ def test_resume_after_the_data_or_the_model_changed_is_refused(tmp_path):
         train(config, tmp_path / "run", resume=True, progress=False, task=Sums(3))
 
 
-def _small_config(**overrides):
-    config = arithmetic_config("optpo")
-    config.data.num_prompts, config.prompts_per_step, config.rows_per_wave = 8, 4, 32
-    config.update_from_flattened_dict(overrides)
-    return config
-
-
 def test_record_votes_reads_a_lora_run_with_its_own_config(tmp_path):
     """experiments/record_votes.py on a LoRA run (it once restored with a full-params optimizer template and could
     not): the votes are those of the base with the run's adapters merged in (reference: run_eval on the merge)."""
@@ -215,7 +195,7 @@ def test_record_votes_reads_a_lora_run_with_its_own_config(tmp_path):
     from optpo_jax.train.checkpoints import Checkpointer
     from optpo_jax.train.evaluation import run_eval
 
-    config = _small_config(**{"lora.rank": 4, "data.num_prompts": 4})
+    config = small_config(**{"lora.rank": 4, "data.num_prompts": 4})
     setup = build_setup(config)
     state = setup.initial_state()
     adapters = jax.tree.map(lambda leaf: leaf + 0.05, state.params)  # B != 0: the merge differs from the base

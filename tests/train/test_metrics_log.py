@@ -1,6 +1,5 @@
 """optpo_jax/train/metrics_log.py: metrics.jsonl and TensorBoard events across interruptions."""
 
-import json
 import struct
 from pathlib import Path
 
@@ -11,6 +10,7 @@ from optpo_jax.train.checkpoints import Checkpointer
 from optpo_jax.train.loop import train
 from optpo_jax.train.metrics_log import MetricsLog, read_metrics
 from optpo_jax.train.workdir import WorkdirError
+from tests.metrics_files import CUT_LINE, METRICS_LINES, jsonl, run_dir
 from tests.run_configs import tiny_config
 
 
@@ -45,43 +45,21 @@ def test_tensorboard_drops_the_interrupted_steps_on_resume(run_copy):
     assert steps_logged == [0, 1, 2]
 
 
-LINES = [{"step": 0, "eval/pass@1": 0.25, "eval/pass@1_stderr": 0.1},
-         {"step": 1, "rollouts": 8, "total_rollouts": 8, "train_seconds": 1.0},
-         {"step": 2, "rollouts": 8, "total_rollouts": 16, "train_seconds": 2.0, "eval/pass@1": 0.5}]
-
-
-CUT = '{"step": 3, "rollouts": 8, "total_roll'  # a kill while appending step 3
-
-
-def _jsonl(records) -> str:
-    return "".join(json.dumps(record) + "\n" for record in records)
-
-
-def _run_dir(path: Path, metrics: str) -> Path:
-    """A finished run's files, as ``seed_stats.read_run`` reads them."""
-    path.mkdir(parents=True)
-    (path / "config.json").write_text(json.dumps({"steps": 2, "data": {"mode": "test"}}))
-    (path / "summary.json").write_text(json.dumps({"steps": 2, "after": {"pass@1": 0.5}}))
-    (path / "final_eval.json").write_text(json.dumps({"per_prompt_pass@1": [0.5], "prompts_sha256": "x"}))
-    (path / "metrics.jsonl").write_text(metrics)
-    return path
-
-
 def test_a_cut_last_metrics_line_is_dropped_on_resume(tmp_path):
-    (tmp_path / "metrics.jsonl").write_text(_jsonl(LINES) + CUT)
+    (tmp_path / "metrics.jsonl").write_text(jsonl(METRICS_LINES) + CUT_LINE)
     with pytest.warns(UserWarning, match="last line was cut"):
-        assert read_metrics(tmp_path) == LINES
+        assert read_metrics(tmp_path) == METRICS_LINES
     log = MetricsLog(tmp_path, truncate_after=2)
     log.close()
-    assert (tmp_path / "metrics.jsonl").read_text() == _jsonl(LINES)
-    assert read_metrics(tmp_path) == LINES
+    assert (tmp_path / "metrics.jsonl").read_text() == jsonl(METRICS_LINES)
+    assert read_metrics(tmp_path) == METRICS_LINES
 
 
 @pytest.mark.parametrize("bad", ['{"step": 1, "rollou', "", "[1, 2]"])
 def test_a_malformed_metrics_line_before_the_last_is_an_error_naming_the_line(tmp_path, bad):
-    lines = _jsonl(LINES).splitlines(keepends=True)
+    lines = jsonl(METRICS_LINES).splitlines(keepends=True)
     lines[1] = bad + "\x00\n" if bad == "" else bad + "\n"  # "": a line of NUL bytes
-    run = _run_dir(tmp_path / "run", "".join(lines))
+    run = run_dir(tmp_path / "run", "".join(lines))
     with pytest.raises(WorkdirError, match=r"metrics.jsonl, line 2: not a JSON record"):
         MetricsLog(run, truncate_after=2)
     with pytest.raises(WorkdirError, match=r"metrics.jsonl, line 2: not a JSON record"):

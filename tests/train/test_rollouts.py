@@ -6,14 +6,13 @@ import jax
 import numpy as np
 import pytest
 
-from optpo_jax.default_config import arithmetic_config
 from optpo_jax.sprt import SPRTConfig
 from optpo_jax.train.checkpoints import CheckpointError
 from optpo_jax.train.loop import train
 from optpo_jax.train.rewards import consensus_labels, consensus_rewards
 from optpo_jax.train.rollouts import collect_rollouts
 from optpo_jax.train.setup import build_setup
-from tests.run_configs import tiny_config
+from tests.run_configs import small_config, tiny_config
 
 
 def test_a_cut_lookahead_carry_file_is_named(run_copy):
@@ -99,20 +98,13 @@ def test_min_rollouts_per_prompt_draws_for_the_update_without_changing_the_vote(
             setup.task.extract(completion)
 
 
-def _small_config(**overrides):
-    config = arithmetic_config("optpo")
-    config.data.num_prompts, config.prompts_per_step, config.rows_per_wave = 8, 4, 32
-    config.update_from_flattened_dict(overrides)
-    return config
-
-
 def test_a_wave_that_loses_votes_is_an_error_even_under_python_O(monkeypatch):
     """The votes-counted check in the wave loop is a RuntimeError, not an assert (removed by -O)."""
     import jax
 
     from optpo_jax.train import rollouts as rollouts_module
 
-    setup = build_setup(_small_config())
+    setup = build_setup(small_config())
     real_count = rollouts_module.count_votes
 
     def losing_count(votes, answer_slots, wave, sprt, prior_state=None):

@@ -6,25 +6,18 @@ import types
 
 import pytest
 
-from optpo_jax.default_config import arithmetic_config, math_config
+from optpo_jax.default_config import math_config
 from optpo_jax.tasks.arithmetic import SHIFTED, ArithmeticTask, generate_problems
 from optpo_jax.train.config_checks import ConfigError
 from optpo_jax.train.setup import build_setup, problems_of, resolve_model_path
 from tests.doc_blocks import code_blocks
 from tests.hf_checkpoints import write_checkpoint
-from tests.run_configs import tiny_config
+from tests.run_configs import small_config, tiny_config
 
 
 def _readme_blocks(language: str) -> list[str]:
     """The ```language blocks of the README's "Your own model, data and task" section."""
     return code_blocks("README.md", language, "Your own model, data and task")
-
-
-def _small_config(**overrides):
-    config = arithmetic_config("optpo")
-    config.data.num_prompts, config.prompts_per_step, config.rows_per_wave = 8, 4, 32
-    config.update_from_flattened_dict(overrides)
-    return config
 
 
 def test_a_task_object_replaces_config_task_and_steps_0_is_one_epoch():
@@ -33,7 +26,7 @@ def test_a_task_object_replaces_config_task_and_steps_0_is_one_epoch():
             return generate_problems(12, SHIFTED, seed=3), None
 
     task = Sums()
-    config = _small_config(steps=0)
+    config = small_config(steps=0)
     setup = build_setup(config, task)
     assert setup.task is task and len(setup.train_problems) == 12
     assert setup.config.steps == 12 // 4 and config.steps == 0  # resolved in the setup, the given config unchanged
@@ -51,14 +44,14 @@ def test_config_task_module_factory_is_imported_from_the_working_directory(tmp_p
         "def make_nothing(config, tokenizer):\n    return 42\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
-    setup = build_setup(_small_config(task="my_tasks:make_task"))
+    setup = build_setup(small_config(task="my_tasks:make_task"))
     assert type(setup.task).__name__ == "Mine"
     for spec, message in (("no_such_module:make", "cannot import module 'no_such_module'"),
                           ("my_tasks:missing", "module 'my_tasks' has no callable 'missing'"),
                           ("my_tasks:make_nothing", "the task int lacks stop_token_ids"),
                           ("arithmetics", "config.task must be one of \\('arithmetic', 'math'\\) or 'module:factory'")):
         with pytest.raises(ConfigError, match=message):
-            build_setup(_small_config(task=spec))
+            build_setup(small_config(task=spec))
 
 
 def test_readme_custom_task_runs_as_printed(tmp_path, monkeypatch):

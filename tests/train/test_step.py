@@ -5,7 +5,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from optpo_jax.default_config import arithmetic_config
 from optpo_jax.train.config_checks import ConfigError
 from optpo_jax.train.rewards import REWARDS, consensus_labels, consensus_rewards, ground_truth_rewards
 from optpo_jax.train.rollouts import collect_rollouts
@@ -13,6 +12,7 @@ from optpo_jax.train.setup import build_setup
 from optpo_jax.train.step import training_rows
 from optpo_jax.train.step_config import UpdateConfig
 from optpo_jax.train.update import batch_logprobs, fit_micro_batch, update_rows
+from tests.run_configs import small_config
 
 
 def test_rewards_rows_and_old_logprobs_line_up(setup):
@@ -60,13 +60,6 @@ def test_padded_rollout_advantages_equal_the_unpadded_ones(estimator):
         np.testing.assert_allclose(got, np.asarray(expected), rtol=1e-6, atol=1e-6)
 
 
-def _small_config(**overrides):
-    config = arithmetic_config("optpo")
-    config.data.num_prompts, config.prompts_per_step, config.rows_per_wave = 8, 4, 32
-    config.update_from_flattened_dict(overrides)
-    return config
-
-
 def test_ground_truth_reward_runs_in_training_and_an_unknown_reward_is_named(monkeypatch):
     """A training step rewards by the configured registry entry (spied on): ground truth, not the vote."""
     import jax
@@ -74,8 +67,8 @@ def test_ground_truth_reward_runs_in_training_and_an_unknown_reward_is_named(mon
     from optpo_jax.train.step import training_step
 
     with pytest.raises(ConfigError, match=r"config.reward must be one of \('consensus', 'ground_truth'\), got 'gt'"):
-        build_setup(_small_config(reward="gt"))
-    setup = build_setup(_small_config(reward="ground_truth"))
+        build_setup(small_config(reward="gt"))
+    setup = build_setup(small_config(reward="ground_truth"))
     graded = []
 
     def spy(rollouts, problems, task):

@@ -10,7 +10,7 @@ import pytest
 from optpo_jax.train.checkpoints import Checkpointer
 from optpo_jax.train.loop import train
 from optpo_jax.train.workdir import WorkdirError, WorkdirLock, check_resumable
-from tests.run_configs import tiny_config
+from tests.run_configs import run_files, tiny_config
 
 
 def test_a_second_run_into_a_used_workdir_is_refused_unless_overwritten(run_copy):
@@ -63,24 +63,36 @@ def test_a_run_saved_before_a_field_existed_resumes_only_with_its_old_value(run_
         check_resumable(run_copy, tiny_config(steps=2, **old_values, **{"policy_update.min_rollouts_per_prompt": 3}))
 
 
+def test_a_run_saved_under_an_old_field_name_resumes_and_is_read_under_the_new_one(run_copy):
+    """policy_update.advantage_mode was renamed advantage_estimator (``RENAMED_FIELDS``): a run saved with the
+    old name resumes with the same value under the new one, refuses another value, and reads back renamed."""
+    from optpo_jax.train.trained import load_run_config
+
+    saved = json.loads((run_copy / "config.json").read_text())
+    saved["policy_update"]["advantage_mode"] = saved["policy_update"].pop("advantage_estimator")
+    saved["policy_update"]["advantage_mode"] = "drgrpo"
+    (run_copy / "config.json").write_text(json.dumps(saved))
+    drgrpo = {"policy_update.advantage_estimator": "drgrpo"}
+    check_resumable(run_copy, tiny_config(steps=2, **drgrpo))
+    with pytest.raises(WorkdirError, match=r"config.policy_update.advantage_estimator: 'drgrpo' -> 'grpo'"):
+        check_resumable(run_copy, tiny_config(steps=2))
+    config = load_run_config(run_copy)
+    assert config.policy_update.advantage_estimator == "drgrpo" and "advantage_mode" not in config.policy_update
+
+
 def test_a_second_run_in_a_locked_workdir_names_the_holder(run_copy):
     with WorkdirLock(run_copy), pytest.raises(WorkdirError, match=f"pid {os.getpid()}"):
         train(tiny_config(steps=2), run_copy, resume=True, progress=False)
-
-
-def _files(workdir: Path) -> dict:
-    return {str(path.relative_to(workdir)): path.read_bytes() for path in sorted(workdir.rglob("*"))
-            if path.is_file() and path.name != ".lock"}
 
 
 def test_training_into_a_model_directory_is_refused_even_with_overwrite(tmp_path):
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text(json.dumps({"model_type": "qwen2", "hidden_size": 32}))
-    before = _files(model)
+    before = run_files(model)
     with pytest.raises(WorkdirError, match="holds a qwen2 checkpoint, not a run"):
         train(tiny_config(steps=1), model, overwrite=True, progress=False)
-    assert _files(model) == before
+    assert run_files(model) == before
 
 
 def test_an_unusable_workdir_is_one_error_naming_it(tmp_path):
