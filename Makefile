@@ -4,8 +4,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # The longest test files start first, so the two workers finish together (pytest drops the repeats).
-SLOW_FIRST := tests/train/test_multihost.py tests/test_notebook.py tests/train/test_distributed.py tests/train/test_loop.py \
-	tests/models/test_decoder.py tests/test_continuous.py tests/experiments/test_bench_accelerator.py
+SLOW_FIRST := tests/train/test_distributed.py tests/train/test_loop.py tests/test_continuous.py tests/models/test_decoder.py \
+	tests/test_sprt.py tests/test_cli.py tests/train/test_multihost.py tests/test_sampler.py tests/test_posterior.py \
+	tests/test_notebook.py tests/train/test_memory_plan.py
 
 .PHONY: demo test clean
 

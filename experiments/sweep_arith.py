@@ -9,13 +9,13 @@ shipped policy with the same seed; prints one table row per setting.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 
 from optpo_jax.default_config import arithmetic_config
 from optpo_jax.train import train
+from optpo_jax.train.metrics_log import read_metrics
 
 SETTINGS = {
     "lr 3e-5": {"optimizer.learning_rate": 3e-5},
@@ -43,8 +43,7 @@ def main():
     for name, overrides in SETTINGS.items():
         workdir = args.out / name.replace(" ", "_").replace(",", "")
         summary = train(configured(overrides), workdir, progress=False)
-        steps = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-        steps = [s for s in steps if "rollouts" in s]
+        steps = [record for record in read_metrics(workdir) if "rollouts" in record]
         mean, total = (lambda key, f=f, steps=steps: float(f([s[key] for s in steps])) for f in (np.mean, np.sum))
         print(f"| {name} | {100 * summary['before']['pass@1']:.1f} | {100 * summary['after']['pass@1']:.1f} ± "
               f"{100 * summary['after']['pass@1_stderr']:.1f} | {100 * summary['after']['maj@64']:.1f} "

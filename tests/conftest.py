@@ -24,13 +24,10 @@ def maybe_jit(request):
 
 @pytest.fixture(scope="session")
 def lora_run(tmp_path_factory):
-    """A finished 2-step LoRA run (copied by each test that changes it)."""
-    from optpo_jax.train.loop import train
-    from tests.run_configs import LORA, tiny_config
+    """A finished 2-step LoRA run, trained once per session (copied by each test that changes it)."""
+    from tests.run_configs import LORA, shared_run, tiny_config
 
-    workdir = tmp_path_factory.mktemp("lora") / "run"
-    train(tiny_config(steps=2, **LORA), workdir, progress=False)
-    return workdir
+    return shared_run(tmp_path_factory, "lora", tiny_config(steps=2, **LORA))
 
 
 @pytest.fixture

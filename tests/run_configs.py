@@ -1,5 +1,7 @@
 """Tiny run configs and run folders shared by the tests of whole runs."""
 
+import fcntl
+import os
 import shutil
 from pathlib import Path
 
@@ -41,6 +43,24 @@ def run_files(workdir: Path) -> dict:
     """{relative path: bytes} of every file in ``workdir`` but its lock: what a refused command must leave as it was."""
     return {str(path.relative_to(workdir)): path.read_bytes() for path in sorted(workdir.rglob("*"))
             if path.is_file() and path.name != ".lock"}
+
+
+def shared_run(tmp_path_factory, name: str, config) -> Path:
+    """The workdir of a run of ``config`` trained once per test session, however many xdist workers ask: the
+    first trains it under a lock, the others wait and reuse it (tests copy it before changing it)."""
+    from optpo_jax.train.loop import train
+
+    base = tmp_path_factory.getbasetemp()
+    # Workers' temp folders share the session's parent; without xdist the parent is shared by past sessions.
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    folder, workdir = root / f"shared_{name}", root / f"shared_{name}" / "run"
+    with open(root / f"shared_{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / "trained").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            train(config, workdir, progress=False)
+            (folder / "trained").touch()
+    return workdir
 
 
 def copy_run(source: Path, folder: Path) -> Path:

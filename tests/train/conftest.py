@@ -2,9 +2,8 @@
 
 import pytest
 
-from optpo_jax.train.loop import train
 from optpo_jax.train.setup import build_setup
-from tests.run_configs import copy_run, tiny_config
+from tests.run_configs import copy_run, shared_run, tiny_config
 
 
 @pytest.fixture(scope="session")
@@ -14,10 +13,8 @@ def setup():
 
 @pytest.fixture(scope="session")
 def finished_run(tmp_path_factory):
-    """A 2-step run with a checkpoint at every step (the workdir is copied by each test)."""
-    workdir = tmp_path_factory.mktemp("finished") / "run"
-    train(tiny_config(steps=2), workdir, progress=False)
-    return workdir
+    """A 2-step run with a checkpoint at every step, trained once per session (the workdir is copied by each test)."""
+    return shared_run(tmp_path_factory, "finished", tiny_config(steps=2))
 
 
 @pytest.fixture
