@@ -9,11 +9,10 @@ write nothing the other rows can see). The cache lives in the loop carry, which 
 updates in place, and nothing leaves the device until the wave is done.
 
 Log-probabilities. Sampling draws from softmax(logits / temperature), restricted to
-the top-k tokens and then to the smallest top-p nucleus, renormalised. ``logprobs`` is
-the log-probability of each drawn token under that restricted distribution (what was
-actually sampled). ``policy_logprobs`` is log softmax(logits / temperature) over the
-full vocabulary, which is what ``grpo.token_logprobs`` recomputes during training; use
-it as GRPO's old log-probabilities. The two agree when top_k = 0 and top_p = 1.
+the top-k tokens and then to the smallest top-p nucleus, renormalised. The output's
+``policy_logprobs`` is log softmax(logits / temperature) over the full vocabulary, which
+is what ``grpo.token_logprobs`` recomputes during training: GRPO's old log-probabilities.
+(Under top-k / top-p it is not the restricted distribution's; nothing reads that one.)
 """
 
 from __future__ import annotations

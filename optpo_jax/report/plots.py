@@ -12,13 +12,13 @@ importing ``optpo_jax`` does not import it.
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 import numpy as np
 
 from optpo_jax.report.seed_stats import AXIS_LABELS, COMPUTE_AXES, evaluation_curve, final_point, mean_curve
 from optpo_jax.train.metrics_log import read_metrics
+from optpo_jax.train.workdir import read_json
 
 try:
     from matplotlib.figure import Figure
@@ -50,8 +50,8 @@ def write_csv(rows: list[dict], path: str | Path) -> Path:
 
 
 def read_config(workdir: str | Path) -> dict:
-    """The config a run was started with (``workdir/config.json``)."""
-    return json.loads((Path(workdir) / "config.json").read_text())
+    """The config a run was started with (``workdir/config.json``; a cut file is a WorkdirError naming it)."""
+    return read_json(Path(workdir) / "config.json", "put back the run's config.json, or train the run again")
 
 
 def training_curve(workdir: str | Path) -> list[dict]:
