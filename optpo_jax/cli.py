@@ -4,7 +4,7 @@
                       [--config.sprt.threshold=0.99]
     optpo-jax eval    --workdir runs/optpo [--config.eval.final_samples=16]   (--workdir='': --config's initial policy)
     optpo-jax compare [--config configs/arith_optpo.py] [--baseline_config configs/arith_ttrl.py] --workdir runs/compare
-                      [--seeds N] [--resume | --overwrite]
+                      [--seeds N] [--match rollouts] [--resume | --overwrite]
     optpo-jax export  --workdir runs/optpo --out models/optpo [--adapters_only]
                       [--export_dtype float32]
     optpo-jax plan    --config configs/qwen2p5_math_1p5b_math500_lora.py [--device_memory 16GB] [--devices 1]
@@ -59,6 +59,9 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "remove the run already in --
 _SEEDS = flags.DEFINE_integer("seeds", 1, "compare: training seeds 0..N-1 per method, in --workdir/seed{s}/{method}, "
                               "with paired statistics; 1 = one run per method with its config.seed, in "
                               "--workdir/{method}", lower_bound=1)
+_MATCH = flags.DEFINE_enum("match", "steps", ["steps", "rollouts"],
+                           "compare: steps = each method runs its config's steps; rollouts = also run the first "
+                           "method on until it has drawn the second's rollouts, per seed (needs --seeds >= 2)")
 _DEVICE_MEMORY = flags.DEFINE_string("device_memory", None, "plan: the device's memory (16GB, 16GiB), to say "
                                      "whether the run fits and what to change if not")
 _OUT = flags.DEFINE_string("out", None, "export: directory for the model (or, with --adapters_only, the adapters)")
@@ -178,7 +181,8 @@ def command_compare(_):
 
         raise ConfigError(f"--seeds {_SEEDS.value} runs config.seed 0..{_SEEDS.value - 1} for both methods: leave "
                           "config.seed at 0 (it would be replaced)")
-    report = compare_methods(configs, _WORKDIR.value, seeds, resume=_RESUME.value, overwrite=_OVERWRITE.value)
+    report = compare_methods(configs, _WORKDIR.value, seeds, resume=_RESUME.value, overwrite=_OVERWRITE.value,
+                             match=_MATCH.value)
     print(report["markdown"])
 
 
@@ -253,7 +257,7 @@ COMMANDS = {"train": command_train, "eval": command_eval, "compare": command_com
 COMMAND_FLAGS = {
     "train": ("config", "workdir", "resume", "resume_step", "overwrite"),
     "eval": ("config", "workdir"),
-    "compare": ("config", "baseline_config", "workdir", "seeds", "resume", "overwrite"),
+    "compare": ("config", "baseline_config", "workdir", "seeds", "resume", "overwrite", "match"),
     "export": ("config", "workdir", "out", "adapters_only", "export_dtype"),
     "plan": ("config", "device_memory", "devices"),
 }

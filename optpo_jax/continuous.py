@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from optpo_jax.sampler import SamplingConfig, _draw, _is_stop, policy_functions, prefill
+from optpo_jax.sampler import SamplingConfig, _draw, _is_stop, policy_functions, prefill, rollout_keys, token_uniforms
 
 # Traces of insert_rows and decode_chunk, per (function, shape); each is one compilation.
 TRACE_COUNTS: collections.Counter = collections.Counter()
@@ -43,7 +43,8 @@ class DecodeState:
       lengths: [R] int32 tokens generated so far (the stop token included).
       prompt_lengths: [R] int32 tokens of each row's prompt.
       running: [R] bool, rows still decoding (False: finished, cancelled or empty).
-      key: the sampling key, split at every draw.
+      key: the sampling key; row r draws token t from ``token_uniforms(rollout_keys(key, streams), t)``.
+      streams: [R, 2] int32 (prompt, rollout number) of each row's rollout: its random stream.
       decode_steps: [] int32 decode steps run since the state was made.
     """
 
@@ -54,6 +55,7 @@ class DecodeState:
     prompt_lengths: jax.Array
     running: jax.Array
     key: jax.Array
+    streams: jax.Array
     decode_steps: jax.Array
 
     @property
@@ -71,7 +73,8 @@ def init_decode_state(model_config, num_rows: int, prompt_width: int, config: Sa
         tokens=jnp.full((num_rows, max_new), config.pad_token_id, jnp.int32),
         policy_logprobs=jnp.zeros((num_rows, max_new), jnp.float32),
         lengths=jnp.zeros((num_rows,), jnp.int32), prompt_lengths=jnp.ones((num_rows,), jnp.int32),
-        running=jnp.zeros((num_rows,), bool), key=key, decode_steps=jnp.zeros((), jnp.int32),
+        running=jnp.zeros((num_rows,), bool), key=key, streams=jnp.zeros((num_rows, 2), jnp.int32),
+        decode_steps=jnp.zeros((), jnp.int32),
     )
 
 
@@ -80,14 +83,14 @@ def _write_rows(pool, rows, new_rows):
     return pool.at[rows].set(new_rows.astype(pool.dtype), mode="drop")
 
 
-def _insert_rows(params, state: DecodeState, rows, prompt_tokens, prompt_lengths, valid, rollout_index, *,
+def _insert_rows(params, state: DecodeState, rows, prompt_tokens, prompt_lengths, valid, rollout_index, streams, *,
                  model_config, config: SamplingConfig) -> DecodeState:
     num_inserted, width = prompt_tokens.shape
     TRACE_COUNTS[("insert_rows", num_inserted, width)] += 1
     cache, num_slots = state.cache, state.num_slots
     logits, fresh = prefill(model_config, params, prompt_tokens, prompt_lengths, valid, width, rollout_index)
-    key, draw_key = jax.random.split(state.key)
-    first, first_logprob = _draw(logits, draw_key, config)
+    uniforms = token_uniforms(rollout_keys(state.key, streams), jnp.zeros((num_inserted,), jnp.int32))
+    first, first_logprob = _draw(logits, uniforms, config)
     first = jnp.where(valid, first, config.pad_token_id)
     # The prompt goes into the W ring slots just behind the next decode write.
     slots = (cache.write_index - width + jnp.arange(width)) % num_slots
@@ -110,7 +113,7 @@ def _insert_rows(params, state: DecodeState, rows, prompt_tokens, prompt_lengths
                                                                               0.0)),
         lengths=_write_rows(state.lengths, rows, valid.astype(jnp.int32)),
         prompt_lengths=_write_rows(state.prompt_lengths, rows, jnp.where(valid, prompt_lengths, 1)),
-        running=_write_rows(state.running, rows, running), key=key,
+        running=_write_rows(state.running, rows, running), streams=_write_rows(state.streams, rows, streams),
     )
 
 
@@ -118,7 +121,8 @@ insert_rows = jax.jit(_insert_rows, static_argnames=("model_config", "config"), 
 insert_rows.__doc__ = """Prefills new prompts into rows of the pool and draws their first tokens (jitted; donates ``state``).
 
 ``(params, state, rows [n] int32, prompt_tokens [n, W] int32 right-padded, prompt_lengths [n] int32,
-valid [n] bool, rollout_index [n] int32, *, model_config, config) -> DecodeState``. A row whose ``valid``
+valid [n] bool, rollout_index [n] int32, streams [n, 2] int32, *, model_config, config) -> DecodeState``;
+``streams``: each new rollout's (prompt, rollout number), its random stream (``sampler.rollout_keys``). A row whose ``valid``
 is False is emptied (a cancelled rollout); a row index >= R is padding and changes nothing, so ``n``
 can be a fixed bucket. W must not exceed the width the state was made for."""
 
@@ -136,8 +140,8 @@ def _decode_chunk(params, state: DecodeState, max_steps, min_finished, *, model_
         positions = jnp.where(state.running, state.prompt_lengths + state.lengths - 1, -1)[:, None]
         cache = state.cache.replace(write_index=state.cache.write_index % state.num_slots)
         logits, cache = policy_forward(model_config, params, previous, positions, cache)
-        key, step_key = jax.random.split(state.key)
-        token, policy_logprob = _draw(logits[:, 0], step_key, config)
+        uniforms = token_uniforms(rollout_keys(state.key, state.streams), state.lengths)
+        token, policy_logprob = _draw(logits[:, 0], uniforms, config)
         column = jnp.where(state.running, state.lengths, max_new)  # finished rows write nothing
         tokens = state.tokens.at[row, column].set(token, mode="drop")
         policy_logprobs = state.policy_logprobs.at[row, column].set(policy_logprob, mode="drop")
@@ -145,7 +149,7 @@ def _decode_chunk(params, state: DecodeState, max_steps, min_finished, *, model_
         stops = state.running & (_is_stop(token, config) | (lengths >= max_new))
         state = state.replace(cache=cache.replace(write_index=cache.write_index % state.num_slots), tokens=tokens,
                               policy_logprobs=policy_logprobs, lengths=lengths, running=state.running & ~stops,
-                              key=key, decode_steps=state.decode_steps + 1)
+                              decode_steps=state.decode_steps + 1)
         return state, steps + 1, finished + jnp.sum(stops)
 
     def keep_going(carry):

@@ -7,7 +7,7 @@ import ml_collections
 from optpo_jax.models.lora import PROJECTIONS
 from optpo_jax.tasks.math import CHOICE_INSTRUCTION, TTRL_INSTRUCTION
 
-METHODS = ("optpo", "ttrl")
+METHODS = ("optpo", "ttrl", "ttrl_random")
 
 
 def lora_section(rank: int = 0, alpha: float = 16.0) -> ml_collections.ConfigDict:
@@ -40,7 +40,10 @@ def arithmetic_config(method: str = "optpo") -> ml_collections.ConfigDict:
     """Test-time RL of the shipped policy on the shifted arithmetic test prompts.
 
     ``optpo``: Dirichlet-posterior stopping at 0.95 (4 to 64 votes), GRPO on every
-    rollout drawn. ``ttrl``: the fixed 64-vote budget, GRPO on 32 of them (arXiv 2504.16084).
+    rollout drawn. ``ttrl``: the fixed 64-vote budget, GRPO on the first 32 of them with
+    advantages over those 32 (arXiv 2504.16084; its code's ``select_top_k_per_prompt``).
+    ``ttrl_random``: TTRL with advantages over all 64 votes and a random 32 trained on (this
+    project's baseline before issue 29: a lower-variance baseline than TTRL publishes).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -49,6 +52,8 @@ def arithmetic_config(method: str = "optpo") -> ml_collections.ConfigDict:
     config.seed = 0
     _add_task_and_data(config)
     config.steps = 16  # 0: one epoch of the training prompts
+    # > 0: the run stops after the step at which it has drawn this many rollouts (or at `steps`, if first).
+    config.rollout_budget = 0
     config.prompts_per_step = 32
     config.rows_per_wave = 256
     # Spare wave rows start the next batch's prompts (their early rollouts are one update stale).
@@ -76,7 +81,14 @@ def arithmetic_config(method: str = "optpo") -> ml_collections.ConfigDict:
         "clip_eps": 0.2, "clip_eps_high": 0.2, "kl_coef": 0.0, "loss_aggregation": "token-mean",
     })
     config.policy_update = ml_collections.ConfigDict({
-        "train_samples_per_prompt": 0 if method == "optpo" else 32, "micro_batch_rows": 256,
+        # TTRL trains on 32 of its 64 votes: the first 32 drawn, advantages over those ("first"), or a random 32
+        # with advantages over all 64 ("random").
+        "train_samples_per_prompt": 0 if method == "optpo" else 32,
+        "subsample": "random" if method == "ttrl_random" else "first",
+        # How much each trained rollout counts, from its prompt's final vote (train/vote_weights.py):
+        # "all", "decided" (prompts whose vote reached the threshold), "per_prompt", "confidence".
+        "vote_weights": "all",
+        "micro_batch_rows": 256,
         # 0: one optimizer step per micro_batch_rows of rollouts; k: k steps per epoch of each training step.
         "optimizer_steps": 0,
         # Rollouts a prompt draws for the update after its vote stopped (the paper's N; 0 = votes only).

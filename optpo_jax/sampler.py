@@ -114,7 +114,7 @@ class WaveDecodeState:
     Attributes:
       step: [] int32, the next token's index.
       cache: the policy's KV cache (or the scripted policy's state).
-      key: the random key of the remaining steps.
+      row_keys: [R] each row's rollout stream (``rollout_keys``).
       tokens, policy_logprobs: [R, Lg] the ``SampleOutput`` arrays so far.
       finished: [R] bool, rows that stopped (or were never valid).
       lengths: [R] int32 tokens generated per row.
@@ -122,7 +122,7 @@ class WaveDecodeState:
 
     step: jax.Array
     cache: object
-    key: jax.Array
+    row_keys: jax.Array
     tokens: jax.Array
     policy_logprobs: jax.Array
     finished: jax.Array
@@ -154,8 +154,32 @@ def _log_normalizer(scaled_logits: jax.Array) -> tuple[jax.Array, jax.Array]:
     return row_max, row_max + jnp.log(total)
 
 
-def _draw(logits: jax.Array, key: jax.Array, config: SamplingConfig):
-    """One token per row. logits [R, V] -> (tokens [R], policy_logprobs [R]).
+def rollout_keys(key: jax.Array, streams: jax.Array) -> jax.Array:
+    """[R] keys of R rollouts' random streams: ``fold_in(fold_in(key, prompt), rollout)`` for ``streams`` [R, 2]
+    int32 rows (prompt, rollout number among the prompt's).
+
+    A rollout's tokens are drawn from its own stream (one uniform per token position), so
+    they do not depend on which row or wave it was placed in: two runs with the same key draw
+    the same rollout k of a prompt from the same uniforms (common random numbers). Two
+    methods that allocate rows differently, or a policy that changed a little, then sample
+    alike where their distributions agree, which is what makes paired comparisons sharp.
+    """
+    return jax.vmap(lambda prompt, rollout: jax.random.fold_in(jax.random.fold_in(key, prompt), rollout))(
+        streams[:, 0], streams[:, 1])
+
+
+def row_streams(num_rows: int) -> np.ndarray:
+    """[R, 2] streams of R rows that are all different rollouts: (row, 0)."""
+    return np.stack([np.arange(num_rows), np.zeros(num_rows)], axis=1).astype(np.int32)
+
+
+def token_uniforms(row_keys: jax.Array, positions: jax.Array) -> jax.Array:
+    """[R] uniforms in [0, 1) for token ``positions`` [R] of the rollouts with ``row_keys`` [R]."""
+    return jax.vmap(lambda key, position: jax.random.uniform(jax.random.fold_in(key, position)))(row_keys, positions)
+
+
+def _draw(logits: jax.Array, uniforms: jax.Array, config: SamplingConfig):
+    """One token per row from its uniform ([R], ``token_uniforms``). logits [R, V] -> (tokens [R], policy_logprobs [R]).
 
     Works on unnormalised probabilities and normalises only the drawn tokens' values:
     each full-vocabulary pass costs as much as a small matmul on CPU.
@@ -173,12 +197,13 @@ def _draw(logits: jax.Array, key: jax.Array, config: SamplingConfig):
     if config.top_k > 0 or config.top_p < 1.0:
         scaled_sampling = _restrict(scaled, config)
         row_max = jnp.max(scaled_sampling, axis=-1, keepdims=True)
-    tokens = _inverse_cdf_draw(jnp.exp(scaled_sampling - row_max), key)
+    tokens = _inverse_cdf_draw(jnp.exp(scaled_sampling - row_max), uniforms)
     return tokens, (pick(scaled, tokens) - policy_log_total)[:, 0]
 
 
-def _inverse_cdf_draw(probs: jax.Array, key: jax.Array, block: int = 128) -> jax.Array:
-    """One index per row with probability proportional to ``probs`` [R, V] -> [R] int32.
+def _inverse_cdf_draw(probs: jax.Array, uniforms: jax.Array, block: int = 128) -> jax.Array:
+    """One index per row with probability proportional to ``probs`` [R, V] -> [R] int32, at the quantile
+    ``uniforms`` [R] of each row's distribution.
 
     One uniform per row instead of a Gumbel per vocabulary entry, and a two-level
     cumulative sum (over blocks, then inside the chosen block): a full-length cumsum
@@ -189,7 +214,7 @@ def _inverse_cdf_draw(probs: jax.Array, key: jax.Array, block: int = 128) -> jax
     blocks = jnp.pad(probs, ((0, 0), (0, padded))).reshape(num_rows, -1, block)
     block_mass = jnp.sum(blocks, axis=-1)  # [R, V / block]
     block_cumulative = jnp.cumsum(block_mass, axis=-1)
-    target = jax.random.uniform(key, (num_rows, 1)) * block_cumulative[:, -1:]
+    target = uniforms[:, None] * block_cumulative[:, -1:]
     num_blocks = block_mass.shape[1]
     # Rounding can put the target at the total; never land on a block without mass.
     last_block = num_blocks - 1 - jnp.argmax(block_mass[:, ::-1] > 0, axis=-1)
@@ -285,7 +310,7 @@ def cache_segment_ends(max_new_tokens: int, segments: int) -> list[int]:
 
 
 def _sample_padded(params, prompt_tokens, prompt_lengths, valid, key, model_config, config, progress_every=0,
-                   rollout_index=None):
+                   rollout_index=None, streams=None):
     num_rows, width = prompt_tokens.shape
     TRACE_COUNTS[(num_rows, width, config.max_new_tokens)] += 1
     max_new = config.max_new_tokens
@@ -295,10 +320,11 @@ def _sample_padded(params, prompt_tokens, prompt_lengths, valid, key, model_conf
     first_logits, cache = prefill(model_config, params, prompt_tokens, prompt_lengths, valid,
                                   width + segment_ends[0], rollout_index)
 
-    def emit(state: WaveDecodeState, logits, step_key) -> WaveDecodeState:
+    def emit(state: WaveDecodeState, logits) -> WaveDecodeState:
         """Draws token ``state.step`` from ``logits`` [R, V] for the rows still running."""
         with jax.named_scope("draw"):  # labels the profile (experiments/profile_decode.py)
-            token, policy_logprob = _draw(logits, step_key, config)
+            uniforms = token_uniforms(state.row_keys, jnp.full((num_rows,), state.step))
+            token, policy_logprob = _draw(logits, uniforms, config)
         running = ~state.finished
         token = jnp.where(running, token, config.pad_token_id)
         write = lambda buffer, value: jax.lax.dynamic_update_slice(buffer, value[:, None], (0, state.step))
@@ -317,16 +343,15 @@ def _sample_padded(params, prompt_tokens, prompt_lengths, valid, key, model_conf
         previous = jax.lax.dynamic_slice_in_dim(state.tokens, step - 1, 1, axis=1)
         positions = jnp.where(state.finished, -1, prompt_lengths + step - 1)[:, None]
         logits, cache = policy_forward(model_config, params, previous, positions, state.cache)
-        key, step_key = jax.random.split(state.key)
-        return emit(state.replace(cache=cache, key=key), logits[:, 0], step_key)
+        return emit(state.replace(cache=cache), logits[:, 0])
 
-    key, first_key = jax.random.split(key)
+    streams = row_streams(num_rows) if streams is None else streams
     state = WaveDecodeState(
-        step=jnp.zeros((), jnp.int32), cache=cache, key=key,
+        step=jnp.zeros((), jnp.int32), cache=cache, row_keys=rollout_keys(key, streams),
         tokens=jnp.full((num_rows, max_new), config.pad_token_id, jnp.int32),
         policy_logprobs=jnp.zeros((num_rows, max_new), jnp.float32), finished=~valid,
         lengths=jnp.zeros((num_rows,), jnp.int32))
-    state = emit(state, first_logits, first_key)
+    state = emit(state, first_logits)
     for segment, end in enumerate(segment_ends):
         if segment:
             state = state.replace(cache=grow_cache(state.cache, width + end))
@@ -337,8 +362,10 @@ def _sample_padded(params, prompt_tokens, prompt_lengths, valid, key, model_conf
 sample_padded = jax.jit(_sample_padded, static_argnames=("model_config", "config", "progress_every"))
 sample_padded.__doc__ = """The jitted sampler on inputs already padded by ``pad_wave`` (and placed on a mesh, if any):
 ``(params, prompt_tokens [R, W], prompt_lengths [R], valid [R], key, *, model_config, config, progress_every=0,
-rollout_index=None) -> SampleOutput``; ``progress_every`` > 0 reports the token count to ``decode_progress``'s bar
-that often; ``rollout_index`` [R] int32 numbers each row's rollout of its prompt (read by the scripted policy)."""
+rollout_index=None, streams=None) -> SampleOutput``; ``progress_every`` > 0 reports the token count to
+``decode_progress``'s bar that often; ``rollout_index`` [R] int32 numbers each row's rollout of its prompt (read by
+the scripted policy); ``streams`` [R, 2] int32 (prompt, rollout) of each row's random stream (``rollout_keys``;
+distinct on valid rows), default ``row_streams`` (row, 0)."""
 
 
 def bucket_width(width: int, config: SamplingConfig) -> int:
@@ -418,7 +445,7 @@ def sample(
       prompt_tokens: [R, Lp] int32 right-padded prompts.
       prompt_lengths: [R] int32 real tokens of each prompt (>= 1 on valid rows).
       valid: [R] bool; rows that are False are padding from the start.
-      key: a ``jax.random`` key; the same key gives the same wave.
+      key: a ``jax.random`` key; the same key gives the same wave (row r draws from stream (r, 0)).
       config: the SamplingConfig.
 
     Returns:

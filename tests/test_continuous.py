@@ -143,7 +143,7 @@ def test_inserted_rows_decode_exactly_like_the_prompt_alone():
         tokens[0, : len(prompts[prompt_index])] = prompts[prompt_index]
         return insert_rows(params, state, np.array([row], np.int32), tokens,
                            np.array([len(prompts[prompt_index])], np.int32), np.ones(1, bool), np.zeros(1, np.int32),
-                           model_config=model_config, config=sampling)
+                           np.array([[prompt_index, 0]], np.int32), model_config=model_config, config=sampling)
 
     def harvest(state, row, prompt_index):
         length = int(state.lengths[row])

@@ -21,7 +21,7 @@ import platform
 from collections.abc import Sequence
 from pathlib import Path
 
-from optpo_jax.report import seed_stats
+from optpo_jax.report import rollout_match, seed_stats
 from optpo_jax.train.checkpoints import Checkpointer
 from optpo_jax.train.config_checks import ConfigError
 from optpo_jax.train.distributed import is_lead_process
@@ -41,6 +41,7 @@ RUN_VALUES = {
     "train_seconds": ("train wall-clock (s)", lambda s: s["train_seconds"]),
 }
 PERCENT = ("pass@1_before", "pass@1", "maj@k", "label_accuracy")
+MATCHES = ("steps", "rollouts")
 
 
 def _maj_key(summary: dict) -> str:
@@ -122,7 +123,8 @@ def _finished_steps(directory: Path) -> int | None:
 
 
 def compare_methods(configs: Sequence, workdir: str | Path, seeds: Sequence[int] | None = None,
-                    resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
+                    resume: bool = False, overwrite: bool = False, progress: bool = True,
+                    match: str = "steps") -> dict:
     """Trains every config for every seed and returns the report (also comparison.md / .json in ``workdir``).
 
     Args:
@@ -134,6 +136,9 @@ def compare_methods(configs: Sequence, workdir: str | Path, seeds: Sequence[int]
       resume: skip finished runs and resume started ones (see ``run_action``).
       overwrite: start every run afresh (passed to ``train``).
       progress: tqdm bars.
+      match: ``"steps"``: both methods run their configs' steps; ``"rollouts"``: besides that,
+        after each seed's pair, A runs on until it has drawn B's rollouts (``rollout_match``)
+        and the report adds the paired difference at equal rollouts. Needs ``seeds``.
 
     Returns ``build_report``'s dict plus ``actions`` (run dir -> what was done) and ``markdown``.
     """
@@ -144,19 +149,31 @@ def compare_methods(configs: Sequence, workdir: str | Path, seeds: Sequence[int]
         raise ConfigError(f"compare needs two configs with different config.method, got {methods}")
     if seeds is not None and (len(seeds) == 0 or len(set(seeds)) != len(seeds)):
         raise ConfigError(f"seeds must be distinct and at least one, got {list(seeds)}")
+    if match not in MATCHES or (match == "rollouts" and seeds is None):
+        raise ConfigError(f"match must be one of {MATCHES} ('rollouts' with seeds), got {match!r} "
+                          f"with seeds {seeds}")
     workdir = Path(workdir)
     runs = [(seed, config, run_dir(workdir, config.method, seed)) for seed, config in seed_configs(configs, seeds)]
     for _, config, _ in runs:  # every run's config, once, before the first run starts
         check_config(config)
+    if match == "rollouts":
+        rollout_match.check_matchable(configs[0])
     with WorkdirLock(workdir) if is_lead_process() else contextlib.nullcontext():
         actions = [run_action(directory, config, resume, overwrite) for _, config, directory in runs]  # all first
-        for (_, config, directory), action in zip(runs, actions, strict=True):
+        done = {}
+        for (seed, config, directory), action in zip(runs, actions, strict=True):
             if action != "skip":
                 train(config, directory, resume=action == "resume", overwrite=overwrite or action == "restart",
                       progress=progress, config_checked=True)
+            done[str(directory)] = action
+            if match == "rollouts" and config.method == methods[1]:  # the seed's pair is done: A runs on
+                a_config, a_dir = next((c, d) for s, c, d in runs if s == seed and c.method == methods[0])
+                target = rollout_match.matched_dir(workdir, methods, seed)
+                done[str(target)] = rollout_match.run_matched(a_config, a_dir, directory, target, resume, overwrite,
+                                                              progress)
         report = build_report(workdir, methods, seeds if seeds is not None else [configs[0].seed],
-                              single=seeds is None)
-        report["actions"] = {str(directory): action for (_, _, directory), action in zip(runs, actions, strict=True)}
+                              single=seeds is None, matched=match == "rollouts")
+        report["actions"] = done
         report["markdown"] = report_markdown(report)
         if is_lead_process():
             write_atomically(workdir / "comparison.md", report["markdown"] + "\n")
@@ -171,7 +188,8 @@ def _seed_runs(workdir: Path, methods: Sequence[str], seeds: Sequence[int], sing
     return [[seed_stats.read_run(run_dir(workdir, method, seed)) for seed in seeds] for method in methods]
 
 
-def build_report(workdir: str | Path, methods: Sequence[str], seeds: Sequence[int], single: bool = False) -> dict:
+def build_report(workdir: str | Path, methods: Sequence[str], seeds: Sequence[int], single: bool = False,
+                 matched: bool = False) -> dict:
     """The comparison of finished runs in ``workdir`` (see ``compare_methods``; docs/comparisons.md).
 
     Keys: methods, seeds, mode, machine, maj_key; ``runs`` [method][seed index] values of
@@ -182,11 +200,13 @@ def build_report(workdir: str | Path, methods: Sequence[str], seeds: Sequence[in
     or lack final_eval.json); ``compute_matched`` (``seed_stats.compute_matched`` on training
     seconds: B read at A's total seconds) with the evaluated steps B's value was interpolated
     from; ``compute_matched_reverse``: A read at B's total seconds, ``difference`` A there - B final.
+    ``matched`` (``compare --match rollouts``): ``equal_rollouts`` holds the runs of A run on to B's
+    rollouts (``rollout_match``): ``runs`` [seed] values, ``per_method``, ``ratios`` to B per seed and
+    ``paired`` pass@1 / maj@k differences to B; else None.
     """
     workdir = Path(workdir)
     runs = _seed_runs(workdir, methods, seeds, single)
-    values = [[{name: read(run["summary"]) for name, (_, read) in RUN_VALUES.items()} for run in method_runs]
-              for method_runs in runs]
+    values = [[_run_values(run["summary"]) for run in method_runs] for method_runs in runs]
     per_method = {method: {name: {**seed_stats.mean_stderr([v[name] for v in method_values]),
                                   "values": [v[name] for v in method_values]}
                            for name in RUN_VALUES if all(v[name] is not None for v in method_values)}
@@ -205,13 +225,35 @@ def build_report(workdir: str | Path, methods: Sequence[str], seeds: Sequence[in
                "a_ran_shorter": reverse["beyond_b"],
                "a_evaluated_steps": sorted({int(s) for c in curves[0] for s in c["step"]}),
                "difference": seed_stats.paired_difference(reverse["b_at_budget"], reverse["a_final"])}
+    equal_rollouts = _equal_rollouts(workdir, methods, seeds, values[1]) if matched else None
     return {"methods": list(methods), "seeds": [int(s) for s in seeds], "single": single,
+            "equal_rollouts": equal_rollouts,
             "mode": sorted({run["config"]["data"]["mode"] for method_runs in runs for run in method_runs}),
             "steps": {method: method_runs[0]["config"]["steps"] for method, method_runs in zip(methods, runs, strict=True)},
             "machine": machine_line(), "maj_key": _maj_key(runs[0][0]["summary"]),
             "dirs": [[run["dir"] for run in method_runs] for method_runs in runs], "runs": values,
             "per_method": per_method, "ratios": ratios, "paired": paired, "compute_matched": matched,
             "compute_matched_reverse": reverse}
+
+
+def _run_values(summary: dict) -> dict:
+    return {name: read(summary) for name, (_, read) in RUN_VALUES.items()}
+
+
+def _equal_rollouts(workdir: Path, methods: Sequence[str], seeds: Sequence[int], b_values: list[dict]) -> dict:
+    """The rollout-matched runs of A against B's runs (``build_report``'s ``equal_rollouts``)."""
+    summaries = [read_json(rollout_match.matched_dir(workdir, methods, seed) / "summary.json",
+                           "run `optpo-jax compare --match rollouts --resume` to finish it") for seed in seeds]
+    values = [_run_values(summary) for summary in summaries]
+    per_method = {name: {**seed_stats.mean_stderr([v[name] for v in values]), "values": [v[name] for v in values]}
+                  for name in RUN_VALUES if all(v[name] is not None for v in values)}
+    ratios = {name: seed_stats.mean_stderr([a[name] / b[name] for a, b in zip(values, b_values, strict=True)])
+              for name in seed_stats.COMPUTE_AXES if all(v[name] for v in values + b_values)}
+    paired = {name: seed_stats.paired_difference([v[name] for v in values], [v[name] for v in b_values])
+              for name in ("pass@1", "maj@k")}
+    return {"name": rollout_match.matched_dir(workdir, methods, 0).name, "runs": values,
+            "steps": [int(summary["steps"]) for summary in summaries], "per_method": per_method, "ratios": ratios,
+            "paired": paired}
 
 
 def _per_prompt(runs: list[list[dict]]) -> dict | None:
@@ -288,14 +330,25 @@ def _methods_table(report: dict) -> str:
     titles = [RUN_VALUES[name][0].replace("maj@k", k) for name in names]
     lines = [f"Final values over seeds {_seed_list(report['seeds'])} (mean ± standard error over seeds):", "",
              f"| method | {' | '.join(titles)} |", "|---|" + "---:|" * len(names)]
-    for method in report["methods"]:
-        stats = report["per_method"][method]
-        lines.append(f"| {method} | " + " | ".join(_mean_pm(stats[n], n) if n in stats else "n/a" for n in names) + " |")
-    ratios = [f"{report['ratios'][n]['mean']:.2f}" + (f" ± {report['ratios'][n]['stderr']:.2f}"
-                                                       if report["ratios"][n]["stderr"] is not None else "")
-              if n in report["ratios"] else "" for n in names]
-    lines.append(f"| {a} / {b} (per seed) | " + " | ".join(ratios) + " |")
+    rows = [(method, report["per_method"][method]) for method in report["methods"]]
+    equal = report.get("equal_rollouts")
+    if equal:
+        rows.append((f"{equal['name']} ({_step_range(equal['steps'])} steps)", equal["per_method"]))
+    for title, stats in rows:
+        lines.append(f"| {title} | " + " | ".join(_mean_pm(stats[n], n) if n in stats else "n/a" for n in names) + " |")
+    lines.append(f"| {a} / {b} (per seed) | " + " | ".join(_ratios(report["ratios"], names)) + " |")
+    if equal:
+        lines.append(f"| {equal['name']} / {b} (per seed) | " + " | ".join(_ratios(equal["ratios"], names)) + " |")
     return "\n".join(lines)
+
+
+def _ratios(ratios: dict, names: Sequence[str]) -> list[str]:
+    return [f"{ratios[n]['mean']:.2f}" + (f" ± {ratios[n]['stderr']:.2f}" if ratios[n]["stderr"] is not None else "")
+            if n in ratios else "" for n in names]
+
+
+def _step_range(steps: Sequence[int]) -> str:
+    return f"{min(steps)}" if min(steps) == max(steps) else f"{min(steps)}-{max(steps)}"
 
 
 def _paired_table(report: dict) -> str:
@@ -314,6 +367,10 @@ def _paired_table(report: dict) -> str:
                         report["compute_matched"]["difference"]),
         _difference_row(f"compute-matched: {a} at {b}'s training seconds (interpolated) - {b} final{caveat}",
                         reverse["difference"]),
+        *([_difference_row(f"equal rollouts: {report['equal_rollouts']['name']} - {b}, pass@1",
+                           report["equal_rollouts"]["paired"]["pass@1"]),
+           _difference_row(f"equal rollouts: {report['equal_rollouts']['name']} - {b}, {k}",
+                           report["equal_rollouts"]["paired"]["maj@k"])] if report.get("equal_rollouts") else []),
     ])
 
 
@@ -351,6 +408,10 @@ def _notes(report: dict) -> list[str]:
         ("Training seconds exclude evaluation, include the first step's compilations (the update step is compiled "
          "in every run), and move with the machine's load."),
     ]
+    if report.get("equal_rollouts"):
+        notes.append(f"Equal rollouts: {report['equal_rollouts']['name']} is {a}'s run of each seed continued (same "
+                     f"prompts per step, the batches in order) until it had drawn {b}'s rollouts of the same seed; it "
+                     f"stops after the step that reaches them, so it may overshoot by part of a step (the ratio row).")
     return notes
 
 

@@ -22,6 +22,7 @@ MAX_GENERATED_PROMPTS = 10**6
 EXPERIMENT_RANGES = {
     "seed": Range(INT, 0, 2**31 - 1),
     "steps": Range(INT, 0, 10**7),  # 0: one epoch of the training prompts
+    "rollout_budget": Range(INT, 0, 10**12),  # 0: no budget
     "prompts_per_step": Range(INT, 1, 10**6),
     "checkpoint_every": Range(INT, 1, _BIG),
     "data.seed": Range(INT, 0, 2**31 - 1),

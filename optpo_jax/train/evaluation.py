@@ -77,7 +77,7 @@ def _sample_waves(policy, task, prompts, row_prompts, num_rows, key, sampling, b
         valid = np.arange(num_rows) < len(chunk)
         padding = (0, num_rows - len(chunk))
         wave = sample_wave(policy.params, policy.config, task, prompts, np.pad(chunk, padding), valid,
-                           jax.random.fold_in(key, wave_index), sampling, bar=bar,
+                           key, sampling, bar=bar,
                            rollout_index=np.pad(sample_number[rows], padding))
         generated += int(wave.completion_lengths[valid].sum())
         votes = count(votes, wave)

@@ -172,16 +172,25 @@ def _train(setup: Setup, workdir: Path, resume: bool, resume_step: int | None, p
     steps = tqdm(range(totals.step, config.steps), desc=f"train {config.method}", disable=not progress,
                  initial=totals.step, total=config.steps)
     for step in steps:
+        if budget_spent(config, totals):
+            break
         checkpointer.check_background()  # a failed background save stops the run here, not steps later
         state, carry, totals, metrics = _run_step(setup, state, step, carry, totals, progress)
         log.write(step + 1, metrics)
         if metrics["trained_rollouts"] == 0 and is_lead_process():
             _warn_nothing_trained(step + 1, metrics)
         steps.set_postfix(rollouts=f"{metrics['rollouts_per_prompt']:.1f}", label=f"{metrics['label_accuracy']:.2f}")
-        if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
+        if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps or budget_spent(config, totals):
             checkpointer.save(step + 1, state.checkpointed(), totals.to_json(), carry)
     checkpointer.wait()
     return _finish(setup, state, totals, log, workdir, progress)
+
+
+def budget_spent(config, totals: RunTotals) -> bool:
+    """Whether a run with ``config.rollout_budget`` > 0 has drawn that many rollouts (it then stops, before
+    ``config.steps``: the budget may be overshot by the last step's rollouts, never undershot)."""
+    budget = int(config.get("rollout_budget", 0))
+    return budget > 0 and totals.rollouts >= budget
 
 
 def _warn_nothing_trained(step: int, metrics: dict) -> None:
@@ -206,14 +215,14 @@ def _finish(setup: Setup, state: TrainState, totals: RunTotals, log: MetricsLog,
     """
     config = setup.config
     after = run_eval(setup, state.policy_params(), config.eval.final_samples, config.seed + 1, progress)
-    log.write(config.steps, {f"final/{k}": v for k, v in after.summary().items()})
+    log.write(totals.step, {f"final/{k}": v for k, v in after.summary().items()})
     log.close()
     summary = {
-        "method": config.method, "steps": config.steps, "before": totals.before,
+        "method": config.method, "steps": totals.step, "before": totals.before,
         "after": after.summary(), "total_rollouts": totals.rollouts,
         "total_generated_tokens": totals.generated_tokens, "total_trained_tokens": totals.trained_tokens,
         "train_seconds": totals.seconds,
-        "label_accuracy": totals.label_accuracy_sum / max(config.steps, 1),
+        "label_accuracy": totals.label_accuracy_sum / max(totals.step, 1),
     }
     if is_lead_process():
         prompts = hashlib.sha256(repr(list(setup.eval_problems)).encode()).hexdigest()[:16]

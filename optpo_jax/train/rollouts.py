@@ -113,7 +113,8 @@ def collect_rollouts(params, learner: Learner, problems: list, key: jax.Array, l
         the stopping rule (``sprt``), ``sampling`` and ``rows_per_wave`` (over all processes; each
         fills rows_per_wave / process_count rows with its own prompts).
       problems: the P prompts of this batch (this process's share on several processes).
-      key: jax.random key; wave w uses fold_in(key, w).
+      key: jax.random key; rollout k of prompt p (of ``problems`` + ``lookahead``) draws from its stream
+        (p, k) of it (``sampler.rollout_keys``), whatever wave or row it is drawn in.
       lookahead: prompts that may use spare rows.
       carry: what the previous call returned for these ``problems``.
       prior_state: the stopping rule's learned prior (``sprt.learn_prior``), or None.
@@ -212,7 +213,7 @@ def _run_waves(run: _Collection, params, model_config, task, prompts, key) -> No
         prompt_ids, valid = _allocate_with_lookahead(run.votes, run.num_prompts, run.num_rows, config.sprt, extra,
                                                      run.prior_state)
         start = time.perf_counter()
-        wave = sample_wave(params, model_config, task, prompts, prompt_ids, valid, jax.random.fold_in(key, run.calls),
+        wave = sample_wave(params, model_config, task, prompts, prompt_ids, valid, key,
                            config.sampling, bar=run.bar, rollout_index=_rollout_index(prompt_ids, valid, run.drawn))
         run.sampling_seconds += time.perf_counter() - start
         run.decode_steps += max(int(wave.completion_lengths[valid].max(initial=1)) - 1, 0)

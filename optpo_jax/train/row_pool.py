@@ -17,7 +17,7 @@ import numpy as np
 from optpo_jax.continuous import decode_chunk, init_decode_state, insert_rows
 from optpo_jax.sampler import SamplingConfig, bucket_width
 from optpo_jax.train.distributed import mesh_of, shard_rows
-from optpo_jax.train.waves import PromptTable, Wave
+from optpo_jax.train.waves import PromptTable, Wave, rollout_streams
 
 CHUNK_FINISHES = 16
 """A decode chunk returns to the host once 1 / CHUNK_FINISHES of the rows have finished (at least
@@ -57,7 +57,8 @@ class RowPool:
       prompts: the prompts rows can serve.
       sampling: the SamplingConfig (``max_new_tokens``, temperature, stop tokens...).
       num_rows: R, the rows decoding at once.
-      key: sampling key.
+      key: sampling key; rollout k of prompt p draws from stream (p, k) (``sampler.rollout_keys``), whatever row
+        it lands in.
       started: [P] rollouts already drawn per prompt (numbers new rollouts after them).
     """
 
@@ -127,7 +128,9 @@ class RowPool:
             self.params, self.state, pad(rows, self.num_rows).astype(np.int32),
             np.pad(tokens[:, :width], ((0, size - len(rows)), (0, 0))).astype(np.int32),
             pad(self.prompts.lengths[prompt_ids].astype(np.int32), 1), pad(valid, False),
-            pad(rollout_index, 0).astype(np.int32), model_config=self.model_config, config=self.sampling,
+            pad(rollout_index, 0).astype(np.int32),
+            np.pad(rollout_streams(prompt_ids, rollout_index), ((0, size - len(rows)), (0, 0))),
+            model_config=self.model_config, config=self.sampling,
         )
 
     def decode(self) -> Finished:

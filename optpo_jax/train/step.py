@@ -1,7 +1,8 @@
 """One OptPO / TTRL training step: rollouts -> rewards -> advantages -> GRPO update (``update.py``).
 
-The step is the same for both methods; only the stopping rule differs (OptPO: the
-Dirichlet posterior test; TTRL: the ``fixed`` rule with 64 votes, GRPO on 32 of them).
+The step is the same for both methods; the stopping rule and the training rows differ
+(OptPO: the Dirichlet posterior test, every rollout trained on; TTRL: the ``fixed`` rule
+with 64 votes, GRPO on the first 32 with advantages over those 32).
 Ground truth is read here only by the ``ground_truth`` reward (``rewards.REWARDS``);
 ``metrics.step_metrics`` reads it for metrics.
 """
@@ -16,6 +17,7 @@ import numpy as np
 
 from optpo_jax.grpo import group_advantages
 from optpo_jax.prior import update_prior
+from optpo_jax.sprt import SPRTConfig
 from optpo_jax.train.distributed import process_sum
 from optpo_jax.train.learner import Learner
 from optpo_jax.train.rewards import REWARDS, consensus_labels
@@ -23,6 +25,7 @@ from optpo_jax.train.rollouts import LookaheadCarry, Rollouts, collect_rollouts
 from optpo_jax.train.state import TrainState
 from optpo_jax.train.step_config import UpdateConfig
 from optpo_jax.train.update import update_policy, update_rows
+from optpo_jax.train.vote_weights import VOTE_WEIGHTS, normalized_weights
 
 
 @dataclasses.dataclass
@@ -62,21 +65,55 @@ def rollout_advantages(rewards: np.ndarray, prompt_index: np.ndarray, num_prompt
     return np.asarray(advantages)[:num_rollouts]
 
 
-def training_rows(rollouts: Rollouts, advantages: np.ndarray, config: UpdateConfig, rng: np.random.Generator):
-    """Indices of the rollouts the update uses: a per-prompt subsample, minus zero-advantage groups.
+def subsample_rows(rollouts: Rollouts, config: UpdateConfig, rng: np.random.Generator) -> np.ndarray:
+    """Indices of the rollouts each prompt trains on: all, or ``config.train_samples_per_prompt`` of them.
 
-    A group whose rewards are all equal has advantage 0 everywhere and no policy gradient,
-    so it costs compute without moving the policy.
+    ``subsample="first"``: each prompt's first k rollouts in draw order (TTRL's
+    ``select_top_k_per_prompt``); ``"random"``: k chosen at random.
     """
     rows = np.arange(len(rollouts.prompt_index))
-    if config.train_samples_per_prompt:
-        chosen = []
-        for prompt in np.unique(rollouts.prompt_index):
-            members = rows[rollouts.prompt_index == prompt]
-            take = min(config.train_samples_per_prompt, len(members))
-            chosen.append(np.sort(rng.choice(members, size=take, replace=False)))
-        rows = np.concatenate(chosen)
-    return rows[advantages[rows] != 0]
+    if not config.train_samples_per_prompt:
+        return rows
+    chosen = []
+    for prompt in np.unique(rollouts.prompt_index):
+        members = rows[rollouts.prompt_index == prompt]  # in draw order
+        take = min(config.train_samples_per_prompt, len(members))
+        chosen.append(members[:take] if config.subsample == "first" else
+                      np.sort(rng.choice(members, size=take, replace=False)))
+    return np.concatenate(chosen)
+
+
+def step_advantages(rewards: np.ndarray, rollouts: Rollouts, rows: np.ndarray, num_prompts: int,
+                    config: UpdateConfig) -> np.ndarray:
+    """[N] advantages of the batch's rollouts (0 outside ``rows``), each relative to its prompt's group.
+
+    The group is the trained ``rows`` with ``subsample="first"`` (TTRL: advantages over the
+    k it trains on) and every rollout of the prompt with ``"random"`` (all votes' mean and
+    spread, then k trained on).
+    """
+    pool = rows if config.subsample == "first" else np.arange(len(rewards))
+    advantages = np.zeros(len(rewards), np.float32)
+    advantages[pool] = rollout_advantages(rewards[pool], rollouts.prompt_index[pool], num_prompts,
+                                          config.advantage_estimator)
+    keep = np.zeros(len(rewards), bool)
+    keep[rows] = True
+    return np.where(keep, advantages, 0.0).astype(np.float32)
+
+
+def training_rows(rollouts: Rollouts, rewards: np.ndarray, num_prompts: int, config: UpdateConfig,
+                  sprt: SPRTConfig, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(rows the update trains on, [N] their weighted advantages): the per-prompt subsample, its group
+    advantages times the vote weights (``vote_weights``), minus rows whose weighted advantage is 0.
+
+    A group whose rewards are all equal has advantage 0 everywhere and no policy gradient,
+    so it costs compute without moving the policy; a vote weight of 0 drops its rollouts too.
+    """
+    rows = subsample_rows(rollouts, config, rng)
+    advantages = step_advantages(rewards, rollouts, rows, num_prompts, config)
+    rows = rows[advantages[rows] != 0]
+    weights = VOTE_WEIGHTS[config.vote_weights](rollouts.prompt_index[rows], rewards[rows], rollouts.votes, sprt)
+    advantages[rows] *= normalized_weights(weights, process_sum)
+    return rows[advantages[rows] != 0], advantages
 
 
 def training_step(state: TrainState, learner: Learner, problems: list, key: jax.Array, rng: np.random.Generator,
@@ -87,7 +124,8 @@ def training_step(state: TrainState, learner: Learner, problems: list, key: jax.
     ``lookahead`` / ``carry`` as in ``collect_rollouts``; ``key`` drives sampling and
     ``rng`` the update's row subsample and order. ``stage_seconds``: a dict to profile the
     step into: it waits for the device after each stage and adds the stage's seconds under
-    "collect", "rewards", "advantages", "rows" and "update" (a profile, not a training run:
+    "collect", "rewards", "advantages" (the rows and their weighted advantages), "rows" (their arrays) and
+    "update" (a profile, not a training run:
     the waits cost time).
     """
     clock = _StageClock(stage_seconds)
@@ -100,10 +138,9 @@ def training_step(state: TrainState, learner: Learner, problems: list, key: jax.
     rewards = REWARDS[learner.config.reward](rollouts, problems, learner.task)
     labels = consensus_labels(rollouts)
     clock.lap("rewards")
-    update = learner.config.update
-    advantages = rollout_advantages(rewards, rollouts.prompt_index, len(problems), update.advantage_estimator)
+    rows, advantages = training_rows(rollouts, rewards, len(problems), learner.config.update, learner.config.sprt,
+                                     rng)
     clock.lap("advantages")
-    rows = training_rows(rollouts, advantages, update, rng)
     batch_rows = update_rows(rollouts, rows, advantages)
     clock.lap("rows")
     state, update_metrics = update_policy(state, batch_rows, learner, rng)

@@ -8,6 +8,9 @@ from optpo_jax.field_ranges import INT, check_ranges, ranged
 from optpo_jax.grpo import ADVANTAGE_ESTIMATORS, GRPOConfig
 from optpo_jax.sampler import SamplingConfig
 from optpo_jax.sprt import SPRTConfig
+from optpo_jax.train.vote_weights import VOTE_WEIGHTS
+
+SUBSAMPLES = ("first", "random")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -15,8 +18,13 @@ class UpdateConfig:
     """How retained rollouts become optimizer steps.
 
     Attributes:
-      train_samples_per_prompt: rollouts of each prompt used for the update, chosen at
-        random after labelling with all of them (TTRL: 32 of 64); 0 uses every one.
+      train_samples_per_prompt: rollouts of each prompt used for the update, after labelling
+        with all of them (TTRL: 32 of 64); 0 uses every one.
+      subsample: which ``train_samples_per_prompt`` (``SUBSAMPLES``): ``"first"``, the first
+        k drawn, with advantages over those k (TTRL's recipe); ``"random"``, k at random, with
+        advantages over all the prompt's rollouts (a lower-variance baseline than TTRL's).
+      vote_weights: a key of ``train.vote_weights.VOTE_WEIGHTS``: how much each trained
+        rollout counts, from its prompt's final vote (``all``: the same).
       min_rollouts_per_prompt: rollouts each prompt draws for the update even after its
         vote has stopped (the OptPO paper's N). The extra ones are rewarded against the
         vote's label and do not change it; 0: a prompt trains on its votes only.
@@ -44,6 +52,8 @@ class UpdateConfig:
     """
 
     train_samples_per_prompt: int = ranged(0, INT, 0, 1024)
+    subsample: str = "first"
+    vote_weights: str = "all"
     min_rollouts_per_prompt: int = ranged(0, INT, 0, 1024)
     micro_batch_rows: int = ranged(256, INT, 1, 65536)
     optimizer_steps: int = ranged(0, INT, 0, 65536)
@@ -59,6 +69,10 @@ class UpdateConfig:
         if self.micro_batch_rows % self.grad_accumulation:
             raise ValueError(f"grad_accumulation={self.grad_accumulation} must divide "
                              f"micro_batch_rows={self.micro_batch_rows}")
+        if self.subsample not in SUBSAMPLES:
+            raise ValueError(f"subsample must be one of {SUBSAMPLES}, got {self.subsample!r}")
+        if self.vote_weights not in VOTE_WEIGHTS:
+            raise ValueError(f"vote_weights must be one of {tuple(VOTE_WEIGHTS)}, got {self.vote_weights!r}")
         if self.advantage_estimator not in ADVANTAGE_ESTIMATORS:
             raise ValueError(f"advantage_estimator must be one of {tuple(ADVANTAGE_ESTIMATORS)}, got "
                              f"{self.advantage_estimator!r}")

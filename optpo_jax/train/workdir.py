@@ -28,7 +28,7 @@ RUN_FILES = ("checkpoints", "carry", "tb", "metrics.jsonl", "config.json", "summ
 # Fields a resumed run may change: they decide how long it runs and what it evaluates or
 # how it is laid out on devices, not what it computes up to the restored step. ``steps``
 # only where the learning-rate schedule does not depend on it (see ``check_resumable``).
-RESUMABLE_FIELDS = ("steps", "eval.every_steps", "eval.samples", "checkpoint_every", "mesh.data", "mesh.fsdp",
+RESUMABLE_FIELDS = ("steps", "rollout_budget", "eval.every_steps", "eval.samples", "checkpoint_every", "mesh.data", "mesh.fsdp",
                     "mesh.tensor", "remat", "attention", "distributed")
 
 
@@ -133,7 +133,8 @@ ADDED_FIELDS = {"policy_update.min_rollouts_per_prompt": 0, "policy_update.optim
                 "data.prompt_field": "prompt", "data.answer_field": "answer", "math.instruction": TTRL_INSTRUCTION,
                 "math.max_prompt_tokens": 1024, "math.multiple_choice": False, "math.timeout_seconds": 2,
                 "sampling.schedule": "waves", "sampling.on_stop": "finish",
-                "policy_update.pack_width": 0, "attention": "reference"}
+                "policy_update.pack_width": 0, "attention": "reference",
+                "policy_update.subsample": "random", "policy_update.vote_weights": "all", "rollout_budget": 0}
 
 
 # Fields renamed after runs were saved: old dotted name -> new. A saved config is read under the new names.

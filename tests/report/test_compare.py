@@ -164,3 +164,44 @@ def test_compare_resume_resumes_a_run_whose_summary_or_final_eval_was_cut(tmp_pa
     checkpointer.save(2, {"params": {"w": jnp.ones(2)}, "opt_state": {"m": jnp.ones(1)}}, {"step": 2})
     checkpointer.wait()
     assert run_action(run, config, resume=True, overwrite=False) == "resume"  # the final evaluation again
+
+
+def test_match_rollouts_runs_the_first_method_on_to_the_baselines_rollouts(two_seeds, tmp_path):
+    """--match rollouts continues each seed's OptPO run (its steps kept) until it has drawn TTRL's rollouts of
+    that seed, stops at the step that reaches them, and reports the paired difference at equal rollouts."""
+    import shutil
+
+    from optpo_jax.train.metrics_log import read_metrics
+
+    source, _ = two_seeds
+    workdir = tmp_path / "compare"
+    shutil.copytree(source, workdir, ignore=shutil.ignore_patterns(".lock"))
+    report = compare_methods([tiny("optpo"), tiny("ttrl")], workdir, seeds=[0, 1], resume=True, progress=False,
+                             match="rollouts")
+    matched_values, ttrl_values = [], []
+    for seed in (0, 1):
+        run = workdir / f"seed{seed}"
+        assert report["actions"][str(run / "optpo")] == "skip"
+        assert report["actions"][str(run / "optpo_at_ttrl_rollouts")] == "start"
+        budget = json.loads((run / "ttrl" / "summary.json").read_text())["total_rollouts"]
+        matched = json.loads((run / "optpo_at_ttrl_rollouts" / "summary.json").read_text())
+        steps = [r for r in read_metrics(run / "optpo_at_ttrl_rollouts") if "rollouts" in r]
+        assert matched["steps"] == len(steps) > 1 and matched["total_rollouts"] == steps[-1]["total_rollouts"]
+        assert steps[-1]["total_rollouts"] >= budget > steps[-2]["total_rollouts"]  # stopped at the step that reached it
+        first = [r for r in read_metrics(run / "optpo") if "rollouts" in r]
+        assert steps[0] == first[0]  # the equal-steps run, continued
+        matched_values.append(matched["after"]["pass@1"])
+        ttrl_values.append(json.loads((run / "ttrl" / "summary.json").read_text())["after"]["pass@1"])
+    equal = report["equal_rollouts"]
+    np.testing.assert_allclose(equal["paired"]["pass@1"]["differences"], np.subtract(matched_values, ttrl_values))
+    assert equal["ratios"]["rollouts"]["mean"] >= 1.0
+    assert "equal rollouts: optpo_at_ttrl_rollouts - ttrl, pass@1" in report["markdown"]
+    assert report["paired"] == two_seeds[1]["paired"]  # the equal-steps rows as before
+    again = compare_methods([tiny("optpo"), tiny("ttrl")], workdir, seeds=[0, 1], resume=True, progress=False,
+                            match="rollouts")
+    assert set(again["actions"].values()) == {"skip"}
+    with pytest.raises(ConfigError, match="match must be one of"):
+        compare_methods([tiny("optpo"), tiny("ttrl")], workdir, seeds=None, match="rollouts")
+    with pytest.raises(ConfigError, match="optimizer.schedule 'constant'"):
+        compare_methods([tiny("optpo", **{"optimizer.schedule": "cosine"}), tiny("ttrl")], workdir, seeds=[0, 1],
+                        resume=True, match="rollouts")

@@ -216,3 +216,19 @@ def test_record_votes_reads_a_lora_run_with_its_own_config(tmp_path):
     base = run_eval(setup, setup.policy.params, 4, 0, progress=False).answers
     assert recorded == [["" if a is None else str(a) for a in row] for row in expected]
     assert expected != base  # the adapters changed the policy, so reading them back mattered
+
+
+def test_a_rollout_budget_stops_the_run_at_the_step_that_reaches_it(run_copy):
+    """A finished 2-step run resumed with 20 steps and a budget of one rollout more than it drew takes exactly
+    one more step; resumed again, it takes none (the budget is spent) and only evaluates again."""
+    from optpo_jax.train.metrics_log import read_metrics
+
+    drawn = json.loads((run_copy / "summary.json").read_text())["total_rollouts"]
+    config = tiny_config(steps=20, rollout_budget=drawn + 1)
+    summary = train(config, run_copy, resume=True, progress=False)
+    assert summary["steps"] == 3 and summary["total_rollouts"] > drawn
+    steps = [record["step"] for record in read_metrics(run_copy) if "rollouts" in record]
+    assert steps == [1, 2, 3]
+    again = train(config, run_copy, resume=True, progress=False)
+    assert again["steps"] == 3 and again["total_rollouts"] == summary["total_rollouts"]
+    assert [record["step"] for record in read_metrics(run_copy) if "rollouts" in record] == [1, 2, 3]

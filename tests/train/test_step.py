@@ -85,3 +85,100 @@ def test_ground_truth_reward_runs_in_training_and_an_unknown_reward_is_named(mon
     truth = [float(a is not None and a == problems[p].answer) for a, p in zip(answers, output.rollouts.prompt_index,
                                                                               strict=True)]
     np.testing.assert_array_equal(output.rewards, truth)  # reference: the sums' exact answers
+
+
+def _voted_rollouts(prompt_index, confidence=None, num_samples=None):
+    """Rollouts of the given prompts in draw order, with only what the training rows read filled in."""
+    from optpo_jax.sprt import VoteState
+    from optpo_jax.train.rollouts import Rollouts
+
+    num_rollouts, num_prompts = len(prompt_index), int(prompt_index.max()) + 1
+    zeros = np.zeros(num_rollouts, np.int32)
+    confidence = np.ones(num_prompts, np.float32) if confidence is None else np.asarray(confidence, np.float32)
+    num_samples = np.bincount(prompt_index) if num_samples is None else num_samples
+    votes = VoteState(counts=np.zeros((num_prompts, 2), np.int32), num_samples=num_samples,
+                      done=np.ones(num_prompts, bool), confidence=confidence, run_slot=np.zeros(num_prompts, np.int32),
+                      run_length=np.zeros(num_prompts, np.int32))
+    return Rollouts(prompt_index=prompt_index.astype(np.int32), prompt_tokens=zeros[:, None], prompt_lengths=zeros,
+                    completion_tokens=zeros[:, None], completion_lengths=zeros, policy_logprobs=zeros[:, None] * 0.0,
+                    slots=zeros, votes=votes, answer_slots=None, rows_total=0, rows_used=0, waves=0,
+                    sampling_seconds=0.0)
+
+
+def _hand_grpo(rewards):
+    """GRPO's advantages of one group by hand: (r - mean) / (sample std with n - 1 + 1e-6)."""
+    rewards = np.asarray(rewards, np.float64)
+    return (rewards - rewards.mean()) / (rewards.std(ddof=1) + 1e-6)
+
+
+def test_faithful_ttrl_trains_the_first_32_with_advantages_over_them():
+    """TTRL's recipe (PRIME-RL/TTRL select_top_k_per_prompt): of 64 votes per prompt the first 32 drawn are
+    trained on, with GRPO advantages over those 32 (reference: a hand computation); "random" keeps the
+    previous baseline: advantages over all 64, a random 32 trained on."""
+    from optpo_jax.sprt import SPRTConfig
+    from optpo_jax.train.step import training_rows
+
+    rng = np.random.default_rng(0)
+    prompt_index = rng.permutation(np.repeat(np.arange(3), 64))  # prompts interleaved in draw order
+    rewards = (rng.random(192) < np.array([0.3, 0.6, 0.9])[prompt_index]).astype(np.float32)
+    rollouts = _voted_rollouts(prompt_index)
+    first = UpdateConfig(train_samples_per_prompt=32, subsample="first")
+    rows, advantages = training_rows(rollouts, rewards, 3, first, SPRTConfig(rule="fixed"), np.random.default_rng(1))
+    expected = np.zeros(192)
+    for prompt in range(3):
+        members = np.flatnonzero(prompt_index == prompt)[:32]
+        expected[members] = _hand_grpo(rewards[members])
+    np.testing.assert_allclose(advantages, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(np.sort(rows), np.flatnonzero(expected != 0))
+    assert (np.bincount(prompt_index[rows], minlength=3) <= 32).all()
+
+    randomly = UpdateConfig(train_samples_per_prompt=32, subsample="random")
+    rows, advantages = training_rows(rollouts, rewards, 3, randomly, SPRTConfig(rule="fixed"),
+                                     np.random.default_rng(1))
+    over_all = np.zeros(192)
+    for prompt in range(3):
+        members = np.flatnonzero(prompt_index == prompt)
+        over_all[members] = _hand_grpo(rewards[members])
+    np.testing.assert_allclose(advantages[rows], over_all[rows], rtol=1e-5, atol=1e-6)
+    assert (np.bincount(prompt_index[rows], minlength=3) <= 32).all()
+    assert not np.array_equal(np.sort(rows), np.flatnonzero(expected != 0))  # not the first 32
+
+
+@pytest.mark.parametrize("rule", ["all", "decided", "per_prompt", "confidence"])
+def test_vote_weights_scale_the_trained_advantages(rule):
+    """Each rule's weights by hand (prompt 1 undecided at confidence 0.5, prompt 2 drew twice the votes),
+    scaled to mean 1 over the trained rollouts, multiply their GRPO advantages."""
+    from optpo_jax.sprt import SPRTConfig
+    from optpo_jax.train.step import training_rows
+
+    prompt_index = np.repeat([0, 1, 2], [8, 8, 16])
+    rewards = np.tile([1.0, 0.0, 1.0, 1.0], 8).astype(np.float32)
+    confidence = np.array([0.99, 0.5, 0.97])
+    rollouts = _voted_rollouts(prompt_index, confidence)
+    config = UpdateConfig(vote_weights=rule)
+    rows, advantages = training_rows(rollouts, rewards, 3, config, SPRTConfig(threshold=0.95),
+                                     np.random.default_rng(0))
+    base = np.concatenate([_hand_grpo(rewards[prompt_index == p]) for p in range(3)])
+    raw = {"all": np.ones(3), "decided": np.array([1.0, 0.0, 1.0]), "per_prompt": 1.0 / np.array([8, 8, 16]),
+           "confidence": confidence}[rule][prompt_index]
+    weights = raw / raw[raw > 0].mean()  # mean 1 over the rollouts that stay in the update
+    expected = base * weights
+    np.testing.assert_allclose(advantages[rows], expected[rows], rtol=1e-5)
+    np.testing.assert_array_equal(rows, np.flatnonzero(expected != 0))
+    if rule == "decided":
+        assert 1 not in prompt_index[rows]
+    if rule == "per_prompt":  # each prompt's rollouts weigh the same in all
+        totals = np.bincount(prompt_index[rows], weights[rows])
+        np.testing.assert_allclose(totals, totals[0])
+
+
+def test_vote_weights_are_checked():
+    from optpo_jax.train.vote_weights import normalized_weights
+
+    with pytest.raises(ValueError, match="vote_weights must be one of .*'confidence'.*got 'votes'"):
+        UpdateConfig(vote_weights="votes")
+    with pytest.raises(ValueError, match="subsample must be one of \\('first', 'random'\\), got 'last'"):
+        UpdateConfig(subsample="last")
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        normalized_weights(np.array([1.0, -0.5]))
+    np.testing.assert_array_equal(normalized_weights(np.zeros(3)), np.zeros(3))

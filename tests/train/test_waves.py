@@ -51,3 +51,41 @@ def test_count_votes_puts_equal_answers_in_one_slot_and_skips_rows_without_one()
     counts = np.asarray(votes.counts)
     assert counts[0, :2].tolist() == [2, 0] and counts[1, :2].tolist() == [1, 1]  # the invalid "7" is not counted
     assert np.asarray(votes.num_samples).tolist() == [3, 2]  # a row without an answer still counts as drawn
+
+
+def test_a_rollout_draws_the_same_tokens_in_any_row_wave_or_schedule(setup):
+    """Common random numbers: rollout k of prompt p draws from its own stream of the key, so it comes out the
+    same whichever row and wave it is placed in, and from the continuous pool too (same policy, same key);
+    two valid rows with the same (prompt, rollout) are refused."""
+    import pytest
+
+    from optpo_jax.train.row_pool import RowPool
+
+    task, problems = setup.task, setup.train_problems[:2]
+    sampling = setup.learner.config.sampling  # temperature 1
+    table = tokenize_prompts(task, problems, sampling)
+    params, config, key = setup.policy.params, setup.policy.config, jax.random.key(7)
+    first = sample_wave(params, config, task, table, np.array([0, 1, 0, 1]), np.ones(4, bool), key, sampling,
+                        rollout_index=np.array([0, 0, 1, 1]))
+    other = sample_wave(params, config, task, table, np.array([1, 0, 0, 1, 0]),
+                        np.array([True, False, True, True, True]), key, sampling,
+                        rollout_index=np.array([1, 5, 0, 0, 1]))
+    completion = lambda wave, row: wave.completions[row, : wave.completion_lengths[row]].tolist()
+    for row_first, row_other in [(0, 2), (1, 3), (2, 4), (3, 0)]:  # (p, k): (0, 0), (1, 0), (0, 1), (1, 1)
+        assert completion(first, row_first) == completion(other, row_other)
+    several = sample_wave(params, config, task, table, np.zeros(16, int), np.ones(16, bool), key, sampling,
+                          rollout_index=np.arange(16))
+    assert len({tuple(completion(several, row)) for row in range(16)}) > 1  # streams of one prompt differ
+    pool = RowPool(params, config, task, table, sampling, 4, key)
+    pool.insert(np.array([1, 0, 0, 1]))  # the pool numbers each prompt's rollouts in insertion order
+    finished = []
+    while len(finished) < 4:
+        done = pool.decode()
+        finished += [((int(p), int(k)), done.completions[i, : done.completion_lengths[i]].tolist())
+                     for i, (p, k) in enumerate(zip(done.prompt_ids, done.rollout_index, strict=True))]
+    by_stream = dict(finished)
+    for row, stream in enumerate([(0, 0), (1, 0), (0, 1), (1, 1)]):
+        assert by_stream[stream] == completion(first, row)
+    with pytest.raises(ValueError, match="same \\(prompt, rollout_index\\)"):
+        sample_wave(params, config, task, table, np.array([0, 0]), np.ones(2, bool), key, sampling,
+                    rollout_index=np.array([3, 3]))
