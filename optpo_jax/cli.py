@@ -4,7 +4,7 @@
                       [--config.sprt.threshold=0.99]
     optpo-jax eval    --workdir runs/optpo [--config.eval.final_samples=16]   (--workdir='': --config's initial policy)
     optpo-jax compare [--config configs/arith_optpo.py] [--baseline_config configs/arith_ttrl.py] --workdir runs/compare
-                      [--seeds N] [--match rollouts] [--resume | --overwrite]
+                      [--seeds N [--seed_from K]] [--match rollouts] [--resume | --overwrite]
     optpo-jax export  --workdir runs/optpo --out models/optpo [--adapters_only]
                       [--export_dtype float32]
     optpo-jax plan    --config configs/qwen2p5_math_1p5b_math500_lora.py [--device_memory 16GB] [--devices 1]
@@ -59,6 +59,10 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "remove the run already in --
 _SEEDS = flags.DEFINE_integer("seeds", 1, "compare: training seeds 0..N-1 per method, in --workdir/seed{s}/{method}, "
                               "with paired statistics; 1 = one run per method with its config.seed, in "
                               "--workdir/{method}", lower_bound=1)
+_SEED_FROM = flags.DEFINE_integer("seed_from", None, "compare: the first training seed (--seeds N runs seed_from.."
+                                  "seed_from+N-1, in the seed{s}/ layout even for N = 1), to spread one study's "
+                                  "seeds over processes or machines and merge the seed{s}/ folders afterwards",
+                                  lower_bound=0)
 _MATCH = flags.DEFINE_enum("match", "steps", ["steps", "rollouts"],
                            "compare: steps = each method runs its config's steps; rollouts = also run the first "
                            "method on until it has drawn the second's rollouts, per seed (needs --seeds >= 2)")
@@ -175,11 +179,12 @@ def command_compare(_):
     from optpo_jax.report.compare import compare_methods
 
     configs = [_start(_config_or_default(_CONFIG, "optpo")), _config_or_default(_BASELINE, "ttrl")]
-    seeds = None if _SEEDS.value == 1 else list(range(_SEEDS.value))
+    first = _SEED_FROM.value or 0
+    seeds = None if _SEEDS.value == 1 and _SEED_FROM.value is None else list(range(first, first + _SEEDS.value))
     if seeds is not None and any(config.seed != 0 for config in configs):
         from optpo_jax.train.config_checks import ConfigError
 
-        raise ConfigError(f"--seeds {_SEEDS.value} runs config.seed 0..{_SEEDS.value - 1} for both methods: leave "
+        raise ConfigError(f"--seeds {_SEEDS.value} runs config.seed {seeds[0]}..{seeds[-1]} for both methods: leave "
                           "config.seed at 0 (it would be replaced)")
     report = compare_methods(configs, _WORKDIR.value, seeds, resume=_RESUME.value, overwrite=_OVERWRITE.value,
                              match=_MATCH.value)
@@ -257,7 +262,7 @@ COMMANDS = {"train": command_train, "eval": command_eval, "compare": command_com
 COMMAND_FLAGS = {
     "train": ("config", "workdir", "resume", "resume_step", "overwrite"),
     "eval": ("config", "workdir"),
-    "compare": ("config", "baseline_config", "workdir", "seeds", "resume", "overwrite", "match"),
+    "compare": ("config", "baseline_config", "workdir", "seeds", "seed_from", "resume", "overwrite", "match"),
     "export": ("config", "workdir", "out", "adapters_only", "export_dtype"),
     "plan": ("config", "device_memory", "devices"),
 }

@@ -111,6 +111,21 @@ def arithmetic_config(method: str = "optpo") -> ml_collections.ConfigDict:
     return config
 
 
+def study_config(method: str = "optpo") -> ml_collections.ConfigDict:
+    """The embedded task as an instrument for comparing methods over seeds (docs/comparisons.md).
+
+    ``arithmetic_config`` at learning rate 5e-5 for 8 steps, evaluated every 4 steps and on
+    32 samples per prompt at the end: at 1e-4 the task's training is near its instability
+    (3e-4 collapses) and one seed pair's difference swings by 5 points and more; the study
+    in docs/comparisons.md measures this protocol's spread.
+    """
+    config = arithmetic_config(method)
+    config.steps = 8
+    config.optimizer.learning_rate = 5e-5
+    config.eval.update({"every_steps": 4, "final_samples": 32})
+    return config
+
+
 def math_config(benchmark: str, method: str = "optpo") -> ml_collections.ConfigDict:
     """TTRL's recipe (arXiv 2504.16084) for Qwen2.5-Math-1.5B on a benchmark file in ../shared/data.
 

@@ -83,7 +83,8 @@ def run_action(directory: Path, config, resume: bool, overwrite: bool) -> str:
     Otherwise a workdir that holds a run needs ``resume``; then the saved config must define
     the same run (``check_resumable``), and a finished run (summary.json of as many steps)
     is skipped, a run with a checkpoint resumes, and one that saved no checkpoint yet (stopped
-    in its first steps) starts again. Raises WorkdirError for anything else.
+    in its first steps) starts again; a run that stopped at its ``rollout_budget`` before
+    ``config.steps`` is finished too. Raises WorkdirError for anything else.
     """
     if overwrite:
         return "start"
@@ -97,6 +98,9 @@ def run_action(directory: Path, config, resume: bool, overwrite: bool) -> str:
     if done is not None:
         if done == config.steps or config.steps == 0:  # 0: one epoch of the data, as the saved run resolved it
             return "skip"
+        budget = int(config.get("rollout_budget", 0))
+        if done < config.steps and budget and read_json(directory / "summary.json", "")["total_rollouts"] >= budget:
+            return "skip"  # it stopped at its rollout budget
         if done > config.steps:
             raise WorkdirError(f"{directory} holds a finished run of {done} steps and the config asks for "
                                f"{config.steps}: use --overwrite to run it again with fewer steps")
@@ -172,7 +176,7 @@ def compare_methods(configs: Sequence, workdir: str | Path, seeds: Sequence[int]
                 done[str(target)] = rollout_match.run_matched(a_config, a_dir, directory, target, resume, overwrite,
                                                               progress)
         report = build_report(workdir, methods, seeds if seeds is not None else [configs[0].seed],
-                              single=seeds is None, matched=match == "rollouts")
+                              single=seeds is None, rollouts_matched=match == "rollouts")
         report["actions"] = done
         report["markdown"] = report_markdown(report)
         if is_lead_process():
@@ -189,7 +193,7 @@ def _seed_runs(workdir: Path, methods: Sequence[str], seeds: Sequence[int], sing
 
 
 def build_report(workdir: str | Path, methods: Sequence[str], seeds: Sequence[int], single: bool = False,
-                 matched: bool = False) -> dict:
+                 rollouts_matched: bool = False) -> dict:
     """The comparison of finished runs in ``workdir`` (see ``compare_methods``; docs/comparisons.md).
 
     Keys: methods, seeds, mode, machine, maj_key; ``runs`` [method][seed index] values of
@@ -200,7 +204,7 @@ def build_report(workdir: str | Path, methods: Sequence[str], seeds: Sequence[in
     or lack final_eval.json); ``compute_matched`` (``seed_stats.compute_matched`` on training
     seconds: B read at A's total seconds) with the evaluated steps B's value was interpolated
     from; ``compute_matched_reverse``: A read at B's total seconds, ``difference`` A there - B final.
-    ``matched`` (``compare --match rollouts``): ``equal_rollouts`` holds the runs of A run on to B's
+    ``rollouts_matched`` (``compare --match rollouts``): ``equal_rollouts`` holds the runs of A run on to B's
     rollouts (``rollout_match``): ``runs`` [seed] values, ``per_method``, ``ratios`` to B per seed and
     ``paired`` pass@1 / maj@k differences to B; else None.
     """
@@ -225,7 +229,7 @@ def build_report(workdir: str | Path, methods: Sequence[str], seeds: Sequence[in
                "a_ran_shorter": reverse["beyond_b"],
                "a_evaluated_steps": sorted({int(s) for c in curves[0] for s in c["step"]}),
                "difference": seed_stats.paired_difference(reverse["b_at_budget"], reverse["a_final"])}
-    equal_rollouts = _equal_rollouts(workdir, methods, seeds, values[1]) if matched else None
+    equal_rollouts = _equal_rollouts(workdir, methods, seeds, values[1]) if rollouts_matched else None
     return {"methods": list(methods), "seeds": [int(s) for s in seeds], "single": single,
             "equal_rollouts": equal_rollouts,
             "mode": sorted({run["config"]["data"]["mode"] for method_runs in runs for run in method_runs}),

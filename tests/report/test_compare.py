@@ -171,6 +171,7 @@ def test_match_rollouts_runs_the_first_method_on_to_the_baselines_rollouts(two_s
     that seed, stops at the step that reaches them, and reports the paired difference at equal rollouts."""
     import shutil
 
+    from optpo_jax.report import rollout_match
     from optpo_jax.train.metrics_log import read_metrics
 
     source, _ = two_seeds
@@ -190,6 +191,10 @@ def test_match_rollouts_runs_the_first_method_on_to_the_baselines_rollouts(two_s
         assert steps[-1]["total_rollouts"] >= budget > steps[-2]["total_rollouts"]  # stopped at the step that reached it
         first = [r for r in read_metrics(run / "optpo") if "rollouts" in r]
         assert steps[0] == first[0]  # the equal-steps run, continued
+        optpo_summary = json.loads((run / "optpo" / "summary.json").read_text())
+        config = rollout_match.matched_config(tiny("optpo", seed=seed), optpo_summary, budget)
+        assert matched["steps"] < config.steps  # stopped by the budget: a finished run all the same
+        assert run_action(run / "optpo_at_ttrl_rollouts", config, resume=True, overwrite=False) == "skip"
         matched_values.append(matched["after"]["pass@1"])
         ttrl_values.append(json.loads((run / "ttrl" / "summary.json").read_text())["after"]["pass@1"])
     equal = report["equal_rollouts"]
