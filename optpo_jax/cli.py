@@ -296,20 +296,20 @@ def main():
         print(__doc__)
         sys.exit(f"usage: optpo-jax {{{','.join(COMMANDS)}}} [flags]")
     command = COMMANDS[sys.argv.pop(1)]
-    _parse_flags_or_exit(sys.argv)
-    app.run(command)
+    remaining = _parse_flags_or_exit(sys.argv)
+    app.run(command, flags_parser=lambda _: remaining)
 
 
-def _parse_flags_or_exit(argv: list[str]) -> None:
-    """Parses the flags once before ``app.run`` so that an unknown flag or an override of a field the config
-    lacks (``--config=other.py --config.sprt.nonexistent=1``) ends in one line."""
+def _parse_flags_or_exit(argv: list[str]) -> list[str]:
+    """Parses the flags, once (a second parse of ``--config FILE`` would define its override flags again), so
+    that an unknown flag or an override of a field the config lacks (``--config=other.py
+    --config.sprt.nonexistent=1``) ends in one line; returns the arguments left."""
     try:
-        flags.FLAGS(argv)
+        return flags.FLAGS(argv)
     except flags.Error as error:
         sys.exit(f"optpo-jax: error: {error}")
     except (AttributeError, KeyError) as error:
         _missing_field_exit(error, argv)
-    flags.FLAGS.unparse_flags()  # app.run parses them again
 
 
 if __name__ == "__main__":
