@@ -152,10 +152,11 @@ def test_readme_own_model_and_data_command_runs_as_printed(tmp_path):
 def test_compare_seed_from_and_match_are_checked_before_any_run(tmp_path, capsys):
     """--seed_from K --seeds N runs seeds K..K+N-1 (so one study's seeds can be spread over machines);
     --match rollouts needs the seeds layout. Both refusals come before a run starts."""
-    code, _, _ = run_command(capsys, "compare", "--seeds", "2", "--seed_from", "5", "--config.seed=1",
-                             f"--workdir={tmp_path / 'cmp'}")
-    assert code == "optpo-jax: error: --seeds 2 runs config.seed 5..6 for both methods: leave config.seed at 0 " \
-                   "(it would be replaced)"
+    result = _cli("compare", "--seeds", "2", "--seed_from", "5", "--config", "configs/arith_optpo.py",
+                  "--config.seed=1", f"--workdir={tmp_path / 'cmp'}")
+    assert _one_line_error(result, "--seeds 2") == (
+        "optpo-jax: error: --seeds 2 runs config.seed 5..6 for both methods: leave config.seed at 0 (it would be "
+        "replaced)")
     code, _, _ = run_command(capsys, "compare", "--match", "rollouts", f"--workdir={tmp_path / 'cmp'}")
     assert code.startswith("optpo-jax: error: match must be one of ('steps', 'rollouts')")
     assert not (tmp_path / "cmp").exists()

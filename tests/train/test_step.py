@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from optpo_jax.sprt import SPRTConfig
 from optpo_jax.train.config_checks import ConfigError
 from optpo_jax.train.rewards import REWARDS, consensus_labels, consensus_rewards, ground_truth_rewards
 from optpo_jax.train.rollouts import collect_rollouts
@@ -21,10 +22,11 @@ def test_rewards_rows_and_old_logprobs_line_up(setup):
     rewards, leader = consensus_rewards(rollouts, problems, setup.task), consensus_labels(rollouts)
     for row in range(len(rewards)):
         assert rewards[row] == (rollouts.slots[row] >= 0 and rollouts.slots[row] == leader[rollouts.prompt_index[row]])
-    advantages = np.where(rewards > 0, 1.0, -1.0).astype(np.float32)
-    advantages[rollouts.prompt_index == 0] = 0.0  # a unanimous prompt: dropped from the update
-    rows = training_rows(rollouts, advantages, UpdateConfig(), np.random.default_rng(0))
-    assert 0 not in set(rollouts.prompt_index[rows])
+    rewards = np.where(np.arange(len(rewards)) % 2, 1.0, 0.0).astype(np.float32)  # every group mixed...
+    rewards[rollouts.prompt_index == 0] = 1.0  # ...but prompt 0's, unanimous: dropped from the update
+    rows, advantages = training_rows(rollouts, rewards, len(problems), UpdateConfig(), SPRTConfig(),
+                                     np.random.default_rng(0))
+    assert 0 not in set(rollouts.prompt_index[rows]) and len(rows) > 0
     # The sampler's policy log-probabilities are what the trainer recomputes at the loss-mask positions, whether
     # the rollouts are packed (each prompt once, with its completions) or one per row.
     chunk_rows = 1 << (len(rows) - 1).bit_length()
@@ -39,8 +41,8 @@ def test_rewards_rows_and_old_logprobs_line_up(setup):
         np.testing.assert_array_equal(mask.sum(axis=1)[:len(rows)], rollouts.completion_lengths[rows])
         assert not mask[len(rows):].any()
         np.testing.assert_allclose(recomputed[mask], batch.old_logprobs[mask], atol=2e-4)
-    subsample = training_rows(rollouts, np.ones_like(advantages), UpdateConfig(train_samples_per_prompt=2),
-                              np.random.default_rng(0))
+    subsample, _ = training_rows(rollouts, rewards, len(problems), UpdateConfig(train_samples_per_prompt=2),
+                                 SPRTConfig(), np.random.default_rng(0))
     assert (np.bincount(rollouts.prompt_index[subsample]) <= 2).all()
 
 
@@ -115,7 +117,6 @@ def test_faithful_ttrl_trains_the_first_32_with_advantages_over_them():
     """TTRL's recipe (PRIME-RL/TTRL select_top_k_per_prompt): of 64 votes per prompt the first 32 drawn are
     trained on, with GRPO advantages over those 32 (reference: a hand computation); "random" keeps the
     previous baseline: advantages over all 64, a random 32 trained on."""
-    from optpo_jax.sprt import SPRTConfig
     from optpo_jax.train.step import training_rows
 
     rng = np.random.default_rng(0)
@@ -148,7 +149,6 @@ def test_faithful_ttrl_trains_the_first_32_with_advantages_over_them():
 def test_vote_weights_scale_the_trained_advantages(rule):
     """Each rule's weights by hand (prompt 1 undecided at confidence 0.5, prompt 2 drew twice the votes),
     scaled to mean 1 over the trained rollouts, multiply their GRPO advantages."""
-    from optpo_jax.sprt import SPRTConfig
     from optpo_jax.train.step import training_rows
 
     prompt_index = np.repeat([0, 1, 2], [8, 8, 16])

@@ -54,8 +54,9 @@ def test_a_run_saved_before_a_field_existed_resumes_only_with_its_old_value(run_
             parent = parent[section]
         del parent[field]
     (run_copy / "config.json").write_text(json.dumps(saved))
-    # pack_width's default has changed since it was added: an old run resumes with the old value.
-    old_values = {"policy_update.pack_width": ADDED_FIELDS["policy_update.pack_width"]}
+    # pack_width's and subsample's defaults have changed since they were added: an old run resumes with the old
+    # values.
+    old_values = {name: ADDED_FIELDS[name] for name in ("policy_update.pack_width", "policy_update.subsample")}
     check_resumable(run_copy, tiny_config(steps=2, **old_values))
     with pytest.raises(WorkdirError, match=r"config.policy_update.pack_width: 0 -> 128"):
         check_resumable(run_copy, tiny_config(steps=2))
