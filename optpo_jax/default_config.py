@@ -36,6 +36,30 @@ def _add_task_and_data(config: ml_collections.ConfigDict) -> None:
     })
 
 
+def _policy_update_section(method: str) -> ml_collections.ConfigDict:
+    """How a step's rollouts become optimizer steps (``UpdateConfig``): TTRL's subsample, or every rollout."""
+    return ml_collections.ConfigDict({
+        # TTRL trains on 32 of its 64 votes: the first 32 drawn, advantages over those ("first"), or a random 32
+        # with advantages over all 64 ("random").
+        "train_samples_per_prompt": 0 if method == "optpo" else 32,
+        "subsample": "random" if method == "ttrl_random" else "first",
+        # How much each trained rollout counts, from its prompt's final vote (train/vote_weights.py):
+        # "all", "decided" (prompts whose vote reached the threshold), "per_prompt", "confidence".
+        "vote_weights": "all",
+        "micro_batch_rows": 256,
+        # 0: one optimizer step per micro_batch_rows of rollouts; k: k steps per epoch of each training step.
+        "optimizer_steps": 0,
+        # Rollouts a prompt draws for the update after its vote stopped (the paper's N; 0 = votes only).
+        "min_rollouts_per_prompt": 0,
+        "grad_accumulation": 1, "epochs": 1,
+        "advantage_estimator": "grpo",
+        # Micro-batches train at their longest sequence (rounded up to 16) and at the
+        # smallest of 256 / 128 / 64 rows that holds them; each prompt is packed once with
+        # its completions into rows of 128 tokens (0: one rollout per row).
+        "width_bucket": 16, "row_buckets": 3, "pack_width": 128,
+    })
+
+
 def arithmetic_config(method: str = "optpo") -> ml_collections.ConfigDict:
     """Test-time RL of the shipped policy on the shifted arithmetic test prompts.
 
@@ -80,26 +104,7 @@ def arithmetic_config(method: str = "optpo") -> ml_collections.ConfigDict:
     config.grpo = ml_collections.ConfigDict({
         "clip_eps": 0.2, "clip_eps_high": 0.2, "kl_coef": 0.0, "loss_aggregation": "token-mean",
     })
-    config.policy_update = ml_collections.ConfigDict({
-        # TTRL trains on 32 of its 64 votes: the first 32 drawn, advantages over those ("first"), or a random 32
-        # with advantages over all 64 ("random").
-        "train_samples_per_prompt": 0 if method == "optpo" else 32,
-        "subsample": "random" if method == "ttrl_random" else "first",
-        # How much each trained rollout counts, from its prompt's final vote (train/vote_weights.py):
-        # "all", "decided" (prompts whose vote reached the threshold), "per_prompt", "confidence".
-        "vote_weights": "all",
-        "micro_batch_rows": 256,
-        # 0: one optimizer step per micro_batch_rows of rollouts; k: k steps per epoch of each training step.
-        "optimizer_steps": 0,
-        # Rollouts a prompt draws for the update after its vote stopped (the paper's N; 0 = votes only).
-        "min_rollouts_per_prompt": 0,
-        "grad_accumulation": 1, "epochs": 1,
-        "advantage_estimator": "grpo",
-        # Micro-batches train at their longest sequence (rounded up to 16) and at the
-        # smallest of 256 / 128 / 64 rows that holds them; each prompt is packed once with
-        # its completions into rows of 128 tokens (0: one rollout per row).
-        "width_bucket": 16, "row_buckets": 3, "pack_width": 128,
-    })
+    config.policy_update = _policy_update_section(method)
     config.lora = lora_section()
     config.optimizer = ml_collections.ConfigDict({
         "learning_rate": 1e-4, "schedule": "constant", "warmup_fraction": 0.0, "weight_decay": 0.0,

@@ -211,14 +211,9 @@ def build_report(workdir: str | Path, methods: Sequence[str], seeds: Sequence[in
     workdir = Path(workdir)
     runs = _seed_runs(workdir, methods, seeds, single)
     values = [[_run_values(run["summary"]) for run in method_runs] for method_runs in runs]
-    per_method = {method: {name: {**seed_stats.mean_stderr([v[name] for v in method_values]),
-                                  "values": [v[name] for v in method_values]}
-                           for name in RUN_VALUES if all(v[name] is not None for v in method_values)}
-                  for method, method_values in zip(methods, values, strict=True)}
-    ratios = {name: seed_stats.mean_stderr([a[name] / b[name] for a, b in zip(*values, strict=True)])
-              for name in seed_stats.COMPUTE_AXES if all(v[name] for vs in values for v in vs)}
-    paired = {name: seed_stats.paired_difference([v[name] for v in values[0]], [v[name] for v in values[1]])
-              for name in ("pass@1", "maj@k")}
+    per_method = {method: _over_seeds(method_values) for method, method_values in zip(methods, values, strict=True)}
+    ratios = _ratios_per_seed(values[0], values[1])
+    paired = _paired(values[0], values[1])
     paired["pass@1_per_prompt"] = _per_prompt(runs)
     curves = [[run["curve"] for run in method_runs] for method_runs in runs]
     matched = seed_stats.compute_matched(curves[0], curves[1], "train_seconds")
@@ -249,15 +244,27 @@ def _equal_rollouts(workdir: Path, methods: Sequence[str], seeds: Sequence[int],
     summaries = [read_json(rollout_match.matched_dir(workdir, methods, seed) / "summary.json",
                            "run `optpo-jax compare --match rollouts --resume` to finish it") for seed in seeds]
     values = [_run_values(summary) for summary in summaries]
-    per_method = {name: {**seed_stats.mean_stderr([v[name] for v in values]), "values": [v[name] for v in values]}
-                  for name in RUN_VALUES if all(v[name] is not None for v in values)}
-    ratios = {name: seed_stats.mean_stderr([a[name] / b[name] for a, b in zip(values, b_values, strict=True)])
-              for name in seed_stats.COMPUTE_AXES if all(v[name] for v in values + b_values)}
-    paired = {name: seed_stats.paired_difference([v[name] for v in values], [v[name] for v in b_values])
-              for name in ("pass@1", "maj@k")}
     return {"name": rollout_match.matched_dir(workdir, methods, 0).name, "runs": values,
-            "steps": [int(summary["steps"]) for summary in summaries], "per_method": per_method, "ratios": ratios,
-            "paired": paired}
+            "steps": [int(summary["steps"]) for summary in summaries], "per_method": _over_seeds(values),
+            "ratios": _ratios_per_seed(values, b_values), "paired": _paired(values, b_values)}
+
+
+def _over_seeds(values: list[dict]) -> dict:
+    """Mean / stderr over seeds (and the values) of each ``RUN_VALUES`` entry every run has."""
+    return {name: {**seed_stats.mean_stderr([v[name] for v in values]), "values": [v[name] for v in values]}
+            for name in RUN_VALUES if all(v[name] is not None for v in values)}
+
+
+def _ratios_per_seed(a_values: list[dict], b_values: list[dict]) -> dict:
+    """A / B per seed of each compute axis, mean / stderr over seeds."""
+    return {name: seed_stats.mean_stderr([a[name] / b[name] for a, b in zip(a_values, b_values, strict=True)])
+            for name in seed_stats.COMPUTE_AXES if all(v[name] for v in a_values + b_values)}
+
+
+def _paired(a_values: list[dict], b_values: list[dict]) -> dict:
+    """The paired differences A - B of pass@1 and maj@k over seeds."""
+    return {name: seed_stats.paired_difference([v[name] for v in a_values], [v[name] for v in b_values])
+            for name in ("pass@1", "maj@k")}
 
 
 def _per_prompt(runs: list[list[dict]]) -> dict | None:

@@ -92,12 +92,12 @@ def step_advantages(rewards: np.ndarray, rollouts: Rollouts, rows: np.ndarray, n
     spread, then k trained on).
     """
     pool = rows if config.subsample == "first" else np.arange(len(rewards))
+    group = np.zeros(len(rewards), np.float32)
+    group[pool] = rollout_advantages(rewards[pool], rollouts.prompt_index[pool], num_prompts,
+                                     config.advantage_estimator)
     advantages = np.zeros(len(rewards), np.float32)
-    advantages[pool] = rollout_advantages(rewards[pool], rollouts.prompt_index[pool], num_prompts,
-                                          config.advantage_estimator)
-    keep = np.zeros(len(rewards), bool)
-    keep[rows] = True
-    return np.where(keep, advantages, 0.0).astype(np.float32)
+    advantages[rows] = group[rows]
+    return advantages
 
 
 def training_rows(rollouts: Rollouts, rewards: np.ndarray, num_prompts: int, config: UpdateConfig,
