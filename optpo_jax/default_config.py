@@ -105,6 +105,10 @@ def arithmetic_config(method: str = "optpo") -> ml_collections.ConfigDict:
         "clip_eps": 0.2, "clip_eps_high": 0.2, "kl_coef": 0.0, "loss_aggregation": "token-mean",
     })
     config.policy_update = _policy_update_section(method)
+    # "grpo": group advantages (policy_update.advantage_estimator: grpo, drgrpo, rloo, reinforce_pp);
+    # "ppo": a critic (a copy of the policy with a value head) and GAE advantages, settings in config.ppo.
+    config.algorithm = "grpo"
+    config.ppo = ppo_section()
     config.lora = lora_section()
     config.optimizer = ml_collections.ConfigDict({
         "learning_rate": 1e-4, "schedule": "constant", "warmup_fraction": 0.0, "weight_decay": 0.0,
@@ -114,6 +118,15 @@ def arithmetic_config(method: str = "optpo") -> ml_collections.ConfigDict:
         "every_steps": 8, "samples": 16, "final_samples": 64, "temperature": 1.0, "top_p": 1.0,
     })
     return config
+
+
+def ppo_section(critic_learning_rate: float = 1e-4) -> ml_collections.ConfigDict:
+    """PPO's critic and advantages (``ppo.PPOConfig``), read with ``config.algorithm = "ppo"``: verl's GAE
+    defaults (gamma = lam = 1, value clip 0.5, whitened advantages) and the critic's AdamW peak rate."""
+    return ml_collections.ConfigDict({
+        "gamma": 1.0, "lam": 1.0, "value_clip": 0.5, "whiten_advantages": True,
+        "critic_learning_rate": critic_learning_rate,
+    })
 
 
 def study_config(method: str = "optpo") -> ml_collections.ConfigDict:

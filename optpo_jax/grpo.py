@@ -1,4 +1,4 @@
-"""Group-relative advantages, the clipped policy loss and a pure Optax GRPO step.
+"""Group-relative advantages, the clipped policy and value losses and a pure Optax GRPO step.
 
 References: GRPO (DeepSeekMath, arXiv 2402.03300), Dr.GRPO (arXiv 2503.20783) for
 the unnormalised advantage and the sequence-mean-token-scale aggregation, DAPO
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -66,12 +66,14 @@ class GRPOBatch:
       input_tokens: [R, T] or [P, L] int32 fed to the model.
       target_tokens: [R, T] int32 tokens whose log-probability is trained.
       loss_mask: [R, T] bool, True on completion tokens (not prompt, not padding).
-      advantages: [R] float32 one advantage per rollout.
+      advantages: [R] float32 one advantage per rollout, or [R, T] one per token (PPO's GAE).
       old_logprobs: [R, T] float32 log-probabilities under the sampling policy.
       ref_logprobs: [R, T] float32 under the reference policy, or None if kl_coef = 0.
       positions: like input_tokens, int32 positions for the model (-1 on padding), or None for 0..T-1.
       groups, branches: [P, L] int32 of packed rows (``decoder.attention_mask``), else None.
       target_index: [R, T] int32 of packed rows, else None.
+      old_values, returns: [R, T] float32 the critic's values at sampling time and the GAE
+        returns (PPO, ``ppo.gae_advantages``), else None.
     """
 
     input_tokens: jax.Array
@@ -84,23 +86,70 @@ class GRPOBatch:
     groups: jax.Array | None = None
     branches: jax.Array | None = None
     target_index: jax.Array | None = None
+    old_values: jax.Array | None = None
+    returns: jax.Array | None = None
 
 
-def grpo_advantage(centered: jax.Array, variance: jax.Array, eps: float) -> jax.Array:
+class GroupStats(NamedTuple):
+    """What an advantage estimator reads, per rollout [R] (masked rows: 0 / False).
+
+    Attributes:
+      rewards: the rewards.
+      centered: reward minus the mean of its group.
+      variance: its group's unbiased (n - 1) variance.
+      size: its group's number of rollouts n.
+      mask: which rows are real rollouts.
+      informative: a real rollout of a group of more than one whose rewards are not all equal.
+    """
+
+    rewards: jax.Array
+    centered: jax.Array
+    variance: jax.Array
+    size: jax.Array
+    mask: jax.Array
+    informative: jax.Array
+
+
+def grpo_advantage(stats: GroupStats, eps: float) -> jax.Array:
     """GRPO: (r - mean) / (std + eps), with the unbiased (n - 1) standard deviation (as verl)."""
-    return centered / (jnp.sqrt(variance) + eps)
+    return jnp.where(stats.informative, stats.centered / (jnp.sqrt(stats.variance) + eps), 0.0)
 
 
-def drgrpo_advantage(centered: jax.Array, variance: jax.Array, eps: float) -> jax.Array:
+def drgrpo_advantage(stats: GroupStats, eps: float) -> jax.Array:
     """Dr.GRPO: r - mean, no division by the group's spread."""
-    del variance, eps
-    return centered
+    del eps
+    return jnp.where(stats.informative, stats.centered, 0.0)
 
 
-# Advantage estimators: (centered rewards [R], their group's variance [R], eps) -> [R].
-ADVANTAGE_ESTIMATORS: dict[str, Callable[[jax.Array, jax.Array, float], jax.Array]] = {
+def rloo_advantage(stats: GroupStats, eps: float) -> jax.Array:
+    """RLOO (arXiv 2402.14740): r minus the mean of the group's other n - 1 rewards, n / (n - 1) (r - mean)."""
+    del eps
+    return jnp.where(stats.informative, stats.centered * stats.size / jnp.maximum(stats.size - 1.0, 1.0), 0.0)
+
+
+def reinforce_pp_advantage(stats: GroupStats, eps: float) -> jax.Array:
+    """REINFORCE++ (arXiv 2501.03262): the reward normalised over the batch, (r - mean) / (std + eps).
+
+    No group baseline, so a group whose rewards all agree still gets a signal. The
+    statistics are over the rollouts given (one per rollout, where OpenRLHF weighs each by
+    its tokens; on several processes, over this process's rollouts); a batch whose rewards
+    are all equal gives 0.
+    """
+    weight = stats.mask.astype(jnp.float32)
+    count = jnp.maximum(jnp.sum(weight), 1.0)
+    mean = jnp.sum(stats.rewards * weight) / count
+    std = jnp.sqrt(jnp.sum(jnp.square(stats.rewards - mean) * weight) / jnp.maximum(count - 1.0, 1.0))
+    spread = jnp.max(jnp.where(stats.mask, stats.rewards, -jnp.inf)) > jnp.min(jnp.where(stats.mask, stats.rewards,
+                                                                                             jnp.inf))
+    return jnp.where(stats.mask & spread, (stats.rewards - mean) / (std + eps), 0.0)
+
+
+# Advantage estimators: (GroupStats of R rollouts, eps) -> [R] advantages, 0 on masked rows.
+ADVANTAGE_ESTIMATORS: dict[str, Callable[[GroupStats, float], jax.Array]] = {
     "grpo": grpo_advantage,
     "drgrpo": drgrpo_advantage,
+    "rloo": rloo_advantage,
+    "reinforce_pp": reinforce_pp_advantage,
 }
 
 
@@ -114,8 +163,9 @@ def group_advantages(
 ) -> jax.Array:
     """Advantages relative to each rollout's group, for groups of different sizes.
 
-    ``estimator`` names one of ``ADVANTAGE_ESTIMATORS`` (``grpo``, ``drgrpo``). A group
-    of one rollout or one whose rewards are all equal gives 0, and so do masked rows.
+    ``estimator`` names one of ``ADVANTAGE_ESTIMATORS`` (``grpo``, ``drgrpo``, ``rloo``,
+    ``reinforce_pp``). Masked rows give 0; so does, for the group-relative estimators
+    (all but ``reinforce_pp``), a group of one rollout or one whose rewards are all equal.
 
     Args:
       rewards: [R] rewards.
@@ -143,8 +193,9 @@ def group_advantages(
     # Spread tested exactly, so equal rewards give exactly 0 whatever the rounding of the mean.
     informative = mask & (size[group_ids] > 1) & (highest > lowest)[group_ids]
     variance = group_sum(weight * centered**2) / jnp.maximum(size - 1.0, 1.0)
-    advantages = ADVANTAGE_ESTIMATORS[estimator](centered, variance[group_ids], eps)
-    return jnp.where(informative, advantages, 0.0)
+    stats = GroupStats(rewards=rewards, centered=jnp.where(mask, centered, 0.0), variance=variance[group_ids],
+                       size=size[group_ids], mask=mask, informative=informative)
+    return jnp.where(mask, ADVANTAGE_ESTIMATORS[estimator](stats, eps), 0.0)
 
 
 def token_logprobs(logits: jax.Array, targets: jax.Array, temperature: float = 1.0) -> jax.Array:
@@ -216,7 +267,7 @@ def policy_loss(
     Args:
       logprobs: [R, T] under the policy being trained (differentiated).
       old_logprobs: [R, T] under the sampling policy.
-      advantages: [R].
+      advantages: [R] one per rollout, or [R, T] one per token.
       loss_mask: [R, T] bool.
       config: clip range, KL weight and aggregation.
       ref_logprobs: [R, T] under the reference policy; required when kl_coef > 0.
@@ -227,8 +278,9 @@ def policy_loss(
     """
     if logprobs.ndim != 2 or old_logprobs.shape != logprobs.shape or loss_mask.shape != logprobs.shape:
         raise ValueError(f"logprobs, old_logprobs, loss_mask must be [R, T]; got {logprobs.shape}, {old_logprobs.shape}, {loss_mask.shape}")
-    if advantages.shape != logprobs.shape[:1]:
-        raise ValueError(f"advantages must be [R] = {logprobs.shape[:1]}, got {advantages.shape}")
+    if advantages.shape not in (logprobs.shape[:1], logprobs.shape):
+        raise ValueError(f"advantages must be [R] = {logprobs.shape[:1]} or [R, T] = {logprobs.shape}, got "
+                         f"{advantages.shape}")
     if config.kl_coef > 0 and ref_logprobs is None:
         raise ValueError(f"GRPOConfig.kl_coef = {config.kl_coef} needs ref_logprobs, got None")
     # Masked entries are replaced, not multiplied by 0: a NaN in padding (NaN * 0 = NaN) must not
@@ -236,7 +288,10 @@ def policy_loss(
     rows = jnp.any(loss_mask, axis=-1)
     on_mask = lambda values: jnp.where(loss_mask, values, 0.0)
     logprobs, old_logprobs = on_mask(logprobs), on_mask(old_logprobs)
-    advantage = jnp.where(rows, advantages, 0.0)[:, None].astype(jnp.float32)
+    token_advantages = advantages if advantages.ndim == 2 else advantages[:, None]
+    advantage = jnp.where(loss_mask, token_advantages, 0.0).astype(jnp.float32)
+    # A rollout's mean token advantage: its advantage, or the mean of its per-token ones.
+    rollout_advantage = jnp.sum(advantage, axis=-1) / jnp.maximum(jnp.sum(loss_mask, axis=-1), 1)
     ratio = jnp.exp(logprobs - old_logprobs)
     unclipped = ratio * advantage
     clipped = jnp.clip(ratio, 1.0 - config.clip_eps, 1.0 + config.clip_eps_high) * advantage
@@ -255,9 +310,34 @@ def policy_loss(
         "clip_fraction": token_mean((clipped < unclipped).astype(jnp.float32)),
         "kl": token_mean(kl),
         "mean_ratio": token_mean(ratio),
-        "mean_advantage": jnp.sum(jnp.where(rows, advantages, 0.0)) / jnp.maximum(jnp.sum(rows), 1),
+        "mean_advantage": jnp.sum(rollout_advantage) / jnp.maximum(jnp.sum(rows), 1),
     }
     return loss_sum / jnp.maximum(denominator, 1e-9), metrics
+
+
+def value_loss(values: jax.Array, old_values: jax.Array, returns: jax.Array, loss_mask: jax.Array,
+               value_clip: float) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """PPO's clipped value loss: 0.5 * max((V - G)^2, (V_old + clip(V - V_old, -c, c) - G)^2), token-summed.
+
+    Args:
+      values: [R, T] the critic's values being trained.
+      old_values: [R, T] its values when the rollouts were collected.
+      returns: [R, T] GAE returns, the regression targets.
+      loss_mask: [R, T] bool.
+      value_clip: c.
+
+    Returns:
+      (loss sum over the masked tokens, metrics: value_loss_sum, value_tokens,
+      value_clip_fraction (summed: divide by value_tokens)).
+    """
+    on_mask = lambda array: jnp.where(loss_mask, array, 0.0)
+    values, old_values, returns = on_mask(values), on_mask(old_values), on_mask(returns)
+    clipped = old_values + jnp.clip(values - old_values, -value_clip, value_clip)
+    unclipped_loss, clipped_loss = jnp.square(values - returns), jnp.square(clipped - returns)
+    loss_sum = 0.5 * jnp.sum(on_mask(jnp.maximum(unclipped_loss, clipped_loss)))
+    metrics = {"value_loss_sum": loss_sum, "value_tokens": jnp.sum(loss_mask.astype(jnp.float32)),
+               "value_clip_fraction": jnp.sum(on_mask((clipped_loss > unclipped_loss).astype(jnp.float32)))}
+    return loss_sum, metrics
 
 
 def strided_micro_batches(batch: Any, num_micro_batches: int) -> Any:
@@ -280,6 +360,8 @@ def accumulate_gradients(
     config: GRPOConfig,
     num_micro_batches: int = 1,
     pullback: Callable[[Any], Any] | None = None,
+    value_fn: Callable[[Any, GRPOBatch], jax.Array] | None = None,
+    value_clip: float = 0.5,
 ) -> tuple[Any, jax.Array, dict[str, jax.Array]]:
     """Gradient of the batch's loss, accumulated exactly over ``num_micro_batches``.
 
@@ -287,31 +369,49 @@ def accumulate_gradients(
     at a time) and add up the loss numerator's gradient and the denominator, which divides
     at the end: the same gradient as the full batch, not a mean of means.
 
+    With ``value_fn`` (PPO), ``params`` is ``{"policy": ..., "critic": ...}``: the policy loss
+    differentiates the policy, ``value_loss`` (a token mean) the critic, and the loss is
+    their sum.
+
     Args:
-      params: what ``logprob_fn`` differentiates.
+      params: what ``logprob_fn`` differentiates (with ``value_fn``: a dict of both models).
       batch: the rollouts; every leaf's leading dimension divisible by ``num_micro_batches``.
       logprob_fn: ``logprob_fn(params, micro_batch) -> [R, T]`` float32 log-probabilities of
-        ``micro_batch.target_tokens`` (at ``config.temperature``).
+        ``micro_batch.target_tokens`` (at ``config.temperature``); with ``value_fn`` it gets
+        ``params["policy"]``.
       config: the loss.
       num_micro_batches: M.
       pullback: a linear map applied to each micro-batch's gradient before it is summed,
         so the sum lives in its (smaller) space: LoRA's gradient of the adapters from the
         gradient of the merged kernels. None: the gradient of ``params``.
+      value_fn: ``value_fn(params["critic"], micro_batch) -> [R, T]`` the critic's values, trained
+        towards ``batch.returns`` (clipped around ``batch.old_values`` at ``value_clip``); None: no critic.
+      value_clip: the value loss' clip.
 
     Returns:
       (grads, loss, metrics): token-mean metrics (clip_fraction, kl, mean_ratio) and
-      mean_advantage of the whole batch, plus loss_sum and loss_denominator.
+      mean_advantage of the whole batch, plus loss_sum and loss_denominator; with a critic
+      also value_loss and value_clip_fraction.
     """
     num_rows = batch.target_tokens.shape[0]
     if num_micro_batches < 1 or num_rows % num_micro_batches:
         raise ValueError(f"num_micro_batches={num_micro_batches} must be >= 1 and divide the {num_rows} rows")
+    if value_fn is not None and (batch.old_values is None or batch.returns is None):
+        raise ValueError("a critic (value_fn) needs batch.old_values and batch.returns, got None")
     pullback = pullback or (lambda grads: grads)
+    policy_of = (lambda trained: trained["policy"]) if value_fn is not None else (lambda trained: trained)
 
     def summed_loss(trained_params, micro_batch):
-        logprobs = logprob_fn(trained_params, micro_batch)
+        logprobs = logprob_fn(policy_of(trained_params), micro_batch)
         _, metrics = policy_loss(logprobs, micro_batch.old_logprobs, micro_batch.advantages, micro_batch.loss_mask,
                                  config, micro_batch.ref_logprobs)
-        return metrics["loss_sum"], metrics
+        if value_fn is None:
+            return metrics["loss_sum"], metrics
+        values = value_fn(trained_params["critic"], micro_batch)
+        value_sum, value_metrics = value_loss(values, micro_batch.old_values, micro_batch.returns,
+                                              micro_batch.loss_mask, value_clip)
+        # The models share no parameter: each one's gradient is its own loss' (sums, divided at the end).
+        return metrics["loss_sum"] + value_sum, dict(metrics, **value_metrics)
 
     def accumulate(carry, micro_batch):
         grads_sum, metric_sums = carry
@@ -321,23 +421,33 @@ def accumulate_gradients(
         tokens = jnp.sum(micro_batch.loss_mask.astype(jnp.float32))
         rows = jnp.sum(jnp.any(micro_batch.loss_mask, axis=-1).astype(jnp.float32))
         weighted = {name: value * (rows if name == "mean_advantage" else tokens) for name, value in metrics.items()
-                    if name not in ("loss_sum", "loss_denominator")}
-        weighted.update(loss_sum=metrics["loss_sum"], loss_denominator=metrics["loss_denominator"], tokens=tokens,
-                        rows=rows)
+                    if name in _TOKEN_MEAN_METRICS}
+        weighted.update({name: value for name, value in metrics.items() if name not in _TOKEN_MEAN_METRICS},
+                        tokens=tokens, rows=rows)
         return (jax.tree.map(jnp.add, grads_sum, pullback(grads)), jax.tree.map(jnp.add, metric_sums, weighted)), None
 
     zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(pullback, params))
-    metric_names = ("clip_fraction", "kl", "mean_ratio", "mean_advantage", "loss_sum", "loss_denominator", "tokens",
-                    "rows")
+    metric_names = _TOKEN_MEAN_METRICS + ("loss_sum", "loss_denominator", "tokens", "rows")
+    if value_fn is not None:
+        metric_names += ("value_loss_sum", "value_tokens", "value_clip_fraction")
     metric_zeros = {name: jnp.zeros((), jnp.float32) for name in metric_names}
     (grads_sum, sums), _ = jax.lax.scan(accumulate, (zeros, metric_zeros),
                                         strided_micro_batches(batch, num_micro_batches))
     denominator = jnp.maximum(sums["loss_denominator"], 1e-9)
-    grads = jax.tree.map(lambda g: g / denominator, grads_sum)
     metrics = {name: sums[name] / jnp.maximum(sums["rows" if name == "mean_advantage" else "tokens"], 1.0)
-               for name in ("clip_fraction", "kl", "mean_ratio", "mean_advantage")}
+               for name in _TOKEN_MEAN_METRICS}
     metrics.update(loss_sum=sums["loss_sum"], loss_denominator=sums["loss_denominator"])
-    return grads, sums["loss_sum"] / denominator, metrics
+    if value_fn is None:
+        return jax.tree.map(lambda g: g / denominator, grads_sum), sums["loss_sum"] / denominator, metrics
+    value_tokens = jnp.maximum(sums["value_tokens"], 1.0)
+    grads = {"policy": jax.tree.map(lambda g: g / denominator, grads_sum["policy"]),
+             "critic": jax.tree.map(lambda g: g / value_tokens, grads_sum["critic"])}
+    metrics.update(value_loss=sums["value_loss_sum"] / value_tokens,
+                   value_clip_fraction=sums["value_clip_fraction"] / value_tokens)
+    return grads, sums["loss_sum"] / denominator + metrics["value_loss"], metrics
+
+
+_TOKEN_MEAN_METRICS = ("clip_fraction", "kl", "mean_ratio", "mean_advantage")
 
 
 def apply_update(

@@ -37,8 +37,48 @@ def test_drgrpo_singletons_zero_spread_and_masked_rows_give_zero():
 
 
 def test_advantage_estimator_is_validated():
-    with pytest.raises(ValueError, match="estimator must be one of .*'rloo'"):
-        group_advantages(jnp.zeros(2), jnp.zeros(2, jnp.int32), jnp.ones(2, bool), 1, "rloo")
+    with pytest.raises(ValueError, match="estimator must be one of .*'reinforce_pp'.*got 'ppo'"):
+        group_advantages(jnp.zeros(2), jnp.zeros(2, jnp.int32), jnp.ones(2, bool), 1, "ppo")
+
+
+def _variable_groups(seed=0, sizes=(4, 7, 64, 1, 5)):
+    """Rewards of groups as OptPO draws them (4 to 64 rollouts; a singleton; an all-agreeing group), interleaved,
+    with two masked rows."""
+    rng = np.random.default_rng(seed)
+    groups = np.concatenate([np.full(size, group) for group, size in enumerate(sizes)])
+    rewards = (rng.random(len(groups)) < 0.6).astype(np.float32)
+    rewards[groups == 4] = 1.0  # every vote agrees
+    order = rng.permutation(len(groups))
+    groups, rewards = groups[order], rewards[order]
+    mask = np.ones(len(groups), bool)
+    mask[[3, 11]] = False
+    return rewards, groups.astype(np.int32), mask, len(sizes)
+
+
+def test_rloo_is_each_reward_minus_the_mean_of_the_others_by_hand(maybe_jit):
+    rewards, groups, mask, num_groups = _variable_groups()
+    got = np.asarray(maybe_jit(group_advantages, static_argnums=(3, 4))(rewards, groups, mask, num_groups, "rloo"))
+    want = np.zeros(len(rewards))
+    for row in np.flatnonzero(mask):
+        others = [r for other, (r, g) in enumerate(zip(rewards, groups, strict=True))
+                  if g == groups[row] and other != row and mask[other]]
+        if others:  # a singleton has no leave-one-out baseline: 0
+            want[row] = rewards[row] - np.mean(others)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert np.abs(got[groups == 2]).max() > 0  # the 64-rollout group got its signal
+
+
+def test_reinforce_pp_normalises_over_the_batch_by_hand(maybe_jit):
+    rewards, groups, mask, num_groups = _variable_groups(1)
+    got = np.asarray(maybe_jit(group_advantages, static_argnums=(3, 4))(rewards, groups, mask, num_groups,
+                                                                        "reinforce_pp"))
+    real = rewards[mask]
+    want = np.where(mask, (rewards - real.mean()) / (real.std(ddof=1) + 1e-6), 0.0)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert np.all(got[(groups == 4) & mask] > 0)  # no group baseline: an all-agreeing group still gets a signal
+    # A batch whose rewards all agree carries no signal.
+    agreeing = group_advantages(jnp.ones(5), jnp.array([0, 0, 1, 1, 1]), jnp.ones(5, bool), 2, "reinforce_pp")
+    np.testing.assert_array_equal(np.asarray(agreeing), np.zeros(5))
 
 
 @pytest.mark.parametrize(
@@ -225,7 +265,7 @@ def test_an_update_to_non_finite_params_is_skipped():
 
 
 def test_a_new_advantage_estimator_is_one_function_and_one_registry_line(monkeypatch):
-    monkeypatch.setitem(ADVANTAGE_ESTIMATORS, "sign", lambda centered, variance, eps: jnp.sign(centered))
+    monkeypatch.setitem(ADVANTAGE_ESTIMATORS, "sign", lambda stats, eps: jnp.sign(stats.centered))
     advantages = group_advantages(jnp.array([1.0, 0.0, 0.0, 1.0, 1.0]), jnp.array([0, 0, 0, 1, 1]),
                                   jnp.ones(5, bool), 2, estimator="sign")
     np.testing.assert_array_equal(np.asarray(advantages), [1.0, -1.0, -1.0, 0.0, 0.0])

@@ -31,6 +31,7 @@ EXPERIMENT_RANGES = {
     "optimizer.warmup_fraction": Range(REAL, 0.0, 1.0, high_inclusive=False),
     "optimizer.weight_decay": Range(REAL, 0.0, 1e3),
     "optimizer.max_grad_norm": Range(REAL, 0.0, 1e9, low_inclusive=False),
+    "ppo.critic_learning_rate": Range(REAL, 0.0, 1.0, low_inclusive=False),
     "eval.every_steps": Range(INT, 0, _BIG),
     "eval.samples": Range(INT, 1, 4096),
     "eval.final_samples": Range(INT, 1, 4096),

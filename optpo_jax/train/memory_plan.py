@@ -8,6 +8,11 @@ rewritten, the logits; with LoRA the merged params) or one
 update micro-batch (gradients, the activations kept for the backward pass; with LoRA the
 merged params). The plan is the persistent bytes plus the larger phase.
 
+PPO (``algorithm = "ppo"``) adds its critic (``train.critic``): held throughout, a copy of
+the weights (full fine-tuning) or its own adapters (LoRA) and their optimizer state; in the
+update, its gradients, its activations (the same blocks again, a value head instead of
+the vocabulary's) and, with LoRA, its merged kernels.
+
 Activations per token and layer are counted from what the backward pass needs: the
 block's inputs and norms, q/k/v before and after rope, the attention weights (float32
 and compute dtype, [heads, row width] per token), the attention output, and the MLP's
@@ -83,6 +88,7 @@ class RunShape:
     model_shards: int = 1  # devices each weight is split over (mesh fsdp x tensor)
     pack_width: int = 0  # policy_update.pack_width: 0 = one rollout per row
     kl_reference: bool = False  # grpo.kl_coef > 0: full fine-tuning keeps a copy of the initial params
+    critic: bool = False  # algorithm "ppo": a critic model beside the policy
 
     @property
     def row_width(self) -> int:
@@ -128,6 +134,7 @@ class MemoryPlan:
     reference: int
     trained: int
     optimizer_state: int
+    critic: int  # PPO's critic weights or adapters (its optimizer state is in optimizer_state)
     kv_cache: int
     sampling_other: int
     gradients: int
@@ -139,7 +146,7 @@ class MemoryPlan:
 
     @property
     def persistent(self) -> int:
-        return self.params + self.reference + self.trained + self.optimizer_state
+        return self.params + self.reference + self.trained + self.optimizer_state + self.critic
 
     @property
     def sampling(self) -> int:
@@ -177,14 +184,19 @@ def plan_memory(shape: RunShape) -> MemoryPlan:
     tokens = micro_rows * sequence
     head = head_bytes(model, tokens, micro_rows * shape.max_new_tokens, packed=shape.pack_width > 0)
     gradients = trained_count * (4 if master else trained_bytes) * (2 if shape.grad_accumulation > 1 else 1)
+    models = 2 if shape.critic else 1  # the critic trains the same number of weights or adapters as the policy
+    critic = (trained if shape.lora_rank else params) if shape.critic else 0
+    # The critic's value head: the hidden states of its targets and their gradient, in float32.
+    value_head = 2 * micro_rows * shape.max_new_tokens * model.hidden_size * 4 if shape.critic else 0
+    activations = lambda remat: models * tokens * _activation_bytes_per_token(model, shape.row_width, remat) + head
     return MemoryPlan(
-        params=params, reference=reference, trained=trained, optimizer_state=master + moments, kv_cache=kv_cache,
+        params=params, reference=reference, trained=trained, optimizer_state=models * (master + moments),
+        critic=critic, kv_cache=kv_cache,
         # Besides the cache: one layer's keys and values as they are rewritten, and the float32 logits.
         sampling_other=merged + kv_cache // model.num_layers + 2 * 4 * wave_rows * model.vocab_size,
-        gradients=gradients,
-        activations=tokens * _activation_bytes_per_token(model, shape.row_width, remat=False) + head,
-        activations_with_remat=tokens * _activation_bytes_per_token(model, shape.row_width, remat=True) + head,
-        update_other=merged, remat=shape.remat, update_rows=micro_rows,
+        gradients=models * gradients,
+        activations=activations(False) + value_head, activations_with_remat=activations(True) + value_head,
+        update_other=models * merged, remat=shape.remat, update_rows=micro_rows,
     )
 
 
@@ -196,7 +208,8 @@ def format_plan(plan: MemoryPlan, device_bytes: int | None = None) -> str:
     """The plan as a table; with ``device_bytes``, whether it fits and, if not, what to change."""
     rows = [
         ("params", plan.params, ""), ("KL reference (copy)", plan.reference, ""),
-        ("trained adapters", plan.trained, ""), ("optimizer state", plan.optimizer_state, ""),
+        ("trained adapters", plan.trained, ""), ("critic (PPO)", plan.critic, ""),
+        ("optimizer state", plan.optimizer_state, ""),
         ("= held throughout", plan.persistent, ""), ("sampling: KV cache of a wave", plan.kv_cache, ""),
         ("sampling: other", plan.sampling_other, ""), ("update: gradients", plan.gradients, ""),
         ("update: activations", plan.activations, f"  (with remat {_gib(plan.activations_with_remat).strip()})"),
@@ -281,6 +294,7 @@ def run_shape(config, model: ModelConfig | None = None, num_devices: int = 1) ->
         float32_master=bool(config.optimizer.get("float32_master", False)), remat=bool(config.get("remat", False)),
         batch_shards=batch_shards, model_shards=model_shards,
         pack_width=int(config.policy_update.get("pack_width", 0)), kl_reference=float(config.grpo.kl_coef) > 0,
+        critic=config.get("algorithm", "grpo") == "ppo",
     )
 
 

@@ -17,6 +17,7 @@ from optpo_jax.models.hf_io import HFModel
 from optpo_jax.models.lora import LoRAConfig, targeted_kernels
 from optpo_jax.models.sharding import MESH_AXES
 from optpo_jax.optim import float32_master
+from optpo_jax.ppo import PPOConfig
 from optpo_jax.sampler import SamplingConfig
 from optpo_jax.sprt import SPRTConfig
 from optpo_jax.tasks.arithmetic import ArithmeticTask, load_policy
@@ -54,6 +55,7 @@ class Setup:
       eval_sampling: the SamplingConfig of evaluation.
       optimizer: the optax transformation (its state starts from ``policy.params``).
       train_problems, eval_problems: the prompts trained on and evaluated on.
+      critic_optimizer: PPO's critic's own transformation (``config.ppo.critic_learning_rate``), None for GRPO.
     """
 
     config: ml_collections.ConfigDict
@@ -63,6 +65,7 @@ class Setup:
     optimizer: optax.GradientTransformation
     train_problems: list
     eval_problems: list
+    critic_optimizer: optax.GradientTransformation | None = None
 
     @property
     def task(self) -> Task:
@@ -71,7 +74,7 @@ class Setup:
     def initial_state(self) -> TrainState:
         """The run's TrainState before its first step (``state.init_train_state`` of the initial policy)."""
         return init_train_state(self.policy.params, self.optimizer, self.learner.config, lora_config(self.config),
-                                int(self.config.seed))
+                                int(self.config.seed), self.critic_optimizer)
 
 
 def resolve_model_path(name: str) -> str:
@@ -243,13 +246,16 @@ def place_policy(policy, config):
     return dataclasses.replace(policy, config=model_config, params=params)
 
 
-def make_optimizer(config) -> optax.GradientTransformation:
+def make_optimizer(config, learning_rate: float | None = None) -> optax.GradientTransformation:
     """AdamW with a constant or cosine schedule and linear warmup (``warmup_fraction`` of the steps).
 
     With ``optimizer.float32_master`` the optimizer works on a float32 copy of the params
-    (for bfloat16 params: ``model_dtype = "bfloat16"``).
+    (for bfloat16 params: ``model_dtype = "bfloat16"``). ``learning_rate``: another peak rate
+    with the same settings (the critic's).
     """
     settings = config.optimizer
+    if learning_rate is not None:
+        settings = ml_collections.ConfigDict(dict(settings.to_dict(), learning_rate=learning_rate))
     if settings.schedule not in ("constant", "cosine"):
         raise ValueError(f"config.optimizer.schedule must be 'constant' or 'cosine', got {settings.schedule!r}")
     warmup = round(settings.warmup_fraction * config.steps)
@@ -262,6 +268,23 @@ def make_optimizer(config) -> optax.GradientTransformation:
     optimizer = optax.chain(optax.clip_by_global_norm(settings.max_grad_norm),
                             optax.adamw(schedule, weight_decay=settings.weight_decay))
     return float32_master(optimizer) if settings.get("float32_master", False) else optimizer
+
+
+def critic_optimizer_of(config) -> optax.GradientTransformation | None:
+    """PPO's critic optimizer: ``make_optimizer`` at ``config.ppo.critic_learning_rate``; None for GRPO."""
+    if config.get("algorithm", "grpo") != "ppo":
+        return None
+    return make_optimizer(config, float(config.ppo.critic_learning_rate))
+
+
+def ppo_config_of(config) -> PPOConfig:
+    """``config.ppo`` as a PPOConfig (its optimizer field, ``critic_learning_rate``, is the optimizer's); the
+    defaults when the config has no such section (a run saved before PPO)."""
+    settings = config.get("ppo")
+    if settings is None:
+        return PPOConfig()
+    return _build(PPOConfig, {name: value for name, value in settings.items() if name != "critic_learning_rate"},
+                  "ppo")
 
 
 def lora_config(config) -> LoRAConfig | None:
@@ -301,7 +324,8 @@ def step_config_of(config, stop_token_ids=(), pad_token_id: int = 0) -> tuple[St
     parts = {"sprt": _build(SPRTConfig, config.sprt, "sprt"), "sampling": sampling, "grpo": grpo,
              "update": _build(UpdateConfig, config.policy_update, "policy_update")}
     step_config = _build(StepConfig, dict(parts, rows_per_wave=config.rows_per_wave,
-                                          reward=config.get("reward", "consensus")), "")
+                                          reward=config.get("reward", "consensus"),
+                                          algorithm=config.get("algorithm", "grpo"), ppo=ppo_config_of(config)), "")
     return step_config, eval_sampling
 
 
@@ -329,6 +353,7 @@ def check_config(config) -> None:
     if config.get("attention", "reference") not in ATTENTION_KERNELS:
         raise ValueError(f"config.attention must be one of {ATTENTION_KERNELS}, got {config.attention!r}")
     make_optimizer(config)
+    critic_optimizer_of(config)
     lora_config(config)
 
 
@@ -367,8 +392,9 @@ def load_setup(config, task: Task | None = None) -> Setup:
         if lora.rank > narrowest:  # a rank above a kernel's smaller side adds parameters, not expressiveness
             raise ValueError(f"config.lora.rank={lora.rank} exceeds {narrowest}, the smaller side of the narrowest "
                              f"targeted projection of this model: at most {narrowest}")
+    critic_optimizer = critic_optimizer_of(config)
     update_step = make_update_step(policy.config, optimizer, step_config.grpo, step_config.update.grad_accumulation,
-                                   lora)
+                                   lora, critic_optimizer, step_config.ppo)
     return Setup(config=config, policy=policy, learner=Learner(task, policy.config, step_config, update_step),
                  eval_sampling=eval_sampling, optimizer=optimizer, train_problems=train_problems,
-                 eval_problems=eval_problems)
+                 eval_problems=eval_problems, critic_optimizer=critic_optimizer)

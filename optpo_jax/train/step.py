@@ -1,4 +1,4 @@
-"""One OptPO / TTRL training step: rollouts -> rewards -> advantages -> GRPO update (``update.py``).
+"""One OptPO / TTRL training step: rollouts -> rewards -> advantages -> GRPO or PPO update (``update.py``).
 
 The step is the same for both methods; the stopping rule and the training rows differ
 (OptPO: the Dirichlet posterior test, every rollout trained on; TTRL: the ``fixed`` rule
@@ -101,16 +101,23 @@ def step_advantages(rewards: np.ndarray, rollouts: Rollouts, rows: np.ndarray, n
 
 
 def training_rows(rollouts: Rollouts, rewards: np.ndarray, num_prompts: int, config: UpdateConfig,
-                  sprt: SPRTConfig, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+                  sprt: SPRTConfig, rng: np.random.Generator, algorithm: str = "grpo") -> tuple[np.ndarray, np.ndarray]:
     """(rows the update trains on, [N] their weighted advantages): the per-prompt subsample, its group
     advantages times the vote weights (``vote_weights``), minus rows whose weighted advantage is 0.
 
     A group whose rewards are all equal has advantage 0 everywhere and no policy gradient,
     so it costs compute without moving the policy; a vote weight of 0 drops its rollouts too.
+    With ``algorithm = "ppo"`` the critic, not the group, is the baseline, so every rollout of
+    the subsample trains (but those of vote weight 0), and the [N] values are the vote weights
+    its per-token GAE advantages are scaled by (``update.with_gae``).
     """
     rows = subsample_rows(rollouts, config, rng)
-    advantages = step_advantages(rewards, rollouts, rows, num_prompts, config)
-    rows = rows[advantages[rows] != 0]
+    if algorithm == "ppo":
+        advantages = np.zeros(len(rewards), np.float32)
+        advantages[rows] = 1.0
+    else:
+        advantages = step_advantages(rewards, rollouts, rows, num_prompts, config)
+        rows = rows[advantages[rows] != 0]
     weights = VOTE_WEIGHTS[config.vote_weights](rollouts.prompt_index[rows], rewards[rows], rollouts.votes, sprt)
     advantages[rows] *= normalized_weights(weights, process_sum)
     return rows[advantages[rows] != 0], advantages
@@ -139,9 +146,9 @@ def training_step(state: TrainState, learner: Learner, problems: list, key: jax.
     labels = consensus_labels(rollouts)
     clock.lap("rewards")
     rows, advantages = training_rows(rollouts, rewards, len(problems), learner.config.update, learner.config.sprt,
-                                     rng)
+                                     rng, learner.config.algorithm)
     clock.lap("advantages")
-    batch_rows = update_rows(rollouts, rows, advantages)
+    batch_rows = update_rows(rollouts, rows, advantages, rewards)
     clock.lap("rows")
     state, update_metrics = update_policy(state, batch_rows, learner, rng)
     clock.lap("update", state.params)

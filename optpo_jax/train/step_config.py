@@ -6,11 +6,14 @@ import dataclasses
 
 from optpo_jax.field_ranges import INT, check_ranges, ranged
 from optpo_jax.grpo import ADVANTAGE_ESTIMATORS, GRPOConfig
+from optpo_jax.ppo import PPOConfig
 from optpo_jax.sampler import SamplingConfig
 from optpo_jax.sprt import SPRTConfig
 from optpo_jax.train.vote_weights import VOTE_WEIGHTS
 
 SUBSAMPLES = ("first", "random")
+# "grpo": group advantages (``policy_update.advantage_estimator``); "ppo": a critic and GAE (``train.critic``).
+ALGORITHMS = ("grpo", "ppo")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +92,8 @@ class StepConfig:
       grpo: the policy loss.
       rows_per_wave: rows of every sampler call, over all processes.
       reward: a key of ``train.rewards.REWARDS`` (``consensus``: test-time RL; ``ground_truth``: true labels).
+      algorithm: one of ``ALGORITHMS``: ``grpo`` or ``ppo`` (a critic, GAE advantages: ``ppo``).
+      ppo: the critic's settings, read with ``algorithm = "ppo"``.
     """
 
     sprt: SPRTConfig
@@ -97,9 +102,13 @@ class StepConfig:
     grpo: GRPOConfig
     rows_per_wave: int = ranged(dataclasses.MISSING, INT, 1, 65536)
     reward: str = "consensus"
+    algorithm: str = "grpo"
+    ppo: PPOConfig = PPOConfig()
 
     def __post_init__(self):
         check_ranges(self)
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
         # A prompt's rollouts share its answer table, max_samples slots wide.
         if self.update.min_rollouts_per_prompt > self.sprt.max_samples:
             raise ValueError(f"policy_update.min_rollouts_per_prompt={self.update.min_rollouts_per_prompt} must not "

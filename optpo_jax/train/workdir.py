@@ -134,7 +134,9 @@ ADDED_FIELDS = {"policy_update.min_rollouts_per_prompt": 0, "policy_update.optim
                 "math.max_prompt_tokens": 1024, "math.multiple_choice": False, "math.timeout_seconds": 2,
                 "sampling.schedule": "waves", "sampling.on_stop": "finish",
                 "policy_update.pack_width": 0, "attention": "reference",
-                "policy_update.subsample": "random", "policy_update.vote_weights": "all", "rollout_budget": 0}
+                "policy_update.subsample": "random", "policy_update.vote_weights": "all", "rollout_budget": 0,
+                "algorithm": "grpo", "ppo.gamma": 1.0, "ppo.lam": 1.0, "ppo.value_clip": 0.5,
+                "ppo.whiten_advantages": True, "ppo.critic_learning_rate": 1e-4}
 
 
 # Fields renamed after runs were saved: old dotted name -> new. A saved config is read under the new names.

@@ -62,13 +62,14 @@ def _final_metrics(workdir):
     return lines, json.loads((workdir / "summary.json").read_text())
 
 
-RESUMED_RUN = {"sprt.learn_prior": True, "policy_update.min_rollouts_per_prompt": 4, "lora.rank": 8}
+# PPO: the critic's adapters, value head and optimizer state resume too (its value loss is in every step's metrics).
+RESUMED_RUN = {"sprt.learn_prior": True, "policy_update.min_rollouts_per_prompt": 4, "lora.rank": 8, "algorithm": "ppo"}
 
 
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, capsys):
-    """Also with the state a run carries besides params (the learned prior, in the checkpoint's totals) and
-    with LoRA (only the adapters and their optimizer state are saved; the base is reloaded). A continuous run
-    stopped mid-batch: tests/test_continuous.py."""
+    """Also with the state a run carries besides params (the learned prior, in the checkpoint's totals; PPO's
+    critic) and with LoRA (only the adapters and their optimizer state are saved; the base is reloaded). A
+    continuous run stopped mid-batch (GRPO): tests/test_continuous.py."""
     config = tiny_config(steps=4, **RESUMED_RUN)
     full = tmp_path / "full"
     train(config, full, progress=False)
@@ -94,6 +95,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, capsys):
     drop_times = lambda line: {k: v for k, v in line.items() if "seconds" not in k}
     assert [drop_times(line) for line in resumed_lines] == [drop_times(line) for line in full_lines]
     assert [line.get("fitted_prior") for line in full_lines[1:4]] != [None] * 3  # the prior was learned
+    assert all(line["value_loss"] > 0 for line in full_lines if "loss" in line)  # the critic trained
     for name in ("after", "before", "total_rollouts", "total_generated_tokens", "label_accuracy"):
         assert resumed_summary[name] == full_summary[name]
     # The LoRA run exported: merged, and as PEFT adapters that merge into the same model.

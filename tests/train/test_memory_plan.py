@@ -22,6 +22,9 @@ CASES = {
     "full fine-tuning, update-bound": {"policy_update.micro_batch_rows": 64, "sampling.max_new_tokens": 64},
     "LoRA rank 16": {"lora.rank": 16, "policy_update.micro_batch_rows": 128},
     "sampling-bound": {"rows_per_wave": 1024, "policy_update.micro_batch_rows": 32, "sampling.max_new_tokens": 96},
+    # PPO: a critic beside the policy (its weights, optimizer state, gradients and activations).
+    "PPO, full fine-tuning": {"algorithm": "ppo", "policy_update.micro_batch_rows": 64, "sampling.max_new_tokens": 64},
+    "PPO, LoRA rank 16": {"algorithm": "ppo", "lora.rank": 16, "policy_update.micro_batch_rows": 128},
 }
 
 
