@@ -42,7 +42,7 @@ class PPOConfig:
     def __post_init__(self):
         check_ranges(self)
         if not isinstance(self.whiten_advantages, bool):
-            raise ValueError(f"whiten_advantages must be True or False, got {self.whiten_advantages!r}")
+            raise TypeError(f"whiten_advantages must be True or False, got {self.whiten_advantages!r}")
 
 
 def gae_advantages(rewards: jax.Array, values: jax.Array, mask: jax.Array, gamma: float,

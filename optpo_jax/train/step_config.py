@@ -103,7 +103,7 @@ class StepConfig:
     rows_per_wave: int = ranged(dataclasses.MISSING, INT, 1, 65536)
     reward: str = "consensus"
     algorithm: str = "grpo"
-    ppo: PPOConfig = PPOConfig()
+    ppo: PPOConfig = dataclasses.field(default_factory=PPOConfig)
 
     def __post_init__(self):
         check_ranges(self)

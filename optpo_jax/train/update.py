@@ -18,10 +18,10 @@ import numpy as np
 import optax
 
 from optpo_jax.grpo import GRPOBatch, GRPOConfig, accumulate_gradients, apply_update, token_logprobs
-from optpo_jax.ppo import PPOConfig, gae_advantages, whiten
 from optpo_jax.models.decoder import forward
 from optpo_jax.models.logprobs import packed_logprobs
 from optpo_jax.models.lora import LoRAConfig, adapter_pullback, join_targeted, merge_adapters, split_targeted
+from optpo_jax.ppo import PPOConfig, gae_advantages, whiten
 from optpo_jax.train import packing
 from optpo_jax.train.critic import batch_values, batch_values_jit
 from optpo_jax.train.distributed import local_row_count, local_rows, mesh_of, process_max, rows_to_global

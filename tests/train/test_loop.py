@@ -81,14 +81,14 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, capsys):
     args = ("train", f"--config={config_file}", f"--workdir={tmp_path / 'killed'}")
     env = dict(os.environ, PYTHONPATH=os.getcwd())
     process = _cli(*args, env=env)
-    deadline = time.time() + 240
+    deadline = time.time() + 600
     while not (tmp_path / "killed" / "checkpoints" / "2").exists():
         assert process.poll() is None and time.time() < deadline, "the run ended before its second checkpoint"
         time.sleep(0.2)
     process.send_signal(signal.SIGKILL)
     process.wait()
     resumed = _cli(*args, "--resume", env=env)
-    output, _ = resumed.communicate(timeout=240)
+    output, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, output
     full_lines, full_summary = _final_metrics(full)
     resumed_lines, resumed_summary = _final_metrics(tmp_path / "killed")

@@ -55,6 +55,11 @@ def test_the_1p5b_lora_configs_fit_16gb_and_full_fine_tuning_does_not():
         assert lora.reference == 0 and lora.trained < 0.1 * lora.params
     full = plan_memory(run_shape(_config_file("qwen2p5_math_1p5b_math500")))
     assert full.total > sixteen_gb and full.reference == full.params
+    # PPO's critic is its own adapters over the same frozen base: adapters and their state, not a second model.
+    grpo = plan_memory(run_shape(_config_file("qwen2p5_math_1p5b_math500_lora")))
+    ppo = plan_memory(run_shape(_config_file("qwen2p5_math_1p5b_math500_lora_ppo")))
+    assert ppo.total < sixteen_gb and ppo.critic == ppo.trained == grpo.trained > 0
+    assert ppo.optimizer_state == 2 * grpo.optimizer_state and ppo.total > grpo.total
 
 
 def test_a_run_that_does_not_fit_names_the_fields_to_change():

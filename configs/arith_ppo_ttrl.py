@@ -1,0 +1,9 @@
+"""TTRL with PPO (a critic and GAE advantages) on the embedded task: `optpo-jax train --config configs/arith_ppo_ttrl.py`."""
+
+from optpo_jax.default_config import arithmetic_config
+
+
+def get_config():
+    config = arithmetic_config("ttrl")
+    config.algorithm = "ppo"
+    return config
