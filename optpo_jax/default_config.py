@@ -137,8 +137,9 @@ def study_config(method: str = "optpo") -> ml_collections.ConfigDict:
     prompt. Twice the prompts of the default halve the part of a run's outcome that is each
     prompt's pseudo-label going one way or the other, and one epoch keeps a prompt's first
     label from being trained in again; the 128-prompt, two-epoch protocol of issue 29 had a
-    per-seed standard deviation of the OptPO - TTRL difference of 4.2 points, this one 1.8
-    (docs/comparisons.md). At 1e-4 the task's training is near its instability.
+    per-seed standard deviation of the OptPO - TTRL difference of 4.2 points, this one 3.3
+    over seeds 0-9 at the same cost (docs/comparisons.md). At 1e-4 the task's training is
+    near its instability.
     """
     config = arithmetic_config(method)
     config.data.num_prompts = 256

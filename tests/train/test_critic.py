@@ -139,3 +139,20 @@ def test_ppo_trains_every_subsampled_rollout_even_where_the_group_agrees(ppo_rol
     ppo_rows, factors = training_rows(rollouts, rewards, 4, config, sprt, rng, algorithm="ppo")
     assert len(grpo_rows) == 0 and len(ppo_rows) == len(rewards)
     np.testing.assert_array_equal(factors, 1.0)
+
+
+def test_the_critic_is_sharded_like_the_policy_and_trains_on_a_mesh(ppo_rollouts):
+    """On a (2, 2, 2) mesh of the 8 host devices: the critic's trunk has the policy's partition specs, its value
+    head is replicated, and one PPO update runs there with finite losses."""
+    config = tiny_config(algorithm="ppo")
+    config.mesh.update({"data": 2, "fsdp": 2, "tensor": 2})
+    setup = build_setup(config)
+    state = setup.initial_state()
+    for policy_leaf, critic_leaf in zip(jax.tree.leaves(state.params), jax.tree.leaves(state.critic["trunk"]),
+                                        strict=True):
+        assert critic_leaf.sharding == policy_leaf.sharding
+    assert state.critic["value_head"]["kernel"].sharding.is_fully_replicated
+    assert any(not leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(state.critic["trunk"]))
+    rollouts, rewards = ppo_rollouts
+    state, metrics = update_policy(state, _rows(rollouts, rewards), setup.learner, np.random.default_rng(0))
+    assert np.isfinite(metrics["value_loss"]) and np.isfinite(metrics["loss"]) and metrics["skipped_steps"] == 0
