@@ -1,6 +1,7 @@
 """optpo_jax/train/critic.py and PPO's path through the update: the critic, GAE of real rollouts, layouts, state."""
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -156,3 +157,21 @@ def test_the_critic_is_sharded_like_the_policy_and_trains_on_a_mesh(ppo_rollouts
     rollouts, rewards = ppo_rollouts
     state, metrics = update_policy(state, _rows(rollouts, rewards), setup.learner, np.random.default_rng(0))
     assert np.isfinite(metrics["value_loss"]) and np.isfinite(metrics["loss"]) and metrics["skipped_steps"] == 0
+
+
+def test_a_full_fine_tuning_ppo_run_resumes_to_the_same_metrics(tmp_path):
+    """The critic's own copy of the weights, its value head and its optimizer state are checkpointed and restored:
+    a run stopped after step 1 and resumed to step 2 logs what an uninterrupted run logs (value loss included).
+    With LoRA and after a SIGKILL: tests/train/test_loop.py."""
+    from optpo_jax.train.loop import train
+
+    full, stopped = tmp_path / "full", tmp_path / "stopped"
+    train(tiny_config(algorithm="ppo", steps=2), full, progress=False)
+    train(tiny_config(algorithm="ppo", steps=1), stopped, progress=False)
+    train(tiny_config(algorithm="ppo", steps=2), stopped, resume=True, progress=False)
+    read = lambda workdir: [{name: value for name, value in json.loads(line).items() if "seconds" not in name}
+                            for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    full_lines, resumed_lines = read(full), read(stopped)
+    assert [line for line in resumed_lines if line.get("step") == 2] == [line for line in full_lines
+                                                                        if line.get("step") == 2]
+    assert any("value_loss" in line and line["step"] == 2 for line in full_lines)
