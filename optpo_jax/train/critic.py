@@ -25,9 +25,10 @@ from optpo_jax.models.lora import LoRAConfig, init_adapters, merge_adapters
 from optpo_jax.train.distributed import mesh_of, replicate_unplaced
 
 
-def init_critic(params, lora: LoRAConfig | None, hidden_size: int, seed: int) -> dict:
+def init_critic(params, lora: LoRAConfig | None, seed: int) -> dict:
     """The critic of the initial policy ``params``: a copy of them (or, with ``lora``, fresh adapters
-    over them, drawn from ``seed``) and a zero value head, placed like the policy."""
+    over them, drawn from ``seed``) and a zero value head as wide as the final norm, placed like the policy."""
+    hidden_size = int(params["norm"]["weight"][...].shape[-1])
     head = {"kernel": jnp.zeros((hidden_size,), jnp.float32), "bias": jnp.zeros((), jnp.float32)}
     mesh = mesh_of(params)
     if lora is None:

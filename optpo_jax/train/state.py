@@ -83,16 +83,10 @@ def init_train_state(params, optimizer: optax.GradientTransformation, step_confi
     if step_config.algorithm == "ppo":
         if critic_optimizer is None:
             raise ValueError("algorithm 'ppo' needs the critic's optimizer (critic_optimizer), got None")
-        hidden_size = _hidden_size(params)
-        critic = init_critic(params, lora, hidden_size, seed + 1)  # its adapters differ from the policy's
+        critic = init_critic(params, lora, seed + 1)  # its adapters differ from the policy's
         critic_opt_state = replicate_unplaced(critic_optimizer.init(critic), mesh_of(params))
     return TrainState(params=trained, opt_state=opt_state, base_params=base, reference_params=reference,
                       prior_state=prior_state, lora=lora, critic=critic, critic_opt_state=critic_opt_state)
-
-
-def _hidden_size(params) -> int:
-    """The decoder's hidden size: the width of its final norm."""
-    return int(params["norm"]["weight"][...].shape[-1])
 
 
 def restore_state(checkpointer: Checkpointer, state: TrainState,

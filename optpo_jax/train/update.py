@@ -283,7 +283,7 @@ def with_gae(rows: RolloutRows, critic, base_params, learner: Learner, lora: LoR
         chunk = rows.take(np.arange(start, min(end, len(rows))))
         batch = fit_micro_batch(chunk, chunk_rows, config, mesh)
         layout_values = batch_values_jit(learner.model_config, critic, base_params, lora, rows_to_global(batch, mesh))
-        local = np.asarray(jax.device_get(local_rows(layout_values, mesh)))[: len(chunk)]
+        local = local_rows(layout_values, mesh)[: len(chunk)]  # already on the host
         values.append(completion_aligned(local, chunk, packed=bool(config.pack_width)))
     old_values = np.concatenate(values)
     lengths = rows.completion_lengths

@@ -42,13 +42,13 @@ def _rows(rollouts, rewards, factors=None):
 def test_the_critic_starts_as_a_copy_of_the_policy_with_a_zero_value_head(ppo_setup):
     params = ppo_setup.policy.params
     hidden = ppo_setup.policy.config.hidden_size
-    critic = init_critic(params, None, hidden, seed=1)
+    critic = init_critic(params, None, seed=1)
     copies, originals = jax.tree.leaves(critic["trunk"]), jax.tree.leaves(params)
     assert all(a is not b for a, b in zip(copies, originals, strict=True))  # a copy: the update donates it
     jax.tree.map(np.testing.assert_array_equal, critic["trunk"], params)
     assert critic["value_head"]["kernel"].shape == (hidden,) and not np.any(critic["value_head"]["kernel"])
     lora = LoRAConfig(rank=2)
-    lora_critic = init_critic(params, lora, hidden, seed=1)
+    lora_critic = init_critic(params, lora, seed=1)
     assert set(lora_critic) == {"adapters", "value_head"}
 
 
@@ -121,8 +121,7 @@ def test_packed_and_padded_layouts_take_the_same_ppo_update(ppo_setup, ppo_rollo
         moved = False
         for a, b, start in zip(jax.tree.leaves(getattr(padded, trained)), jax.tree.leaves(getattr(packed, trained)),
                                jax.tree.leaves({"params": ppo_setup.policy.params,
-                                                "critic": init_critic(ppo_setup.policy.params, None,
-                                                                      ppo_setup.policy.config.hidden_size, 1)}[
+                                                "critic": init_critic(ppo_setup.policy.params, None, 1)}[
                                                    trained]), strict=True):
             a, b, start = np.asarray(a), np.asarray(b), np.asarray(start)
             scale = max(np.abs(a - start).max(), 1e-12)
